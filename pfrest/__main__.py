@@ -1,0 +1,5 @@
+import sys
+
+from pfrest.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""Command line: ``pfrest handle|check|query|serve|demo``.  Imports stay lazy so that ``--help`` and
+``check`` cost no more than the config code, and ``handle`` only what a request needs."""
+
+import argparse
+import os
+import sys
+
+from pfrest import __version__, config
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog="pfrest", description="Answer Postfix tcp_table, socketmap and policy requests from a REST backend.")
+    parser.add_argument("--version", action="version", version=f"pfrest {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def command(name, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("-c", "--config", default=config.DEFAULT_PATH, metavar="FILE",
+                       help=f"config file, JSON or .toml (default {config.DEFAULT_PATH})")
+        return p
+
+    p = command("handle", "serve one Postfix connection on stdin/stdout (spawn(8), xinetd, systemd Accept=yes)")
+    p.add_argument("name", help="endpoint name")
+    p.add_argument("--log-file", metavar="PATH", help="log to this file instead of syslog")
+
+    command("check", "validate the config file; exit 0 when valid")
+
+    p = command("query", "make the real backend call and print the reply Postfix would get")
+    p.add_argument("name", help="endpoint name")
+    p.add_argument("words", nargs="+", metavar="KEY | attr=value",
+                   help="the lookup key, or policy attributes (the usual ones are filled in)")
+    p.add_argument("--map", dest="mapname", metavar="MAPNAME",
+                   help="socketmap map name sent to the backend (default: the endpoint name)")
+    return parser
+
+
+def _check(args) -> int:
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    for warning in config.warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+    modes = ", ".join(f"{ep.name} ({ep.mode})" for ep in cfg.endpoints) or "no endpoints"
+    print(f"{args.config}: valid; {modes}")
+    return 0
+
+
+def _query(args) -> int:
+    from pfrest import log, query
+    log.for_foreground()
+    try:
+        cfg = config.load(args.config)
+        return query.run(cfg, args.name, [os.fsencode(w) for w in args.words], args.mapname)
+    except config.ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"pfrest query: {exc}", file=sys.stderr)
+        return 2
+
+
+def _handle(args) -> int:
+    from pfrest import handler
+    return handler.run(args.config, args.name, args.log_file)
+
+
+COMMANDS = {"handle": _handle, "check": _check, "query": _query}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    return COMMANDS[args.command](args)

@@ -1,0 +1,386 @@
+"""Load and validate the pfrest configuration (JSON, or TOML with the same keys).
+
+The file format is the one of the original postfix-rest-connector, so its config files load unchanged:
+
+    {"user-agent": "...", "endpoints": [{"name": "...", "mode": "tcp-lookup", "target": "https://...",
+      "bind-address": "0.0.0.0", "bind-port": 9000, "auth-token": "...", "request-timeout": 2000}]}
+
+Every problem is reported with the path of the offending field (``endpoints[1].bind-port: must be
+1..65535``); all problems are collected, not only the first.  Only the standard library is used here, so
+``pfrest check`` and ``pfrest --help`` stay cheap.
+"""
+
+import ipaddress
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+from urllib.parse import urlsplit
+
+from pfrest import actions
+
+DEFAULT_PATH = "/etc/pfrest/pfrest.json"
+DEFAULT_USER_AGENT = "Postfix REST Connector"
+DEFAULT_TIMEOUT_MS = 2000
+DEFAULT_BIND_ADDRESS = "127.0.0.1"
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_CACHE_ENTRIES = 10000
+
+TCP, SOCKETMAP, POLICY = "tcp-lookup", "socketmap-lookup", "policy"
+MODES = (TCP, SOCKETMAP, POLICY)
+
+# Idle limits between requests, chosen above what each Postfix client tolerates (see the protocol
+# reference, R3): policy clients idle up to 300 s, socketmap clients close after 10 s, tcp clients never.
+DEFAULT_IDLE_TIMEOUT = {TCP: 600.0, SOCKETMAP: 60.0, POLICY: 600.0}
+PARTIAL_REQUEST_TIMEOUT = 30.0
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ConfigError(Exception):
+    """One or more problems in a configuration; ``problems`` holds ``path: message`` strings."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    mode: str
+    target: str
+    bind_address: str = DEFAULT_BIND_ADDRESS
+    bind_port: Optional[int] = None
+    bind_path: Optional[str] = None
+    bind_mode: int = 0o660
+    auth_token: Optional[str] = field(default=None, repr=False)
+    request_timeout: int = DEFAULT_TIMEOUT_MS
+    list_separator: str = ","
+    method: str = "GET"
+    temporary_error_action: str = actions.DEFAULT_TEMPORARY
+    permanent_error_action: str = actions.DEFAULT_PERMANENT
+    allow_from: Tuple[str, ...] = ()
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout: Optional[float] = None
+    cache_ttl: float = 0.0
+    cache_negative_ttl: float = 0.0
+    cache_max_entries: int = DEFAULT_CACHE_ENTRIES
+    ca_file: Optional[str] = None
+    proxy: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def timeout(self) -> float:
+        """The request timeout in seconds."""
+        return self.request_timeout / 1000.0
+
+    @property
+    def idle_limit(self) -> float:
+        return self.idle_timeout if self.idle_timeout is not None else DEFAULT_IDLE_TIMEOUT[self.mode]
+
+
+@dataclass(frozen=True)
+class Config:
+    endpoints: Tuple[Endpoint, ...]
+    user_agent: str = DEFAULT_USER_AGENT
+    user: Optional[str] = None
+    path: Optional[str] = None
+
+    def endpoint(self, name: str) -> Endpoint:
+        for ep in self.endpoints:
+            if ep.name == name:
+                return ep
+        known = ", ".join(ep.name for ep in self.endpoints) or "none"
+        raise ConfigError([f"no endpoint named {name!r} (endpoints: {known})"])
+
+
+# --- checks: each returns an error message or None ------------------------------------------------
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _text(v):
+    if not isinstance(v, str):
+        return "must be a string"
+    if any(c in v for c in "\r\n\0"):
+        return "must not contain CR, LF or NUL"
+    return None
+
+
+def _nonempty_text(v):
+    return _text(v) or (None if v.strip() else "must not be empty")
+
+
+def _name(v):
+    return _text(v) or (None if _NAME_RE.match(v) else
+                        "must be 1-64 characters of letters, digits, '.', '_' or '-'")
+
+
+def _mode(v):
+    return None if v in MODES else "must be one of " + ", ".join(MODES)
+
+
+def _url(v):
+    if not isinstance(v, str):
+        return "must be an http or https URL"
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return "must be an http or https URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment or " " in v:
+        return "must be an http or https URL"
+    return None
+
+
+def _proxy(v):
+    return _url(v) and "must be an http or https proxy URL"
+
+
+def _address(v):
+    if not isinstance(v, str) or not v:
+        return "must be an IP address or host name"
+    try:
+        ipaddress.ip_address(v.strip("[]"))
+        return None
+    except ValueError:
+        pass
+    if re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$", v):
+        return None
+    return "must be an IP address or host name"
+
+
+def _port(v):
+    return None if _is_int(v) and 1 <= v <= 65535 else "must be 1..65535"
+
+
+def _abspath(v):
+    return _text(v) or (None if os.path.isabs(v) else "must be an absolute path")
+
+
+def _filemode(v):
+    if isinstance(v, str) and re.match(r"^0?[0-7]{3,4}$", v):
+        return None
+    if _is_int(v) and 0 <= v <= 0o7777:
+        return None
+    return "must be an octal file mode such as \"0660\""
+
+
+def _timeout_ms(v):
+    return None if _is_int(v) and 1 <= v <= 99000 else "must be an integer 1..99000 (milliseconds)"
+
+
+def _method(v):
+    return None if isinstance(v, str) and v.upper() in ("GET", "POST") else "must be GET or POST"
+
+
+def _action(v):
+    return _text(v) or actions.check(v)
+
+
+def _networks(v):
+    if not isinstance(v, list) or not v:
+        return "must be a non-empty list of networks such as \"127.0.0.0/8\""
+    for i, net in enumerate(v):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except (TypeError, ValueError):
+            return f"item {i} ({net!r}) is not a network such as \"127.0.0.0/8\""
+    return None
+
+
+def _positive_int(v):
+    return None if _is_int(v) and v >= 1 else "must be a positive integer"
+
+
+def _seconds(v):
+    return None if _is_number(v) and 0 <= v <= 86400 * 7 else "must be a number of seconds, 0..604800"
+
+
+def _positive_seconds(v):
+    return None if _is_number(v) and 0 < v <= 86400 else "must be a number of seconds, above 0 and at most 86400"
+
+
+def _file(v):
+    return _abspath(v)
+
+
+# key -> (attribute, check, modes it applies to or None for all)
+_LOOKUPS = (TCP, SOCKETMAP)
+ENDPOINT_KEYS = {
+    "name": ("name", _name, None),
+    "mode": ("mode", _mode, None),
+    "target": ("target", _url, None),
+    "bind-address": ("bind_address", _address, None),
+    "bind-port": ("bind_port", _port, None),
+    "bind-path": ("bind_path", _abspath, None),
+    "bind-mode": ("bind_mode", _filemode, None),
+    "auth-token": ("auth_token", _text, None),
+    "request-timeout": ("request_timeout", _timeout_ms, None),
+    "list-separator": ("list_separator", _text, _LOOKUPS),
+    "method": ("method", _method, (POLICY,)),
+    "temporary-error-action": ("temporary_error_action", _action, (POLICY,)),
+    "permanent-error-action": ("permanent_error_action", _action, (POLICY,)),
+    "allow-from": ("allow_from", _networks, None),
+    "max-connections": ("max_connections", _positive_int, None),
+    "idle-timeout": ("idle_timeout", _positive_seconds, None),
+    "cache-ttl": ("cache_ttl", _seconds, _LOOKUPS),
+    "cache-negative-ttl": ("cache_negative_ttl", _seconds, _LOOKUPS),
+    "cache-max-entries": ("cache_max_entries", _positive_int, _LOOKUPS),
+    "ca-file": ("ca_file", _file, None),
+    "proxy": ("proxy", _proxy, None),
+}
+REQUIRED_ENDPOINT_KEYS = ("name", "mode", "target")
+TOP_KEYS = {
+    "user-agent": _nonempty_text,
+    "endpoints": None,  # checked item by item
+    "user": _nonempty_text,
+}
+
+
+def _convert(key, value):
+    if key == "bind-mode":
+        return int(value, 8) if isinstance(value, str) else value
+    if key == "method":
+        return value.upper()
+    if key == "allow-from":
+        return tuple(str(ipaddress.ip_network(n, strict=False)) for n in value)
+    if key in ("idle-timeout", "cache-ttl", "cache-negative-ttl"):
+        return float(value)
+    return value
+
+
+def _endpoint(raw, where, problems):
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: must be an object")
+        return None
+    values = {}
+    for key in REQUIRED_ENDPOINT_KEYS:
+        if key not in raw:
+            problems.append(f"{where}.{key}: is required")
+    mode = raw.get("mode")
+    for key, value in raw.items():
+        if key not in ENDPOINT_KEYS:
+            problems.append(f"{where}.{key}: unknown key")
+            continue
+        attr, check, modes = ENDPOINT_KEYS[key]
+        message = check(value)
+        if message:
+            problems.append(f"{where}.{key}: {message}")
+        elif modes and mode in MODES and mode not in modes:
+            problems.append(f"{where}.{key}: not used by mode {mode}")
+        else:
+            values[attr] = _convert(key, value)
+    if "bind-path" in raw and ("bind-port" in raw or "bind-address" in raw):
+        problems.append(f"{where}.bind-path: give either bind-path or bind-address/bind-port, not both")
+    if any(f"{where}.{key}:" in p for p in problems for key in REQUIRED_ENDPOINT_KEYS):
+        return None
+    try:
+        return Endpoint(**values)
+    except TypeError as exc:  # a required key failed its check
+        problems.append(f"{where}: {exc}")
+        return None
+
+
+def parse(raw, path=None) -> Config:
+    """Validate a decoded config document and build a :class:`Config`; raise ConfigError."""
+    problems = []
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path or 'config'}: the top level must be an object"])
+    for key, value in raw.items():
+        if key not in TOP_KEYS:
+            problems.append(f"{key}: unknown key")
+        elif TOP_KEYS[key] and TOP_KEYS[key](value):
+            problems.append(f"{key}: {TOP_KEYS[key](value)}")
+    endpoints = []
+    items = raw.get("endpoints")
+    if items is None:
+        problems.append("endpoints: is required")
+    elif not isinstance(items, list):
+        problems.append("endpoints: must be a list")
+    else:
+        seen = {}
+        for i, item in enumerate(items):
+            ep = _endpoint(item, f"endpoints[{i}]", problems)
+            if ep is None:
+                continue
+            if ep.name in seen:
+                problems.append(f"endpoints[{i}].name: duplicate name {ep.name!r} "
+                                f"(also endpoints[{seen[ep.name]}])")
+            seen.setdefault(ep.name, i)
+            endpoints.append(ep)
+    if problems:
+        raise ConfigError(problems)
+    return Config(endpoints=tuple(endpoints),
+                  user_agent=raw.get("user-agent", DEFAULT_USER_AGENT),
+                  user=raw.get("user"), path=path)
+
+
+def _no_duplicate_keys(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def decode(text: bytes, path: str):
+    """Decode a config file's bytes: TOML for ``*.toml``, JSON otherwise."""
+    if path.endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError:  # Python < 3.11
+            import tomli as tomllib
+        try:
+            return tomllib.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError([f"{path}: not valid JSON: {exc}"]) from None
+
+
+def load(path: str) -> Config:
+    """Read, decode and validate the config file at ``path``."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse(decode(text, path), path)
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warnings(config: Config) -> List[str]:
+    """Things that are valid but probably not what the admin wants."""
+    found = []
+    for i, ep in enumerate(config.endpoints):
+        if ep.bind_path is None and ep.bind_port is not None and not ep.allow_from \
+                and not is_loopback(ep.bind_address):
+            found.append(f"endpoints[{i}] ({ep.name}): listens on {ep.bind_address}, beyond loopback, "
+                         "without allow-from: any host that reaches it can query it")
+    if config.path and any(ep.auth_token for ep in config.endpoints):
+        try:
+            mode = os.stat(config.path).st_mode
+        except OSError:
+            mode = 0
+        if mode & 0o004:
+            found.append(f"{config.path}: holds an auth-token and is readable by every user; "
+                         "chmod o-r it")
+    return found

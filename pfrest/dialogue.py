@@ -1,0 +1,67 @@
+"""The conversation with one Postfix client, the same for stdin/stdout and for a listener socket.
+
+``serve(rfile, wfile, responder)`` reads until EOF, hands each complete request to the responder and
+writes each reply with one write, in order.  Requests may arrive in pieces or several in one read.
+Broken pipes, resets and read timeouts end the conversation quietly; a partial request at the end is
+dropped without a reply (Postfix never half-closes, so it is gone anyway).
+"""
+
+import logging
+
+from pfrest import config, policy, socketmap, tcptable
+from pfrest.framing import Close, Reject
+
+log = logging.getLogger("pfrest")
+
+DECODERS = {config.TCP: tcptable.Decoder, config.SOCKETMAP: socketmap.Decoder,
+            config.POLICY: policy.Decoder}
+READ_SIZE = 65536
+
+
+def write_all(wfile, data: bytes):
+    """One write in the normal case; loop only if the kernel took part of it."""
+    view = memoryview(data)
+    while view:
+        sent = wfile.write(view)
+        if sent is None:  # a non-blocking raw file with a full buffer; never the case here
+            sent = 0
+        view = view[sent:]
+    flush = getattr(wfile, "flush", None)
+    if flush:
+        flush()
+
+
+def serve(rfile, wfile, responder, before_read=None, peer="stdin") -> str:
+    """Serve one connection; returns why it ended (for tests and the log)."""
+    name = responder.endpoint.name
+    decoder = DECODERS[responder.endpoint.mode]()
+    while True:
+        if before_read is not None:
+            before_read(decoder.pending)
+        try:
+            data = rfile.read1(READ_SIZE)
+        except (TimeoutError, OSError, ValueError) as exc:
+            why = "timeout" if isinstance(exc, TimeoutError) else f"read error: {exc}"
+            if decoder.pending or not isinstance(exc, TimeoutError):
+                log.warning("endpoint=%s peer=%s closing: %s%s", name, peer, why,
+                            " with a partial request" if decoder.pending else "")
+            return why
+        if not data:
+            if decoder.pending:
+                log.warning("endpoint=%s peer=%s closed the connection in the middle of a request",
+                            name, peer)
+            return "eof"
+        for item in decoder.feed(data):
+            if isinstance(item, Close):
+                log.warning("endpoint=%s peer=%s protocol error, closing: %s", name, peer, item.why)
+                return "protocol error"
+            if isinstance(item, Reject):
+                log.warning("endpoint=%s peer=%s bad request: %s", name, peer, item.why)
+                reply = item.reply
+            else:
+                reply = responder(item)
+            try:
+                write_all(wfile, reply)
+            except (OSError, ValueError) as exc:
+                log.info("endpoint=%s peer=%s gone while answering: %s", name, peer, exc)
+                return "write error"

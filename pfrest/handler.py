@@ -1,0 +1,39 @@
+"""``pfrest handle``: serve one Postfix connection on stdin/stdout, for spawn(8), xinetd and systemd
+socket units with ``Accept=yes``.  One process per Postfix connection, many requests per process."""
+
+import logging
+import os
+import sys
+
+from pfrest import config, log
+from pfrest.dialogue import serve
+
+logger = logging.getLogger("pfrest")
+
+
+def peer_name() -> str:
+    """Who is on the other end, as the launcher tells it (spawn(8) tells nothing)."""
+    for var in ("REMOTE_ADDR", "REMOTE_HOST", "SOCAT_PEERADDR"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return "stdin"
+
+
+def run(config_path: str, name: str, log_file=None) -> int:
+    try:
+        cfg = config.load(config_path)
+        endpoint = cfg.endpoint(name)
+    except config.ConfigError as exc:
+        if os.isatty(2):  # run by hand: say it where the admin looks
+            print("\n".join(exc.problems), file=sys.stderr)
+        log.for_handler(log_file)
+        for problem in exc.problems:
+            logger.error("%s", problem)
+        return 78  # EX_CONFIG; spawn(8) logs the exit status
+    log.for_handler(log_file)
+    from pfrest.backend import HttpBackend
+    from pfrest.responder import Responder
+    backend = HttpBackend(endpoint, cfg.user_agent, concurrency=2)
+    wfile = open(1, "wb", buffering=0, closefd=False)
+    serve(sys.stdin.buffer, wfile, Responder(endpoint, backend), peer=peer_name())
+    return 0

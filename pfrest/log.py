@@ -1,0 +1,80 @@
+"""Logging for the two ways pfrest runs.
+
+Handler mode (spawn(8), xinetd, systemd Accept=yes): stdout *and stderr* may be the Postfix socket, so
+nothing but protocol replies may ever be written there.  Logs go to syslog (facility mail, ident
+``pfrest`` with the pid, like other Postfix helpers), or to ``--log-file``.  Where no syslog socket
+exists, libc drops the messages and handling goes on unharmed.
+
+Foreground mode (serve, demo, query): stderr, or syslog on request.
+"""
+
+import logging
+import os
+import sys
+
+FORMAT_FILE = "%(asctime)s pfrest[%(process)d]: %(levelname)s: %(message)s"
+FORMAT_STDERR = "%(asctime)s pfrest: %(levelname)s: %(message)s"
+_PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
+
+
+class SyslogHandler(logging.Handler):
+    """Sends records through libc syslog(3), which adds ``pfrest[pid]:`` and never raises."""
+
+    def __init__(self, facility_name: str = "mail"):
+        super().__init__()
+        import syslog
+        self._syslog = syslog
+        facility = getattr(syslog, "LOG_" + facility_name.upper(), syslog.LOG_MAIL)
+        syslog.openlog("pfrest", syslog.LOG_PID, facility)
+        self._priority = {logging.DEBUG: syslog.LOG_DEBUG, logging.INFO: syslog.LOG_INFO,
+                          logging.WARNING: syslog.LOG_WARNING, logging.ERROR: syslog.LOG_ERR,
+                          logging.CRITICAL: syslog.LOG_CRIT}
+
+    def emit(self, record):
+        try:
+            message = _PREFIX.get(record.levelno, "") + self.format(record)
+            for line in message.splitlines() or [""]:
+                self._syslog.syslog(self._priority.get(record.levelno, 6), line)
+        except Exception:  # logging must never break a conversation with Postfix
+            pass
+
+
+def _install(handler, level):
+    root = logging.getLogger("pfrest")
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def for_handler(log_file=None, level=logging.INFO):
+    """Handler mode: syslog or a file; fd 2 and sys.stdout/stderr sent to /dev/null."""
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter(FORMAT_FILE))
+    else:
+        handler = SyslogHandler()
+    _install(handler, level)
+    logging.raiseExceptions = False
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 2)  # a stray warning or traceback must not reach the Postfix socket
+    os.close(devnull)
+    sys.stderr = open(os.devnull, "w")
+    sys.stdout = open(os.devnull, "w")
+    sys.excepthook = lambda kind, value, tb: logging.getLogger("pfrest").critical(
+        "uncaught exception", exc_info=(kind, value, tb))
+
+
+def for_foreground(use_syslog=False, log_file=None, level=logging.INFO):
+    if use_syslog:
+        handler = SyslogHandler()
+    elif log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter(FORMAT_FILE))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        # journald adds its own time stamps
+        handler.setFormatter(logging.Formatter(
+            "%(levelname)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else FORMAT_STDERR))
+    _install(handler, level)

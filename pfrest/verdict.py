@@ -1,0 +1,113 @@
+"""What a backend answer means, independent of the Postfix protocol it will be sent over.  No I/O here.
+
+The HTTP contract (the original connector's, made fail-safe):
+
+    200 + JSON array of strings   found, values joined by list-separator (lookups)
+    200 + action text             the policy action (policy)
+    200 + [] (or only ""), 404    not found (lookups); 404 is a permanent error for policy
+    other 4xx                     permanent error: the connector or backend is misconfigured
+    5xx, timeout, transport       temporary error
+    anything else                 temporary error: other statuses, redirects, bodies that are not
+                                  what the contract says, values Postfix would misread
+
+Nothing that goes wrong may turn into "found", "not found" or a permanent error by accident.
+"""
+
+import json
+from typing import NamedTuple, Optional, Union
+
+from pfrest import actions
+
+FOUND, NOTFOUND, ACTION = "FOUND", "NOTFOUND", "ACTION"
+TEMP, TIMEOUT, PERM = "TEMP", "TIMEOUT", "PERM"
+
+
+class HttpResult(NamedTuple):
+    status: int
+    body: bytes
+    location: Optional[str] = None       # for 3xx, only to log it
+    max_age: Optional[int] = None        # Cache-Control max-age, None when absent; -1 for no-store
+
+
+class Failure(NamedTuple):
+    """The HTTP exchange did not complete.  ``kind`` is one of the words below."""
+    kind: str        # timeout, refused, reset, dns, tls, too-large, internal, busy
+    detail: str = ""  # for the log only, never for Postfix
+
+
+class Verdict(NamedTuple):
+    kind: str                 # FOUND, NOTFOUND, ACTION, TEMP, TIMEOUT, PERM
+    value: Union[bytes, str]  # found value (bytes), action (str), or a short reason for errors
+    status: Optional[int] = None
+
+    @property
+    def is_error(self):
+        return self.kind in (TEMP, TIMEOUT, PERM)
+
+
+def _failure(result: Failure) -> Verdict:
+    if result.kind == "timeout":
+        return Verdict(TIMEOUT, "backend timed out")
+    return Verdict(TEMP, {
+        "refused": "backend refused the connection",
+        "reset": "backend connection failed",
+        "dns": "backend host name did not resolve",
+        "tls": "TLS error talking to the backend",
+        "too-large": "backend answer too large",
+        "busy": "too many requests in progress",
+    }.get(result.kind, "internal error"))
+
+
+def _status(status: int) -> Verdict:
+    if 300 <= status < 400:
+        return Verdict(TEMP, f"backend redirected (HTTP {status})", status)
+    if 400 <= status < 500:
+        return Verdict(PERM, f"backend rejected the request (HTTP {status})", status)
+    if 500 <= status < 600:
+        return Verdict(TEMP, f"backend error (HTTP {status})", status)
+    return Verdict(TEMP, f"unexpected backend status (HTTP {status})", status)
+
+
+def values(body: bytes):
+    """The list of strings in a JSON body, or None when the body is anything else."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+        return None
+    return data
+
+
+def lookup(result, separator: str = ",") -> Verdict:
+    """The verdict for a tcp-lookup or socketmap-lookup answer."""
+    if isinstance(result, Failure):
+        return _failure(result)
+    if result.status == 404:
+        return Verdict(NOTFOUND, "not found", 404)
+    if result.status != 200:
+        return _status(result.status)
+    items = values(result.body)
+    if items is None:
+        return Verdict(TEMP, "invalid backend data: not a JSON array of strings", 200)
+    try:
+        value = separator.join(items).encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from \ud800 escapes
+        return Verdict(TEMP, "invalid backend data: not UTF-8", 200)
+    if any(c in value for c in (b"\r", b"\n", b"\0")):
+        return Verdict(TEMP, "invalid backend data: value holds CR, LF or NUL", 200)
+    if not value:  # Postfix treats an empty found value as an error; it means "nothing"
+        return Verdict(NOTFOUND, "not found", 200)
+    return Verdict(FOUND, value, 200)
+
+
+def policy(result) -> Verdict:
+    """The verdict for a policy answer: an action, or an error for the endpoint's error actions."""
+    if isinstance(result, Failure):
+        return _failure(result)
+    if result.status != 200:
+        return _status(result.status)
+    action = actions.from_body(result.body)
+    if action is None:
+        return Verdict(TEMP, "invalid backend data: not an action Postfix would read as meant", 200)
+    return Verdict(ACTION, action, 200)

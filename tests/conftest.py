@@ -1,0 +1,109 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from pfrest import minihttp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need_binary(name):
+    """Skip when a system binary is missing, but never in CI: there it must be installed."""
+    path = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is not installed; .ci/run must install it")
+        pytest.skip(f"{name} not installed")
+    return path
+
+
+class Backend:
+    """A real HTTP server on 127.0.0.1:0 whose answers a test scripts per key, recording requests.
+
+    ``answers`` maps a lookup key (or policy recipient) to (status, body) or (status, body, headers),
+    or a callable taking the Request; ``default`` answers everything else.
+    """
+
+    def __init__(self):
+        self.answers = {}
+        self.default = (404, b"")
+        self.requests = []
+        self.lock = threading.Lock()
+        self.server = minihttp.serve_app(self.app)
+        self.url = self.server.url
+
+    def key_of(self, request):
+        params = dict(minihttp.query_bytes(request))
+        if b"key" in params:
+            return params[b"key"].decode("utf-8", "surrogateescape")
+        first = [v for n, v in minihttp.form_bytes(request) if n == b"recipient"][:1]
+        return (first or [b""])[0].decode("utf-8", "surrogateescape")
+
+    def app(self, request):
+        with self.lock:
+            self.requests.append(request)
+        answer = self.answers.get(self.key_of(request), self.default)
+        if callable(answer):
+            answer = answer(request)
+        status, body = answer[0], answer[1]
+        headers = answer[2] if len(answer) > 2 else {"Content-Type": "application/json"}
+        if isinstance(body, (list, dict)):
+            body = json.dumps(body).encode()
+        elif isinstance(body, str):
+            body = body.encode()
+        return status, headers, body
+
+    def stop(self):
+        self.server.stop()
+
+
+@pytest.fixture
+def backend():
+    b = Backend()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """write_config(endpoints, **top) -> path of a JSON config file."""
+    def write(endpoints, name="pfrest.json", **top):
+        doc = dict(top)
+        doc["endpoints"] = endpoints
+        path = tmp_path / name
+        path.write_text(json.dumps(doc))
+        path.chmod(0o600)
+        return str(path)
+    return write
+
+
+def pfrest_cmd(*args):
+    return [sys.executable, "-m", "pfrest", *args]
+
+
+def pfrest_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture
+def handle(tmp_path):
+    """handle(config, name, input_bytes) -> stdout bytes of a real `pfrest handle` process."""
+    def run(config_path, name, data, timeout=30):
+        log = tmp_path / "handle.log"
+        proc = subprocess.run(pfrest_cmd("handle", "-c", config_path, "--log-file", str(log), name),
+                              input=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=timeout, env=pfrest_env(), cwd=ROOT)
+        assert proc.stderr == b"", proc.stderr
+        run.returncode = proc.returncode
+        run.log = log.read_text() if log.exists() else ""
+        return proc.stdout
+    return run
