@@ -1,0 +1,90 @@
+"""`pfrest check`, `pfrest query` and `--help` as real subprocesses."""
+
+import json
+import subprocess
+
+from conftest import pfrest_cmd, pfrest_env, ROOT
+from test_config import SEED
+
+
+def run(*args):
+    return subprocess.run(pfrest_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=pfrest_env(), cwd=ROOT, timeout=30)
+
+
+def test_help_and_version():
+    for args in (["--help"], ["check", "--help"], ["handle", "--help"], ["query", "--help"]):
+        proc = run(*args)
+        assert proc.returncode == 0 and "usage: pfrest" in proc.stdout
+    assert run("--version").stdout.startswith("pfrest ")
+
+
+def test_check_and_help_do_not_import_requests(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(SEED))
+    code = ("import sys; from pfrest.cli import main; rc = main(['check', '-c', %r]); "
+            "assert 'requests' not in sys.modules, 'requests imported'; sys.exit(rc)" % str(path))
+    proc = subprocess.run(["python3", "-c", code], env=pfrest_env(), cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_check_valid_seed_config(tmp_path):
+    path = tmp_path / "pfrest.json"
+    path.write_text(json.dumps(SEED))
+    path.chmod(0o600)
+    proc = run("check", "-c", str(path))
+    assert proc.returncode == 0
+    assert "valid" in proc.stdout and "domain-lookup (tcp-lookup)" in proc.stdout
+    assert "listens on 0.0.0.0" in proc.stderr  # the seed's 0.0.0.0 without allow-from
+
+
+def test_check_invalid_config_names_fields(tmp_path):
+    doc = {"endpoints": [{"name": "a", "mode": "tcp-lookup", "target": "http://h/"},
+                         {"name": "b", "mode": "policy", "target": "gopher://x", "bind-port": 70000}]}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))
+    proc = run("check", "-c", str(path))
+    assert proc.returncode != 0
+    assert "endpoints[1].target: must be an http or https URL" in proc.stderr
+    assert "endpoints[1].bind-port: must be 1..65535" in proc.stderr
+    proc = run("check", "-c", str(tmp_path / "none.json"))
+    assert proc.returncode != 0 and "cannot read" in proc.stderr
+
+
+def test_query_each_mode_prints_exact_reply(backend, write_config):
+    backend.answers["user@example.com"] = (200, ["a@x", "b@y"])
+    backend.answers["blocked@example.com"] = (200, b"REJECT blocked")
+    eps = [{"name": "t", "mode": "tcp-lookup", "target": backend.url + "/t", "auth-token": "tok-SECRET"},
+           {"name": "s", "mode": "socketmap-lookup", "target": backend.url + "/s"},
+           {"name": "p", "mode": "policy", "target": backend.url + "/p"}]
+    path = write_config(eps)
+    proc = run("query", "-c", path, "t", "user@example.com")
+    assert proc.returncode == 0
+    assert "reply: b'200 a@x,b@y\\n'" in proc.stdout
+    assert "http: 200" in proc.stdout and "time: " in proc.stdout
+    assert "tok-SECRET" not in proc.stdout + proc.stderr and "redacted" in proc.stdout
+    proc = run("query", "-c", path, "--map", "virtual", "s", "user@example.com")
+    assert "reply: b'10:OK a@x,b@y,'" in proc.stdout
+    assert backend.requests[-1].raw_query == "name=virtual&key=user%40example.com"
+    proc = run("query", "-c", path, "s", "nobody")
+    assert "reply: b'9:NOTFOUND ,'" in proc.stdout and "http: 404" in proc.stdout
+    assert backend.requests[-1].raw_query == "name=s&key=nobody"
+    proc = run("query", "-c", path, "p", "recipient=blocked@example.com", "sender=x@y", "extra=1")
+    assert "reply: b'action=REJECT blocked\\n\\n'" in proc.stdout
+    form = backend.requests[-1].form()
+    assert form[0] == ("request", "smtpd_access_policy")
+    assert ("sender", "x@y") in form and form[-1] == ("extra", "1")
+    assert len(form) == 30
+
+
+def test_query_seed_endpoints(tmp_path):
+    """The seed's example targets do not resolve here: a temporary answer, never found/not found."""
+    path = tmp_path / "pfrest.json"
+    path.write_text(json.dumps(SEED))
+    proc = run("query", "-c", str(path), "domain-lookup", "example.com")
+    assert proc.returncode == 0 and "reply: b'400 " in proc.stdout
+    assert "test123" not in proc.stdout + proc.stderr
+    proc = run("query", "-c", str(path), "pol", "sender=a@b")
+    assert "reply: b'action=DEFER_IF_PERMIT Policy service temporarily unavailable (ref " in proc.stdout
+    proc = run("query", "-c", str(path), "nope", "k")
+    assert proc.returncode != 0 and "no endpoint named 'nope'" in proc.stderr

@@ -1,0 +1,124 @@
+"""Config loading and validation: the original connector's files load unchanged; errors name the field."""
+
+import json
+import os
+
+import pytest
+
+from pfrest import config
+
+SEED = {
+    "user-agent": "Postfix REST Connector",
+    "endpoints": [
+        {"name": "domain-lookup", "mode": "tcp-lookup", "target": "https://somehost/tcp-lookup-route",
+         "bind-address": "0.0.0.0", "bind-port": 9001, "auth-token": "test123", "request-timeout": 2000},
+        {"name": "sm", "mode": "socketmap-lookup", "target": "https://somehost/socketmap-lookup-route",
+         "bind-address": "0.0.0.0", "bind-port": 9002, "auth-token": "test123", "request-timeout": 2000},
+        {"name": "pol", "mode": "policy", "target": "https://somehost/policy-check-route",
+         "bind-address": "0.0.0.0", "bind-port": 9003, "auth-token": "test123", "request-timeout": 2000},
+    ],
+}
+
+
+def problems(doc):
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(doc)
+    return err.value.problems
+
+
+def test_seed_config_loads_unchanged(tmp_path):
+    path = tmp_path / "pfrest.json"
+    path.write_text(json.dumps(SEED, indent=2))
+    cfg = config.load(str(path))
+    assert [ep.name for ep in cfg.endpoints] == ["domain-lookup", "sm", "pol"]
+    ep = cfg.endpoint("domain-lookup")
+    assert (ep.mode, ep.bind_address, ep.bind_port, ep.auth_token, ep.timeout) == \
+        ("tcp-lookup", "0.0.0.0", 9001, "test123", 2.0)
+    assert "test123" not in repr(ep)
+
+
+def test_defaults():
+    cfg = config.parse({"endpoints": [{"name": "a", "mode": "policy", "target": "http://h/p"}]})
+    ep = cfg.endpoints[0]
+    assert cfg.user_agent == "Postfix REST Connector"
+    assert (ep.request_timeout, ep.bind_address, ep.auth_token, ep.list_separator, ep.method) == \
+        (2000, "127.0.0.1", None, ",", "GET")
+    assert ep.temporary_error_action.startswith("DEFER_IF_PERMIT ")
+    assert ep.permanent_error_action.startswith("DEFER_IF_PERMIT ")
+    assert config.parse({"endpoints": []}).endpoints == ()
+
+
+def test_toml_config_works_the_same(tmp_path):
+    path = tmp_path / "pfrest.toml"
+    path.write_text('user-agent = "UA"\n[[endpoints]]\nname = "a"\nmode = "tcp-lookup"\n'
+                    'target = "http://127.0.0.1:8080/x"\nbind-port = 9001\nrequest-timeout = 500\n')
+    cfg = config.load(str(path))
+    assert cfg.user_agent == "UA" and cfg.endpoints[0].request_timeout == 500
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"bind-port": 0}, "endpoints[1].bind-port: must be 1..65535"),
+    ({"bind-port": "9000"}, "endpoints[1].bind-port: must be 1..65535"),
+    ({"target": "ftp://x/"}, "endpoints[1].target: must be an http or https URL"),
+    ({"target": "http:///nohost"}, "endpoints[1].target: must be an http or https URL"),
+    ({"request-timeout": 0}, "endpoints[1].request-timeout: must be an integer 1..99000 (milliseconds)"),
+    ({"request-timeout": 99001}, "endpoints[1].request-timeout: must be an integer 1..99000 (milliseconds)"),
+    ({"request-timeout": True}, "endpoints[1].request-timeout: must be an integer 1..99000 (milliseconds)"),
+    ({"mode": "lookup"}, "endpoints[1].mode: must be one of tcp-lookup, socketmap-lookup, policy"),
+    ({"auth-token": 5}, "endpoints[1].auth-token: must be a string"),
+    ({"colour": "red"}, "endpoints[1].colour: unknown key"),
+    ({"name": "a"}, "endpoints[1].name: duplicate name 'a' (also endpoints[0])"),
+    ({"method": "POST"}, "endpoints[1].method: not used by mode tcp-lookup"),
+    ({"bind-address": "not an address!"}, "endpoints[1].bind-address: must be an IP address or host name"),
+    ({"list-separator": "\n"}, "endpoints[1].list-separator: must not contain CR, LF or NUL"),
+])
+def test_errors_name_the_field(change, message):
+    second = {"name": "b", "mode": "tcp-lookup", "target": "http://h/"}
+    second.update(change)
+    doc = {"endpoints": [{"name": "a", "mode": "tcp-lookup", "target": "http://h/"}, second]}
+    assert message in problems(doc)
+
+
+def test_policy_error_actions_are_checked():
+    ep = {"name": "p", "mode": "policy", "target": "http://h/", "temporary-error-action": "550",
+          "permanent-error-action": "FOOBAR x"}
+    found = problems({"endpoints": [ep]})
+    assert any(p.startswith("endpoints[0].temporary-error-action: all-numeric") for p in found)
+    assert any(p.startswith("endpoints[0].permanent-error-action: unknown action") for p in found)
+    ok = dict(ep, **{"temporary-error-action": "DUNNO", "permanent-error-action": "554 5.3.0 broken"})
+    assert config.parse({"endpoints": [ok]}).endpoints[0].permanent_error_action == "554 5.3.0 broken"
+
+
+def test_all_problems_reported_and_top_level_checked():
+    found = problems({"endpoints": [{"mode": "x"}], "user-agent": 3, "extra": 1})
+    assert "user-agent: must be a string" in found
+    assert "extra: unknown key" in found
+    assert "endpoints[0].name: is required" in found
+    assert "endpoints[0].target: is required" in found
+    assert problems({}) == ["endpoints: is required"]
+    assert problems({"endpoints": {}}) == ["endpoints: must be a list"]
+
+
+def test_unreadable_and_malformed_files(tmp_path):
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"endpoints": [], "endpoints": []}')
+    with pytest.raises(config.ConfigError, match="duplicate key 'endpoints'"):
+        config.load(str(bad))
+    bad.write_text("{not json")
+    with pytest.raises(config.ConfigError, match="not valid JSON"):
+        config.load(str(bad))
+
+
+def test_warnings(tmp_path):
+    path = tmp_path / "pfrest.json"
+    path.write_text(json.dumps(SEED))
+    os.chmod(path, 0o644)
+    found = config.warnings(config.load(str(path)))
+    assert any("listens on 0.0.0.0" in w for w in found)
+    assert any("readable by every user" in w for w in found)
+    os.chmod(path, 0o600)
+    loopback = dict(SEED, endpoints=[dict(e, **{"bind-address": "127.0.0.1"}) for e in SEED["endpoints"]])
+    path.write_text(json.dumps(loopback))
+    assert config.warnings(config.load(str(path))) == []
