@@ -35,9 +35,11 @@ def with_reference(action: str, request_id: str) -> str:
 class Responder:
     """Answers the requests of one endpoint."""
 
-    def __init__(self, endpoint, backend):
+    def __init__(self, endpoint, backend, observer=None):
         self.endpoint = endpoint
         self.backend = backend
+        # observer(verdict, ms, backend_result) after each answered request: the listener's counters
+        self.observer = observer
         self.answer = {config.TCP: self.tcp, config.SOCKETMAP: self.socketmap,
                        config.POLICY: self.policy}[endpoint.mode]
 
@@ -119,6 +121,8 @@ class Responder:
 
     def _done(self, rid, start, key, result, v, reply, mapname=None, who=None, action=None):
         ms = (time.monotonic() - start) * 1000
+        if self.observer is not None:
+            self.observer(v, ms, result)
         if log.isEnabledFor(logging.INFO):
             subject = who if who is not None else (
                 (f"map={printable(mapname)} " if mapname is not None else "") + f"key={printable(key)}")
