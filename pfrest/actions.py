@@ -20,6 +20,8 @@ KNOWN_WORDS = frozenset("""
 """.split())
 
 _NUMERIC_REPLY = re.compile(r"^[45]\d\d\s+\S")
+# Action words, restriction and class names are all of this shape; an HTML or JSON error page is not.
+_FIRST_WORD = re.compile(r"^[A-Za-z0-9_]+(?:[ \t]|$)")
 _STATUS_WORD = re.compile(r"^\d+$")
 
 
@@ -33,6 +35,8 @@ def problem(action: str):
         return "action has leading or trailing white space"
     if _STATUS_WORD.match(action):
         return "all-numeric action (Postfix would accept the mail)"
+    if not _FIRST_WORD.match(action):
+        return "does not start with an action word"
     return None
 
 

@@ -185,7 +185,10 @@ class HttpBackend:
         except (Urllib3Error, OSError) as exc:
             response.close()
             return Failure("reset", str(exc))
-        raw.release_conn()
+        if response.status_code in (200, 404):
+            raw.release_conn()
+        else:  # e.g. an interim 1xx taken as final: bytes may follow; never reuse such a connection
+            response.close()
         return HttpResult(response.status_code, b"".join(chunks),
                           response.headers.get("Location"), _max_age(response.headers))
 

@@ -160,7 +160,8 @@ def test_policy_reply():
     (b"DUNNO", "DUNNO"), (b"  REJECT go away \n", "REJECT go away"), (b"action=OK\n\n", "OK"),
     (b"550 5.7.1 no", "550 5.7.1 no"), ("REJECT d\u00e9j\u00e0".encode(), "REJECT d\u00e9j\u00e0"),
     (b"", None), (b"   ", None), (b"550", None), (b"action=", None), (b"action=450", None),
-    (b"OK\nDUNNO", None), (b"REJECT a\rb", None), (b"REJECT \xff", None), (b"a\0b", None),
+    (b"OK\nDUNNO", None), (b"<html>Error</html>", None), (b'["DUNNO"]', None),
+    (b"permit_mynetworks", "permit_mynetworks"), (b"REJECT a\rb", None), (b"REJECT \xff", None), (b"a\0b", None),
 ])
 def test_actions_from_backend_body(body, action):
     assert actions.from_body(body) == action

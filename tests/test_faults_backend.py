@@ -1,0 +1,168 @@
+"""Fault injection on the backend side, through real `pfrest handle` processes: every misbehaviour
+ends in a temporary answer (or the right answer), never a wrong found / not found / permanent error,
+and every request gets exactly one reply in time."""
+
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, pfrest_cmd, pfrest_env
+from pfrest import minihttp, netstring
+from rogue import Rogue
+
+# behaviour -> expected kind: FOUND, NOTFOUND, TEMP, TIMEOUT, PERM
+BEHAVIOURS = {
+    "found": "FOUND", "unknown": "NOTFOUND",
+    "reset": "TEMP", "close-early": "TEMP", "no-answer-close": "TEMP", "garbage": "TEMP",
+    "status-99": "TEMP",
+    "silent": "TIMEOUT", "slow": "TIMEOUT", "drip": "TIMEOUT", "drip-headers": "TIMEOUT",
+    "length-lie": "TIMEOUT",
+    "redirect": "TEMP", "redirect-same": "TEMP",
+    "interim": "TEMP", "no-content": "TEMP", "partial": "TEMP", "status-600": "TEMP", "teapot": "PERM",
+    "gzip": "FOUND", "chunked": "FOUND", "text-plain": "FOUND",
+    "gzip-bomb": "TEMP", "bad-gzip": "TEMP", "huge": "TEMP", "huge-chunked": "TEMP",
+    "html": "TEMP", "object": "TEMP", "nested": "TEMP", "numbers": "TEMP", "deep": "TEMP",
+    "bad-utf8": "TEMP", "surrogate": "TEMP", "crlf": "TEMP", "nul": "TEMP",
+}
+TIMEOUT_MS = 500
+
+
+def tcp_kind(line):
+    code = line[:4]
+    if code == b"200 ":
+        return "FOUND"
+    if code == b"500 ":
+        return "NOTFOUND"
+    if code == b"400 ":
+        return "TIMEOUT" if b"timed%20out" in line else "TEMP"
+    return "BAD"
+
+
+def socketmap_kind(payload):
+    word = payload.split(b" ", 1)[0]
+    return {b"OK": "FOUND", b"NOTFOUND": "NOTFOUND", b"TEMP": "TEMP", b"TIMEOUT": "TIMEOUT",
+            b"PERM": "PERM"}.get(word, "BAD")
+
+
+@pytest.fixture
+def rogue():
+    r = Rogue()
+    second = Rogue()  # where redirects point: must never be contacted
+    second.sock.close()
+    import socket
+    second.sock = socket.socket()
+    second.sock.bind(("127.0.0.2", 0))
+    second.sock.listen(8)
+    second.port = second.sock.getsockname()[1]
+    import threading
+    threading.Thread(target=second._accept, daemon=True).start()
+    r.redirect_to = f"http://127.0.0.2:{second.port}/steal"
+    yield r, second
+    r.stop()
+    second.stop()
+
+
+def run_handle(config_path, data, env=None, timeout=60):
+    start = time.monotonic()
+    proc = subprocess.run(pfrest_cmd("handle", "-c", config_path, "ep"), input=data,
+                          capture_output=True, timeout=timeout, env=env or pfrest_env(), cwd=ROOT)
+    assert proc.stderr == b""
+    return proc.stdout, time.monotonic() - start
+
+
+def config_for(write_config, url, mode, **extra):
+    ep = {"name": "ep", "mode": mode, "target": url + "/api", "auth-token": "SECRET-TOKEN",
+          "request-timeout": TIMEOUT_MS}
+    ep.update(extra)
+    return write_config([ep])
+
+
+def test_tcp_faults(rogue, write_config):
+    r, second = rogue
+    keys = list(BEHAVIOURS)
+    out, elapsed = run_handle(config_for(write_config, r.url, "tcp-lookup"),
+                              b"".join(b"get %s\n" % k.encode() for k in keys))
+    lines = out.split(b"\n")
+    assert lines[-1] == b"" and len(lines) - 1 == len(keys)
+    got = {k: tcp_kind(l) for k, l in zip(keys, lines)}
+    assert got == {k: "TEMP" if v == "PERM" else v for k, v in BEHAVIOURS.items()}  # tcp has no PERM
+    assert all(len(l) < 4096 and b"SECRET" not in l and b"127.0.0.1" not in l for l in lines)
+    assert second.heads == []  # the redirect was not followed: the token went nowhere else
+    assert sum(1 for h in r.heads if b"key=redirect-same" in h) == 1
+
+
+def test_socketmap_faults(rogue, write_config):
+    r, second = rogue
+    keys = list(BEHAVIOURS)
+    out, _ = run_handle(config_for(write_config, r.url, "socketmap-lookup"),
+                        b"".join(netstring.encode(b"map " + k.encode()) for k in keys))
+    payloads = netstring.Decoder().feed(out)
+    assert len(payloads) == len(keys)
+    assert {k: socketmap_kind(p) for k, p in zip(keys, payloads)} == BEHAVIOURS
+    assert payloads[0] == b"OK ok"
+    assert second.heads == []
+
+
+def test_policy_faults_give_the_temporary_action(rogue, write_config):
+    r, second = rogue
+    keys = [k for k in BEHAVIOURS if BEHAVIOURS[k] in ("TEMP", "TIMEOUT")] + ["policy-ok", "lf-action"]
+    data = b"".join(b"request=smtpd_access_policy\nrecipient=%s\n\n" % k.encode() for k in keys)
+    out, _ = run_handle(config_for(write_config, r.url, "policy"), data)
+    replies = out.split(b"\n\n")[:-1]
+    assert len(replies) == len(keys)
+    for key, reply in zip(keys, replies):
+        expected = b"action=DUNNO" if key == "policy-ok" else \
+            b"action=DEFER_IF_PERMIT Policy service temporarily unavailable (ref "
+        assert reply.startswith(expected), (key, reply)
+
+
+def test_environment_cannot_redirect_the_token(backend, write_config, tmp_path, rogue):
+    """spawn(8) and systemd give a clean environment; a dirty one must not change behaviour either."""
+    r, second = rogue
+    backend.answers["k"] = (200, ["v"])
+    (tmp_path / ".netrc").write_text("machine 127.0.0.1 login user password pass\n")
+    env = pfrest_env()
+    proxy = f"http://127.0.0.2:{second.port}"
+    env.update(HTTP_PROXY=proxy, http_proxy=proxy, HTTPS_PROXY=proxy, ALL_PROXY=proxy,
+               NO_PROXY="", HOME=str(tmp_path), REQUESTS_CA_BUNDLE="/nonexistent", CURL_CA_BUNDLE="/x")
+    out, _ = run_handle(config_for(write_config, backend.url, "tcp-lookup"), b"get k\n", env=env)
+    assert out == b"200 v\n"
+    assert second.heads == []
+    assert "authorization" not in backend.requests[0].headers
+
+
+def test_dns_failure_is_temporary(write_config):
+    out, _ = run_handle(config_for(write_config, "http://pfrest-test.invalid", "tcp-lookup"), b"get k\n")
+    assert re.fullmatch(rb"400 backend%20host%20name%20did%20not%20resolve%20\(ref%20[0-9a-f]{16}\)\n", out)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+                   check=True, capture_output=True)
+    return str(d / "cert.pem"), str(d / "key.pem")
+
+
+def test_tls_bad_certificate_is_temporary_and_ca_file_fixes_it(certificate, write_config):
+    import ssl
+    cert, key = certificate
+    server = minihttp.Server(("127.0.0.1", 0), lambda req: (200, {}, b'["secure"]'))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    import threading
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}"
+    try:
+        out, _ = run_handle(config_for(write_config, url, "tcp-lookup"), b"get k\n")
+        assert out.startswith(b"400 TLS%20error%20talking%20to%20the%20backend%20(ref%20")
+        out, _ = run_handle(config_for(write_config, url, "tcp-lookup", **{"ca-file": cert}), b"get k\n")
+        assert out == b"200 secure\n"
+    finally:
+        server.stop()
