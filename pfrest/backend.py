@@ -193,6 +193,16 @@ class HttpBackend:
                           response.headers.get("Location"), _max_age(response.headers))
 
 
+def for_endpoint(endpoint, user_agent: str, concurrency: int = 4):
+    """The backend for one endpoint: HTTP, behind a cache when the endpoint configures one."""
+    backend = HttpBackend(endpoint, user_agent, concurrency)
+    if endpoint.mode != "policy" and (endpoint.cache_ttl > 0 or endpoint.cache_negative_ttl > 0):
+        from pfrest.cache import CachingBackend
+        return CachingBackend(backend, endpoint.cache_ttl, endpoint.cache_negative_ttl,
+                              endpoint.cache_max_entries, endpoint.list_separator)
+    return backend
+
+
 def _connection_failure(exc) -> str:
     text = repr(exc)
     if "NameResolution" in text or "getaddrinfo" in text or "Name or service not known" in text:

@@ -31,9 +31,9 @@ def run(config_path: str, name: str, log_file=None) -> int:
             logger.error("%s", problem)
         return 78  # EX_CONFIG; spawn(8) logs the exit status
     log.for_handler(log_file)
-    from pfrest.backend import HttpBackend
+    from pfrest.backend import for_endpoint
     from pfrest.responder import Responder
-    backend = HttpBackend(endpoint, cfg.user_agent, concurrency=2)
+    backend = for_endpoint(endpoint, cfg.user_agent, concurrency=2)
     wfile = open(1, "wb", buffering=0, closefd=False)
     serve(sys.stdin.buffer, wfile, Responder(endpoint, backend), peer=peer_name())
     return 0

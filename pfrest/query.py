@@ -3,7 +3,7 @@
 import time
 
 from pfrest import config
-from pfrest.backend import HttpBackend
+from pfrest.backend import for_endpoint
 from pfrest.responder import Responder
 from pfrest.verdict import Failure
 
@@ -69,7 +69,7 @@ def run(cfg, name, words, mapname=None, out=print) -> int:
     """words: the KEY or attr=value arguments, as bytes."""
     endpoint = cfg.endpoint(name)
     request = build_request(endpoint, words, mapname)
-    backend = Recording(HttpBackend(endpoint, cfg.user_agent, concurrency=1))
+    backend = Recording(for_endpoint(endpoint, cfg.user_agent, concurrency=1))
     start = time.monotonic()
     reply = Responder(endpoint, backend)(request)
     ms = (time.monotonic() - start) * 1000

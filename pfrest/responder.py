@@ -130,6 +130,8 @@ class Responder:
             extra = ""
             if isinstance(result, verdict.Failure):
                 extra = f" error={result.kind}: {result.detail}"[:300]
+            elif getattr(result, "cached", False):
+                extra = " cache=hit"
             elif getattr(result, "location", None) and 300 <= result.status < 400:
                 extra = f" location={printable(result.location.encode(), 300)}"
             outcome = f"action={printable(action.encode())}" if action is not None else \

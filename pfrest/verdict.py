@@ -27,6 +27,7 @@ class HttpResult(NamedTuple):
     body: bytes
     location: Optional[str] = None       # for 3xx, only to log it
     max_age: Optional[int] = None        # Cache-Control max-age, None when absent; -1 for no-store
+    cached: bool = False                 # answered from pfrest's cache, not by a new request
 
 
 class Failure(NamedTuple):
