@@ -113,15 +113,20 @@ def test_bounded_entries_least_recently_used_go_first():
     assert b.calls == calls + 1
 
 
-def test_identical_lookups_in_flight_are_coalesced():
-    backend = Counting(ANSWERS, delay=0.2)
-    c, b, clock = cache(backend=backend)
+def concurrently(n, fn):
     results = []
-    threads = [threading.Thread(target=lambda: results.append(ask(c, b"found"))) for _ in range(20)]
+    threads = [threading.Thread(target=lambda: results.append(fn())) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+def test_identical_lookups_in_flight_are_coalesced():
+    backend = Counting(ANSWERS, delay=0.2)
+    c, b, clock = cache(backend=backend)
+    results = concurrently(20, lambda: ask(c, b"found"))
     assert backend.calls == 1
     assert len(results) == 20 and all(r.body == b'["v"]' for r in results)
 
@@ -129,12 +134,7 @@ def test_identical_lookups_in_flight_are_coalesced():
 def test_coalesced_errors_are_shared_but_not_kept():
     backend = Counting(ANSWERS, delay=0.2)
     c, b, clock = cache(backend=backend)
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(ask(c, b"down"))) for _ in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = concurrently(5, lambda: ask(c, b"down"))
     assert backend.calls == 1 and all(r.status == 503 for r in results)
     ask(c, b"down")
     assert backend.calls == 2
