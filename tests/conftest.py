@@ -107,3 +107,7 @@ def handle(tmp_path):
         run.log = log.read_text() if log.exists() else ""
         return proc.stdout
     return run
+
+
+# session-wide fixture of the deployment tests (real Postfix, xinetd, systemd units)
+from postfix_instance import pfrest_for_nobody  # noqa: E402,F401

@@ -1,0 +1,357 @@
+"""Real programs for the deployment tests: a private Postfix instance, a pfrest install that Postfix's
+spawn(8) (and xinetd, running as an unprivileged user) can execute, and process clean-up.
+
+Everything here touches only what it created: processes are found by a marker (the temporary directory
+of the test) in their command line or environment, never by name.  See
+../shared/reference/real-postfix-testing.md for why each main.cf line below is there.
+"""
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, need_binary
+
+NOBODY = "nobody"
+
+
+# --- sockets ---------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10.0, host="127.0.0.1"):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port}") from None
+            time.sleep(0.02)
+
+
+def wait_path(path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.02)
+
+
+# --- directories other users can traverse ----------------------------------------------------------
+
+def world_tmpdir(prefix):
+    """A new directory that user postfix and nobody can traverse (mkdtemp makes 0700 ones; pytest's
+    tmp_path lives under a 0700 directory).  The caller removes it (remove_tree)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    for parent in path.parents:
+        if not parent.stat().st_mode & stat.S_IXOTH:
+            raise RuntimeError(f"{parent} is not searchable by other users; set TMPDIR elsewhere")
+    return path
+
+
+def remove_tree(path):
+    reap(str(path))
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def make_readable(path):
+    """chmod a+rX, recursively."""
+    for dirpath, dirnames, filenames in os.walk(path):
+        os.chmod(dirpath, os.stat(dirpath).st_mode | 0o555)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            os.chmod(p, os.stat(p).st_mode | 0o444)
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead; PID 1 reaps lazily
+    except OSError:
+        return False
+
+
+def processes_with(marker):
+    """PIDs of live processes (not this one) whose command line or environment holds ``marker``."""
+    needle = marker.encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        for part in ("cmdline", "environ"):
+            try:
+                with open(f"/proc/{entry}/{part}", "rb") as f:
+                    if needle in f.read():
+                        if _alive(entry):
+                            found.append(int(entry))
+                        break
+            except OSError:
+                break
+    return found
+
+
+def reap(marker, timeout=5.0):
+    """SIGKILL every process that mentions ``marker`` and wait until they are gone; returns their PIDs."""
+    killed = processes_with(marker)
+    for pid in killed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return killed
+
+
+def stop_process(proc, timeout=10.0):
+    """SIGTERM a Popen, SIGKILL it if it does not exit in time; return its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+    return proc.returncode
+
+
+# --- pfrest installed where an unprivileged user can run it ---------------------------------------
+
+RUNTIME_PACKAGES = ("requests", "urllib3", "idna", "charset_normalizer", "chardet", "certifi", "tomli")
+
+
+def _run_as(user, args, **kw):
+    return subprocess.run(args, user=user, capture_output=True, text=True, timeout=30, cwd="/", **kw)
+
+
+def interpreter_for(user):
+    """An absolute Python that ``user`` can execute, preferring this interpreter's version (the copied
+    dependencies may hold compiled modules).  pyenv's Python under /root (0700) is not one."""
+    candidates = [os.path.realpath(sys.executable), sys.executable, "/usr/bin/python3",
+                  "/usr/local/bin/python3"]
+    ours = "%d.%d" % sys.version_info[:2]
+    usable = []
+    for exe in dict.fromkeys(candidates):
+        if os.path.isabs(exe) and os.path.exists(exe):
+            try:
+                proc = _run_as(user, [exe, "-I", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+            except PermissionError:
+                continue
+            if proc.returncode == 0:
+                usable.append((proc.stdout.strip() != ours, exe))
+    if not usable:
+        pytest.fail(f"no Python interpreter is executable by {user}: tried {candidates}")
+    return sorted(usable)[0][1]
+
+
+def install_pfrest(dest, user=NOBODY):
+    """Copy pfrest and its runtime dependencies into DEST/lib and write DEST/bin/pfrest, a console
+    script like the one `pip install` makes, with an interpreter ``user`` can run.  Returns its path."""
+    dest = Path(dest)
+    lib = dest / "lib"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(Path(ROOT) / "pfrest", lib / "pfrest", ignore=ignore)
+    for name in RUNTIME_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            continue  # optional (chardet, tomli) or absent; the import check below tells
+        if spec.submodule_search_locations:
+            shutil.copytree(list(spec.submodule_search_locations)[0], lib / name, ignore=ignore)
+        else:
+            shutil.copy2(spec.origin, lib / os.path.basename(spec.origin))
+    python = interpreter_for(user)
+    script = dest / "bin" / "pfrest"
+    script.parent.mkdir()
+    script.write_text(f"#!{python} -I\nimport sys\nsys.path.insert(0, {str(lib)!r})\n"
+                      "from pfrest.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    make_readable(dest)
+    check = _run_as(user, [python, "-I", "-c", f"import sys; sys.path.insert(0, {str(lib)!r}); "
+                                               "import requests, pfrest.handler, pfrest.backend"])
+    if check.returncode != 0:
+        pytest.fail(f"pfrest copy in {dest} is not importable by {user}: {check.stderr}")
+    return str(script)
+
+
+@pytest.fixture(scope="session")
+def pfrest_for_nobody():
+    """Path of a `pfrest` console script that user nobody can run (for spawn(8) and xinetd)."""
+    dest = world_tmpdir("pfrest-install-")
+    try:
+        yield install_pfrest(dest)
+    finally:
+        remove_tree(dest)
+
+
+# --- a private Postfix instance --------------------------------------------------------------------
+
+def backdate(*paths):
+    """Postfix programs re-read a main.cf younger than ~2 s every 300 ms until it settles."""
+    old = time.time() - 10
+    for p in paths:
+        os.utime(p, (old, old))
+
+
+class PostfixInstance:
+    """Postfix with its own config, queue and data directories under ``root`` (which every user must be
+    able to traverse), listening on loopback only, discarding all mail, logging to ``root/maillog``.
+
+    ``main`` holds main.cf (extend it before start()); ``services`` is extra master.cf text;
+    add_smtpd() adds an smtpd on a free loopback port, with optional ``-o`` overrides.
+    """
+
+    def __init__(self, root):
+        need_binary("postfix")
+        self.root = Path(root)
+        self.etc = self.root / "etc"
+        self.spool = self.root / "spool"
+        self.data = self.root / "data"
+        self.maillog = self.root / "maillog"
+        self.main = {
+            "compatibility_level": "3.6",
+            "queue_directory": str(self.spool),
+            "data_directory": str(self.data),
+            "inet_interfaces": "loopback-only",
+            "inet_protocols": "ipv4",
+            "myhostname": "postfix.pfrest.test",
+            "mydestination": "",
+            "mynetworks": "192.0.2.0/24",  # no test client is trusted: every restriction runs
+            "relay_domains": "static:ALL",
+            "smtpd_relay_restrictions": "reject_unauth_destination",
+            "smtpd_recipient_restrictions": "permit",
+            "alias_maps": "", "alias_database": "", "biff": "no",
+            "default_transport": "discard:", "relay_transport": "discard:",
+            "local_transport": "discard:", "virtual_transport": "discard:",
+            "maillog_file": str(self.maillog),
+            "maillog_file_prefixes": str(self.root),
+            "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+        }
+        self.services = ""
+        self.smtpd = {}  # name -> port
+
+    def add_smtpd(self, name="smtpd", **overrides):
+        """An smtpd service on a free loopback port, with ``-o name=value`` overrides; returns the port."""
+        port = free_port()
+        opts = "".join(f"\n  -o {{ {k} = {v} }}" for k, v in overrides.items())
+        self.services += f"127.0.0.1:{port} inet n - n - - smtpd{opts}\n"
+        self.smtpd[name] = port
+        return port
+
+    def write(self):
+        for d in (self.etc, self.spool):
+            d.mkdir(mode=0o755, exist_ok=True)
+        self.data.mkdir(mode=0o700, exist_ok=True)
+        shutil.chown(self.data, "postfix", "postfix")
+        (self.etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in self.main.items()))
+        (self.etc / "master.cf").write_text(MASTER_CF + self.services)
+        backdate(self.etc / "main.cf", self.etc / "master.cf")
+
+    def log(self):
+        try:
+            return self.maillog.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self, timeout=20.0):
+        if not self.smtpd:
+            self.add_smtpd()
+        self.write()
+        proc = subprocess.run(["postfix", "-c", str(self.etc), "start"], capture_output=True, text=True,
+                              timeout=60)
+        if proc.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"postfix start failed: {proc.stdout}{proc.stderr}\n{self.log()}")
+        deadline = time.monotonic() + timeout
+        for port in self.smtpd.values():
+            while True:
+                if "fatal:" in self.log():
+                    self.stop()
+                    raise RuntimeError(f"Postfix instance {self.root} failed:\n{self.log()}")
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                        if s.recv(512).startswith(b"220 "):
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"no SMTP banner on port {port}:\n{self.log()}")
+                time.sleep(0.05)
+
+    def master_pid(self):
+        try:
+            return int((self.spool / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self):
+        """postfix stop, then kill whatever of the instance is left (spawned handlers included)."""
+        pid = self.master_pid()
+        subprocess.run(["postfix", "-c", str(self.etc), "stop"], capture_output=True, timeout=60)
+        deadline = time.monotonic() + 5
+        while pid and _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return reap(str(self.root))
+
+    def postmap(self, key, table, stdin=None):
+        return subprocess.run(["postmap", "-c", str(self.etc), "-q", key, table], input=stdin,
+                              capture_output=True, text=True, timeout=60)
+
+    def postconf(self, *args):
+        return subprocess.run(["postconf", "-c", str(self.etc), *args], capture_output=True, text=True,
+                              timeout=60)
+
+
+# Our own master.cf: nothing chrooted (no files to copy into the spool), postlogd for maillog_file.
+MASTER_CF = """\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def smtp_rcpt(port, sender, recipients, helo="client.example"):
+    """One SMTP session through a real smtpd: MAIL FROM, then RCPT TO for each recipient.
+    Returns [(code, text)] for the RCPTs."""
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", port, local_hostname=helo, timeout=60) as smtp:
+        smtp.ehlo()
+        code, text = smtp.mail(sender)
+        assert code == 250, (code, text)
+        replies = [smtp.rcpt(r) for r in recipients]
+        smtp.rset()
+    return [(code, text.decode()) for code, text in replies]
