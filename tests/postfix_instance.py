@@ -8,6 +8,7 @@ of the test) in their command line or environment, never by name.  See
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, need_binary
+from conftest import ROOT, Backend, need_binary
 
 NOBODY = "nobody"
 
@@ -201,6 +202,67 @@ def pfrest_for_nobody():
         yield install_pfrest(dest)
     finally:
         remove_tree(dest)
+
+
+# --- the shipped example files -------------------------------------------------------------------
+
+def shipped(relpath):
+    """The text of a file as shipped in the repository (master.cf.example, systemd/..., xinetd.d/...)."""
+    return (Path(ROOT) / relpath).read_text()
+
+
+def shipped_config(backend_url):
+    """pfrest.json.example with its targets pointed at a test backend."""
+    return shipped("pfrest.json.example").replace("https://rest.example.com", backend_url)
+
+
+class RoutedBackend(Backend):
+    """The three targets of pfrest.json.example on one backend: answers are keyed "ENDPOINT KEY", e.g.
+    "domains example.com", "aliases info@example.com", "policy RECIPIENT"."""
+
+    def key_of(self, request):
+        return request.path.rsplit("/", 1)[-1] + " " + super().key_of(request)
+
+
+def master_entries(text):
+    """The service entries of a master.cf file: every line that is not a comment or blank."""
+    return "".join(line + "\n" for line in text.splitlines()
+                   if line.strip() and not line.lstrip().startswith("#"))
+
+
+_PARAM = re.compile(r"^([A-Za-z0-9_.:-]+) =(?: (.*))?$")
+
+
+def commented_main_cf(text):
+    """The main.cf lines a shipped file gives as comments ("#   name = value", continued on more deeply
+    indented comment lines), as {name: value}."""
+    found, param, indent = {}, None, 0
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            param = None
+            continue
+        body = line[1:]
+        depth = len(body) - len(body.lstrip())
+        match = _PARAM.match(body.strip())
+        if match:
+            param, indent = match.group(1), depth
+            found[param] = (match.group(2) or "").strip()
+        elif param and body.strip() and depth > indent:
+            found[param] = (found[param] + " " + body.strip()).strip()
+        else:
+            param = None
+    return found
+
+
+def unit_settings(text):
+    """A systemd unit file as {key: [values]} (sections merged; comments and blank lines skipped)."""
+    settings = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
 
 
 # --- a private Postfix instance --------------------------------------------------------------------

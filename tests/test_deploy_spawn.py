@@ -5,64 +5,17 @@ Policy through a real smtpd and SMTP client, tcp and socketmap through `postmap 
 whose recipient the socketmap alias table rewrites in cleanup(8)."""
 
 import re
+import subprocess
 import time
+import types
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Backend
-from postfix_instance import PostfixInstance, free_port, processes_with, remove_tree, smtp_rcpt, world_tmpdir
+from postfix_instance import (PostfixInstance, RoutedBackend, commented_main_cf, free_port, master_entries,
+                              processes_with, remove_tree, shipped, shipped_config, smtp_rcpt, world_tmpdir)
 
-SHIPPED = Path(ROOT) / "master.cf.example"
-SHIPPED_CONFIG = Path(ROOT) / "pfrest.json.example"
 REF = r"\(ref [0-9a-f]{16}\)"
-
-
-def master_entries(text):
-    """The service entries of a master.cf file: every line that is not a comment or blank."""
-    return "".join(line + "\n" for line in text.splitlines()
-                   if line.strip() and not line.lstrip().startswith("#"))
-
-
-def main_cf_blocks(text):
-    """The commented main.cf blocks: {block title: {parameter: value}}, continuation lines joined."""
-    blocks, current, param = {}, None, None
-    for line in text.splitlines():
-        if line.startswith("# ----"):
-            current = line.strip("#- ") if "main.cf" in line else None
-            if current:
-                blocks[current] = {}
-            param = None
-            continue
-        if current is None or not line.startswith("#"):
-            continue
-        body = line[2:]
-        match = re.match(r"^([\w.:-]+) =(.*)$", body)
-        if match:
-            param = match.group(1)
-            blocks[current][param] = match.group(2).strip()
-        elif param and body.startswith(" ") and body.strip():
-            blocks[current][param] = (blocks[current][param] + " " + body.strip()).strip()
-        else:
-            param = None
-    return blocks
-
-
-def shipped_config(backend_url):
-    """pfrest.json.example with the targets pointed at the test backend."""
-    return SHIPPED_CONFIG.read_text().replace("https://rest.example.com", backend_url)
-
-
-class RoutedBackend(Backend):
-    """The shipped config's three targets on one backend: answers are keyed "ENDPOINT KEY", e.g.
-    "domains example.com", "aliases info@example.com", "policy RECIPIENT"."""
-
-    def key_of(self, request):
-        return request.path.rsplit("/", 1)[-1] + " " + super().key_of(request)
-
-
-class Deployment:
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -71,23 +24,19 @@ def spawned(pfrest_for_nobody):
     root = world_tmpdir("pfrest-spawn-")
     backend = RoutedBackend()
     instance = PostfixInstance(root)
-    d = Deployment()
+    d = types.SimpleNamespace()
     d.backend, d.instance, d.tcp_port = backend, instance, free_port()
     try:
         d.config = root / "pfrest.json"
         d.config.write_text(shipped_config(backend.url))
         d.config.chmod(0o644)  # read by the handlers, which run as nobody
-        text = SHIPPED.read_text()
+        text = shipped("master.cf.example")
         substituted = (text.replace("/usr/local/bin/pfrest", pfrest_for_nobody)
                        .replace("/etc/pfrest/pfrest.json", str(d.config))
                        .replace("127.0.0.1:9001", f"127.0.0.1:{d.tcp_port}")
                        .replace("user=pfrest", "user=nobody"))  # no pfrest account on a test machine
         instance.services += master_entries(substituted)
-        blocks = main_cf_blocks(substituted)
-        assert len(blocks) == 2, blocks
-        d.main_lines = {}
-        for block in blocks.values():
-            d.main_lines.update(block)
+        d.main_lines = commented_main_cf(substituted)
         instance.main.update(d.main_lines)
         d.smtp_port = instance.add_smtpd()
         instance.start()
@@ -119,22 +68,25 @@ def form(request):
 
 def test_shipped_lines_are_what_postfix_expects(deployment):
     main = deployment.main_lines
-    assert main["smtpd_recipient_restrictions"].endswith(
-        "check_policy_service unix:private/pfrest-policy")
-    assert {k for k in main if k.endswith("_time_limit")} == {
-        f"127.0.0.1:{deployment.tcp_port}_time_limit", "pfrest-aliases_time_limit",
-        "pfrest-policy_time_limit"}
-    assert all(v == "3600s" for k, v in main.items() if k.endswith("_time_limit"))
-    master = master_entries(SHIPPED.read_text())
-    for line in master.splitlines():
-        if not line[0].isspace():  # service type private unpriv chroot wakeup maxproc command
-            fields = line.split()
-            assert fields[2:] == ["n", "n", "-", "0", "spawn"] or fields[3:] == ["n", "n", "-", "0", "spawn"]
-    # postfix check knows every line: no "unused parameter" for the _time_limit lines, no warning
-    check = deployment.instance.postconf("-n")
-    assert check.returncode == 0 and "warning" not in check.stderr, check.stderr
-    for name in ("pfrest-policy_time_limit", "pfrest-aliases_time_limit"):
-        assert f"{name} = 3600s" in check.stdout
+    port = deployment.tcp_port
+    assert main == {
+        "virtual_mailbox_domains": f"tcp:127.0.0.1:{port}",
+        "virtual_alias_maps": "socketmap:unix:private/pfrest-aliases:aliases",
+        "smtpd_recipient_restrictions": "permit_mynetworks, reject_unauth_destination, "
+                                        "check_policy_service unix:private/pfrest-policy",
+        f"127.0.0.1:{port}_time_limit": "3600s", "pfrest-aliases_time_limit": "3600s",
+        "pfrest-policy_time_limit": "3600s"}
+    services = [line.split() for line in master_entries(shipped("master.cf.example")).splitlines()
+                if not line[0].isspace()]
+    assert [s[:3] for s in services] == [["127.0.0.1:9001", "inet", "n"], ["pfrest-aliases", "unix", "-"],
+                                         ["pfrest-policy", "unix", "-"]]
+    for fields in services:  # unpriv n, chroot n, wakeup -, no process limit, spawn
+        assert fields[3:] == ["n", "n", "-", "0", "spawn"]
+    # Postfix knows every line: no "unused parameter" for the _time_limit lines, nothing to warn about
+    etc = str(deployment.instance.etc)
+    for args in (["postconf", "-c", etc, "-n"], ["postfix", "-c", etc, "check"]):
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "warning" not in proc.stderr, (args, proc.stderr)
 
 
 def test_policy_through_smtpd_and_spawn(deployment):

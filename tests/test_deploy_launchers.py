@@ -1,0 +1,218 @@
+"""The shipped per-connection launcher files, run by the programs they are written for:
+
+- xinetd.d/pfrest-* under a real `xinetd -dontfork -f FILE`;
+- systemd/pfrest-*.socket + pfrest-*@.service (Accept=yes) under `systemd-socket-activate --inetd
+  --accept`, with the units' own ListenStream= and ExecStart= (systemd is not PID 1 in a container);
+  the User=/Group= and SocketUser=/SocketMode= settings, which that tool does not apply, are applied by
+  the test (setpriv, chown/chmod);
+- `systemd-analyze verify` on the shipped units.
+
+Only ports, paths and the account (nobody instead of pfrest) are substituted. Lookups go through real
+`postmap -q` with the tables the files' main.cf comments give; policy through a real smtpd that uses
+the file's check_policy_service line.
+"""
+
+import grp
+import os
+import pwd
+import re
+import shlex
+import socket
+import subprocess
+import time
+import types
+
+import pytest
+
+from conftest import need_binary
+from postfix_instance import (PostfixInstance, RoutedBackend, commented_main_cf, free_port, remove_tree,
+                              shipped, shipped_config, smtp_rcpt, stop_process, unit_settings, wait_path,
+                              wait_port, world_tmpdir)
+
+MODES = ("tcp", "socketmap", "policy")
+SHIPPED_PORTS = {"tcp": 9001, "socketmap": 9002, "policy": 9003}
+UNITS = [f"systemd/pfrest-{mode}{suffix}" for mode in MODES for suffix in (".socket", "@.service")]
+
+
+def substitute(text, ports, script, config, spool):
+    """Only what differs on a test machine: ports, paths, and the account the handlers run as."""
+    for mode, port in SHIPPED_PORTS.items():
+        if mode in ports:
+            text = re.sub(rf"\b{port}\b", str(ports[mode]), text)
+    text = (text.replace("/usr/local/bin/pfrest", script).replace("/etc/pfrest/pfrest.json", str(config))
+            .replace("/var/spool/postfix", str(spool)))
+    text = re.sub(r"(?m)^(\s*user\s*=\s*)pfrest$", r"\1nobody", text)   # xinetd
+    text = re.sub(r"(?m)^(\s*group\s*=\s*)pfrest$", r"\1nogroup", text)
+    text = re.sub(r"(?m)^User=pfrest$", "User=nobody", text)           # systemd
+    return re.sub(r"(?m)^Group=pfrest$", "Group=nogroup", text)
+
+
+def start_xinetd(root, script, config, procs):
+    need_binary("xinetd")
+    ports = {mode: free_port() for mode in MODES}
+    conf = root / "xinetd.conf"
+    text = "".join(substitute(shipped(f"xinetd.d/pfrest-{mode}"), ports, script, config, "") for mode in MODES)
+    conf.write_text(text)
+    main = commented_main_cf(text)
+    procs.append(subprocess.Popen([need_binary("xinetd"), "-dontfork", "-f", str(conf),
+                                   "-filelog", str(root / "xinetd.log")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    for port in ports.values():
+        wait_port(port)
+    return types.SimpleNamespace(name="xinetd", ports=ports, main=main, text=text)
+
+
+def start_socket_activate(root, script, config, spool, procs):
+    """systemd-socket-activate per shipped socket unit, running its @.service's ExecStart=."""
+    need_binary("systemd-socket-activate")
+    setpriv = need_binary("setpriv")
+    ports = {"tcp": free_port()}
+    main, log = {}, open(root / "socket-activate.log", "ab")
+    for mode in MODES:
+        socket_unit = substitute(shipped(f"systemd/pfrest-{mode}.socket"), ports, script, config, spool)
+        sock = unit_settings(socket_unit)
+        main.update(commented_main_cf(socket_unit))
+        service = unit_settings(substitute(shipped(f"systemd/pfrest-{mode}@.service"), ports, script,
+                                           config, spool))
+        (listen,) = sock["ListenStream"]
+        (exec_start,) = service["ExecStart"]
+        (user,), (group,) = service["User"], service["Group"]
+        argv = [setpriv, f"--reuid={user}", f"--regid={group}", "--clear-groups", *shlex.split(exec_start)]
+        procs.append(subprocess.Popen(
+            [need_binary("systemd-socket-activate"), "--inetd", "--accept", "-l", listen, *argv],
+            stdout=log, stderr=log, env={"PATH": "/usr/bin:/bin"}))
+        if listen.startswith("/"):
+            wait_path(listen)
+            os.chown(listen, pwd.getpwnam(sock["SocketUser"][0]).pw_uid,
+                     grp.getgrnam(sock["SocketGroup"][0]).gr_gid)
+            os.chmod(listen, int(sock["SocketMode"][0], 8))
+        else:
+            wait_port(int(listen.rsplit(":", 1)[1]))
+    return types.SimpleNamespace(name="systemd", ports=ports, main=main)
+
+
+@pytest.fixture(scope="module")
+def launchers(pfrest_for_nobody):
+    root = world_tmpdir("pfrest-launch-")
+    backend = RoutedBackend()
+    instance = PostfixInstance(root)
+    procs = []
+    s = types.SimpleNamespace(backend=backend, instance=instance)
+    try:
+        config = root / "pfrest.json"
+        config.write_text(shipped_config(backend.url))
+        config.chmod(0o644)  # read by the handlers, which run as nobody
+        s.xinetd = start_xinetd(root, pfrest_for_nobody, config, procs)
+        # the unix sockets of the systemd units live in the queue directory, made by `postfix start`;
+        # the smtpd's policy restriction is the file's main.cf line, as an -o override per launcher
+        systemd_main = commented_main_cf(shipped("systemd/pfrest-policy.socket"))
+        s.xinetd.smtp = instance.add_smtpd(
+            "xinetd", smtpd_recipient_restrictions=s.xinetd.main["smtpd_recipient_restrictions"])
+        smtp_systemd = instance.add_smtpd(
+            "systemd", smtpd_recipient_restrictions=systemd_main["smtpd_recipient_restrictions"])
+        instance.start()
+        s.systemd = start_socket_activate(root, pfrest_for_nobody, config, instance.spool, procs)
+        s.systemd.smtp = smtp_systemd
+        yield s
+    finally:
+        for proc in procs:
+            stop_process(proc)
+        instance.stop()
+        backend.stop()
+        remove_tree(root)
+
+
+@pytest.fixture(params=["xinetd", "systemd"])
+def launcher(request, launchers):
+    launchers.backend.answers.clear()
+    launchers.backend.requests.clear()
+    return launchers, getattr(launchers, request.param)
+
+
+def absolute(table, spool):
+    """postmap does not chdir to the queue directory as the daemons do."""
+    return table.replace("unix:private/", f"unix:{spool}/private/")
+
+
+def test_lookups(launcher):
+    s, via = launcher
+    s.backend.answers["domains example.com"] = (200, ["example.com"])
+    s.backend.answers["domains down.example"] = (503, "")
+    s.backend.answers["aliases info@example.com"] = (200, ["alice@example.com"])
+    tcp = via.main["virtual_mailbox_domains"]
+    sockmap = absolute(via.main["virtual_alias_maps"], s.instance.spool)
+    assert tcp == f"tcp:127.0.0.1:{via.ports['tcp']}"
+    pm = s.instance.postmap
+    assert pm("example.com", tcp).stdout == "example.com\n"
+    assert pm("missing.example", tcp).returncode == 1
+    assert pm("down.example", tcp).returncode == 1
+    many = pm("-", tcp, stdin="example.com\nmissing.example\nexample.com\n")
+    assert many.stdout == "example.com\texample.com\n" * 2
+    found = pm("info@example.com", sockmap)
+    assert (found.stdout, found.returncode) == ("alice@example.com\n", 0)
+    assert pm("bob@example.com", sockmap).returncode == 1
+    paths = [(r.path, dict(r.query)["key"]) for r in s.backend.requests]
+    assert ("/postfix/aliases", "info@example.com") in paths and ("/postfix/domains", "down.example") in paths
+
+
+def test_policy_through_smtpd(launcher):
+    s, via = launcher
+    s.backend.answers["policy reject@dest.example"] = (200, "REJECT not here")
+    s.backend.answers["policy ok@dest.example"] = (200, "OK")
+    s.backend.answers["policy error@dest.example"] = (503, "")
+    replies = smtp_rcpt(via.smtp, "sender@source.example",
+                        ["reject@dest.example", "ok@dest.example", "error@dest.example"])
+    assert replies[0] == (554, "5.7.1 <reject@dest.example>: Recipient address rejected: not here")
+    assert replies[1] == (250, "2.1.5 Ok")
+    assert replies[2][0] == 450 and "Policy service temporarily unavailable (ref " in replies[2][1]
+    from pfrest.minihttp import form_bytes
+    seen = [dict(form_bytes(r)) for r in s.backend.requests]
+    assert [a[b"recipient"] for a in seen] == [b"reject@dest.example", b"ok@dest.example",
+                                                b"error@dest.example"]
+    assert all(a[b"sender"] == b"sender@source.example" and a[b"client_address"] == b"127.0.0.1"
+               for a in seen)
+
+
+def test_xinetd_takes_a_burst_above_its_default_rate(launchers):
+    """55 connections at once: xinetd's default cps (50/s) would disable the service for 10 s."""
+    launchers.backend.answers["domains burst.example"] = (200, ["yes"])
+    port = launchers.xinetd.ports["tcp"]
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(55)]
+    try:
+        for c in conns:
+            c.sendall(b"get burst.example\n")
+        assert [c.recv(100) for c in conns] == [b"200 yes\n"] * 55
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_shipped_limits():
+    for mode in MODES:
+        xinetd = shipped(f"xinetd.d/pfrest-{mode}")
+        settings = dict(re.findall(r"(?m)^\s+(\w+)\s+=\s*(.*?)\s*$", xinetd))
+        assert settings["bind"] == settings["only_from"] == "127.0.0.1"
+        assert int(settings["cps"].split()[0]) >= 500 and int(settings["instances"]) >= 200
+        assert settings["per_source"] == "UNLIMITED" and settings["type"] == "UNLISTED"
+        assert settings["server_args"].startswith("handle -c /etc/pfrest/pfrest.json ")
+        sock = unit_settings(shipped(f"systemd/pfrest-{mode}.socket"))
+        service = unit_settings(shipped(f"systemd/pfrest-{mode}@.service"))
+        assert sock["Accept"] == ["yes"] and int(sock["MaxConnections"][0]) > 100
+        assert int(sock["TriggerLimitBurst"][0]) >= 1000
+        assert service["StandardInput"] == ["socket"] and service["StandardError"] == ["journal"]
+        assert service["CollectMode"] == ["inactive-or-failed"] and service["RuntimeMaxSec"] == ["3600"]
+        assert service["ExecStart"][0].split()[1:4] == ["handle", "-c", "/etc/pfrest/pfrest.json"]
+
+
+def test_systemd_analyze_verify(tmp_path, pfrest_for_nobody):
+    """systemd's own parser accepts the shipped units: no unknown keys, no bad values."""
+    analyze = need_binary("systemd-analyze")
+    paths = []
+    for unit in UNITS:
+        path = tmp_path / os.path.basename(unit)
+        # the command must exist for verify; nothing else is changed
+        path.write_text(shipped(unit).replace("/usr/local/bin/pfrest", pfrest_for_nobody))
+        paths.append(str(path))
+    proc = subprocess.run([analyze, "verify", "--man=no", *paths], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
