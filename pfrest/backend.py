@@ -85,9 +85,19 @@ class DeadlineRunner:
             raise TimeoutError
         return job.result
 
+    def close(self):
+        """Let every thread end once it is done with its current call (a listener reload replaces
+        backends; their threads must not pile up)."""
+        with self._lock:
+            count, self._max = self._threads, 0
+        for _ in range(count):
+            self._jobs.put(None)
+
     def _work(self):
         while True:
             job = self._jobs.get()
+            if job is None:
+                return
             try:
                 job.result = job.fn(*job.args)
             except BaseException as exc:  # reported to the caller as a failure, never lost
@@ -125,6 +135,7 @@ class HttpBackend:
         return self._call(self.endpoint.method, self.endpoint.target, form(pairs), request_id)
 
     def close(self):
+        self._runner.close()
         self._adapter.close()
 
     def _call(self, method, url, body, request_id):

@@ -44,6 +44,9 @@ class CachingBackend:
     def policy(self, pairs, request_id):
         return self.backend.policy(pairs, request_id)
 
+    def close(self):
+        self.backend.close()
+
     def lookup(self, params, request_id):
         key = tuple(params)
         with self._lock:

@@ -27,6 +27,14 @@ def _parser():
 
     command("check", "validate the config file; exit 0 when valid")
 
+    p = command("serve", "serve every endpoint (or those named) on its socket, in one long-running process")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="endpoints to serve (default: every one with a bind-port or bind-path)")
+    p.add_argument("--syslog", action="store_true", help="log to syslog (facility mail) instead of stderr")
+    p.add_argument("--log-file", metavar="PATH", help="log to this file instead of stderr (reopened on SIGHUP)")
+    p.add_argument("--drain-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long requests in progress may take to finish (default 10)")
+
     p = command("query", "make the real backend call and print the reply Postfix would get")
     p.add_argument("name", help="endpoint name")
     p.add_argument("words", nargs="+", metavar="KEY | attr=value",
@@ -34,6 +42,21 @@ def _parser():
     p.add_argument("--map", dest="mapname", metavar="MAPNAME",
                    help="socketmap map name sent to the backend (default: the endpoint name)")
     return parser
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be a number of seconds, 0..3600")
+    return value
+
+
+def _serve(args) -> int:
+    from pfrest import daemon
+    return daemon.run(args.config, args.names, args.syslog, args.log_file, args.drain_timeout)
 
 
 def _check(args) -> int:
@@ -68,7 +91,7 @@ def _handle(args) -> int:
     return handler.run(args.config, args.name, args.log_file)
 
 
-COMMANDS = {"handle": _handle, "check": _check, "query": _query}
+COMMANDS = {"handle": _handle, "check": _check, "query": _query, "serve": _serve}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,159 @@
+"""Listening sockets for the endpoints of ``pfrest serve``: TCP (IPv4/IPv6), unix-domain, or handed over
+by systemd; and the ``allow-from`` check on accepted peers.
+
+Every failure is a BindError whose text names the endpoint, because that is what the admin reads
+when the service does not start.
+"""
+
+import errno
+import ipaddress
+import os
+import socket
+import stat
+import struct
+
+# The kernel caps this at net.core.somaxconn (4096 on current kernels).  A burst of Postfix processes
+# connecting at once must queue, not be refused: a refused connection costs Postfix retries (R6).
+BACKLOG = 4096
+
+
+class BindError(Exception):
+    """A listening socket could not be set up; the message names the endpoint."""
+
+
+def where(endpoint) -> str:
+    """The configured address of an endpoint, for messages."""
+    if endpoint.bind_path:
+        return endpoint.bind_path
+    return show((endpoint.bind_address.strip("[]"), endpoint.bind_port))
+
+
+def open_tcp(endpoint) -> socket.socket:
+    host = endpoint.bind_address.strip("[]")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, endpoint.bind_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise BindError(f"endpoint {endpoint.name}: cannot resolve bind-address {host!r}: {exc}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        # a restart must not wait for old connections in TIME_WAIT; this does not allow two listeners
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"endpoint {endpoint.name}: cannot listen on {where(endpoint)}: "
+                        f"{exc.strerror or exc}") from None
+    return sock
+
+
+def _clear_stale(endpoint):
+    """Remove a socket file left by a process that is gone; refuse anything else."""
+    path = endpoint.bind_path
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise BindError(f"endpoint {endpoint.name}: cannot check {path}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise BindError(f"endpoint {endpoint.name}: {path} exists and is not a socket; not removing it")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # nobody listens: stale
+        except OSError as exc:
+            raise BindError(f"endpoint {endpoint.name}: cannot check {path}: {exc.strerror or exc}") from None
+        else:
+            raise BindError(f"endpoint {endpoint.name}: cannot listen on {path}: "
+                            "another process is listening on it")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise BindError(f"endpoint {endpoint.name}: cannot remove stale socket {path}: {exc.strerror}") from None
+
+
+def open_unix(endpoint) -> socket.socket:
+    _clear_stale(endpoint)
+    path = endpoint.bind_path
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Linux creates the file with the socket's mode minus the umask: set it first, so the file is
+        # never more open than bind-mode, then exactly bind-mode once it exists.
+        try:
+            os.fchmod(sock.fileno(), endpoint.bind_mode)
+        except OSError:
+            pass
+        sock.bind(path)
+        os.chmod(path, endpoint.bind_mode)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"endpoint {endpoint.name}: cannot listen on {path}: {exc.strerror or exc}") from None
+    return sock
+
+
+def adopt(fd: int, name: str) -> socket.socket:
+    """A listening socket passed by systemd (``Accept=no``)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise BindError(f"endpoint {name}: passed fd {fd} is not a socket: {exc.strerror}") from None
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise BindError(f"endpoint {name}: passed fd {fd} is not a listening stream socket "
+                        "(the socket unit needs ListenStream= and Accept=no)")
+    return sock
+
+
+def address(sock):
+    """What a socket is bound to: ``(host, port)`` for TCP, the path for a unix socket."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return name.decode(errors="replace") if isinstance(name, bytes) else name
+    return name[0], name[1]
+
+
+def networks(allow_from):
+    return tuple(ipaddress.ip_network(n) for n in allow_from)
+
+
+def allowed(nets, host: str) -> bool:
+    """Whether an IP peer is inside one of ``nets`` (an IPv4-mapped IPv6 peer counts as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in nets)
+
+
+def peer_name(sock, addr) -> str:
+    """``ip:port`` for TCP; for a unix socket the client's uid and pid, which is all there is."""
+    if sock.family == socket.AF_UNIX:
+        try:
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+            return f"unix:uid={uid},pid={pid}"
+        except (OSError, AttributeError):
+            return "unix"
+    return show(addr)
+
+
+def show(address) -> str:
+    """An address for the log: the path, ``host:port`` or ``[v6host]:port``."""
+    if isinstance(address, str):
+        return address
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# accept() errors that say the process or host ran out of something: pause accepting for a moment,
+# or the listening socket stays readable and the accept loop spins.  Others concern one connection.
+EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
