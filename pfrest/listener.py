@@ -408,7 +408,11 @@ class Listener:
                                "raise LimitNOFILE= or lower max-connections")
                     time.sleep(0.1)  # the socket stays readable: without a pause this loop spins
                 return
-            self._admit(slot, sock, addr)
+            try:
+                self._admit(slot, sock, addr)
+            except Exception:  # one odd connection must not end accepting for all
+                log.exception("endpoint=%s cannot take a connection", slot.name)
+                sock.close()
 
     def _admit(self, slot, sock, addr):
         service = slot.service
@@ -434,8 +438,6 @@ class Listener:
             sock.close()
             return
         service.stats.accepted()
-        if sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             threading.Thread(target=self._converse, args=(conn,), name="pfrest-conn", daemon=True).start()
         except RuntimeError as exc:  # "can't start new thread": out of memory or a tasks limit
@@ -456,6 +458,11 @@ class Listener:
 
     def _converse(self, conn):
         try:
+            if conn.sock.family != socket.AF_UNIX:  # replies are single writes: never hold one back
+                try:
+                    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass  # already reset by the peer: the dialogue will see it
             with conn.sock.makefile("rb") as rfile:
                 serve(rfile, conn, conn.service.responder, conn.before_read, conn.peer)
         except Exception:  # serve() handles I/O errors; this is a bug, and must not kill the process

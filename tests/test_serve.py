@@ -165,6 +165,21 @@ def test_allow_from_refuses_other_peers(backend, listening, pfrest_log):
     assert "allow-from:1" in listener.summary()[0]
 
 
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6")
+def test_ipv6_dual_stack_and_allow_from(backend, listening):
+    backend.answers["k"] = (200, ["v"])
+    try:
+        listener = listening(ephemeral([endpoint(backend, **{"bind-address": "::",
+                                                             "allow-from": ["127.0.0.1/32"]})]))
+    except BindError as exc:
+        pytest.skip(f"cannot bind ::: {exc}")
+    port = listener.addresses["ep"][1]
+    with connect(("127.0.0.1", port)) as mapped:  # arrives as ::ffff:127.0.0.1, counts as IPv4
+        assert tcp_get(mapped, b"k") == b"200 v\n"
+    with socket.create_connection(("::1", port), timeout=10) as v6:
+        assert_closed(v6)
+
+
 def test_max_connections_closes_the_excess_at_once(backend, listening, pfrest_log):
     backend.answers["k"] = (200, ["v"])
     listener = listening(ephemeral([endpoint(backend, **{"max-connections": 2})]))
@@ -209,6 +224,18 @@ def test_200_held_connections_do_not_stop_others(backend, listening):
     finally:
         for sock in held:
             sock.close()
+
+
+def test_counters_by_reply_kind_and_backend_error(backend, listening):
+    backend.answers.update({"k": (200, ["v"]), "down": (503, b""), "gone": (404, b"")})
+    listener = listening(ephemeral([endpoint(backend)]))
+    with connect(listener.addresses["ep"]) as sock:
+        for key in (b"k", b"k", b"down", b"gone"):
+            tcp_get(sock, key)
+        line = listener.summary()[0]
+    assert re.fullmatch(r"endpoint=ep connections=1 accepted=1 refused=- requests=4 "
+                        r"replies=FOUND:2,NOTFOUND:1,TEMP:1 backend-errors=1 \(http-503:1\) "
+                        r"ms-p50=\d+\.\d ms-p99=\d+\.\d", line), line
 
 
 def test_idle_and_partial_request_timeouts(backend, listening, monkeypatch):
