@@ -33,6 +33,8 @@ MODES = (TCP, SOCKETMAP, POLICY)
 # Idle limits between requests, chosen above what each Postfix client tolerates (see the protocol
 # reference, R3): policy clients idle up to 300 s, socketmap clients close after 10 s, tcp clients never.
 DEFAULT_IDLE_TIMEOUT = {TCP: 600.0, SOCKETMAP: 60.0, POLICY: 600.0}
+# From the first byte of a request to its last (R3): Postfix writes a request in one go, so only a
+# stalled or dripping client (slowloris) takes longer.  A deadline for the whole request, not per read.
 PARTIAL_REQUEST_TIMEOUT = 30.0
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -64,6 +66,7 @@ class Endpoint:
     allow_from: Tuple[str, ...] = ()
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     idle_timeout: Optional[float] = None
+    partial_request_timeout: Optional[float] = None
     cache_ttl: float = 0.0
     cache_negative_ttl: float = 0.0
     cache_max_entries: int = DEFAULT_CACHE_ENTRIES
@@ -78,6 +81,12 @@ class Endpoint:
     @property
     def idle_limit(self) -> float:
         return self.idle_timeout if self.idle_timeout is not None else DEFAULT_IDLE_TIMEOUT[self.mode]
+
+    @property
+    def partial_limit(self) -> float:
+        """Seconds a request may take from its first byte to its last."""
+        return self.partial_request_timeout if self.partial_request_timeout is not None \
+            else PARTIAL_REQUEST_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,22 @@ def _url(v):
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment or " " in v:
         return "must be an http or https URL"
     return None
+
+
+def _target(v):
+    problem = _url(v)
+    if problem is None and "@" in urlsplit(v).netloc:
+        return "must not hold user:password@ (it would show in logs and query output); use auth-token"
+    return problem
+
+
+def _token(v):
+    """Sent as an HTTP header value: printable ASCII, so that no HTTP library ever refuses it (and
+    quotes it in an error message)."""
+    problem = _text(v)
+    if problem is None and (not v or v != v.strip() or any(not " " <= c <= "~" for c in v)):
+        problem = "must be printable ASCII without leading or trailing white space"
+    return problem
 
 
 def _proxy(v):
@@ -216,12 +241,12 @@ _LOOKUPS = (TCP, SOCKETMAP)
 ENDPOINT_KEYS = {
     "name": ("name", _name, None),
     "mode": ("mode", _mode, None),
-    "target": ("target", _url, None),
+    "target": ("target", _target, None),
     "bind-address": ("bind_address", _address, None),
     "bind-port": ("bind_port", _port, None),
     "bind-path": ("bind_path", _abspath, None),
     "bind-mode": ("bind_mode", _filemode, None),
-    "auth-token": ("auth_token", _text, None),
+    "auth-token": ("auth_token", _token, None),
     "request-timeout": ("request_timeout", _timeout_ms, None),
     "list-separator": ("list_separator", _text, _LOOKUPS),
     "method": ("method", _method, (POLICY,)),
@@ -230,6 +255,7 @@ ENDPOINT_KEYS = {
     "allow-from": ("allow_from", _networks, None),
     "max-connections": ("max_connections", _positive_int, None),
     "idle-timeout": ("idle_timeout", _positive_seconds, None),
+    "partial-request-timeout": ("partial_request_timeout", _positive_seconds, None),
     "cache-ttl": ("cache_ttl", _seconds, _LOOKUPS),
     "cache-negative-ttl": ("cache_negative_ttl", _seconds, _LOOKUPS),
     "cache-max-entries": ("cache_max_entries", _positive_int, _LOOKUPS),
@@ -251,7 +277,7 @@ def _convert(key, value):
         return value.upper()
     if key == "allow-from":
         return tuple(str(ipaddress.ip_network(n, strict=False)) for n in value)
-    if key in ("idle-timeout", "cache-ttl", "cache-negative-ttl"):
+    if key in ("idle-timeout", "partial-request-timeout", "cache-ttl", "cache-negative-ttl"):
         return float(value)
     return value
 

@@ -4,9 +4,16 @@
 writes each reply with one write, in order.  Requests may arrive in pieces or several in one read.
 Broken pipes, resets and read timeouts end the conversation quietly; a partial request at the end is
 dropped without a reply (Postfix never half-closes, so it is gone anyway).
+
+Read timeouts: ``before_read(pending, timeout)`` is told, before each read, whether part of a request
+has arrived and how long the read may wait: the endpoint's idle limit between requests, and within a
+request what is left of its partial-request limit, counted from the request's first byte.  A deadline
+per request and not per read, so that a client dripping one byte at a time (slowloris) is dropped as
+surely as one that stops.  The caller applies it to its input (a socket timeout, a poll).
 """
 
 import logging
+import time
 
 from pfrest import config, policy, socketmap, tcptable
 from pfrest.framing import Close, Reject
@@ -16,6 +23,7 @@ log = logging.getLogger("pfrest")
 DECODERS = {config.TCP: tcptable.Decoder, config.SOCKETMAP: socketmap.Decoder,
             config.POLICY: policy.Decoder}
 READ_SIZE = 65536
+MIN_WAIT = 0.001  # seconds: a read past the deadline still returns what has arrived, then times out
 
 
 def write_all(wfile, data: bytes):
@@ -33,11 +41,18 @@ def write_all(wfile, data: bytes):
 
 def serve(rfile, wfile, responder, before_read=None, peer="stdin") -> str:
     """Serve one connection; returns why it ended (for tests and the log)."""
-    name = responder.endpoint.name
-    decoder = DECODERS[responder.endpoint.mode]()
+    endpoint = responder.endpoint
+    name = endpoint.name
+    decoder = DECODERS[endpoint.mode]()
+    started = None  # when the first byte of the request now arriving was read
     while True:
+        if not decoder.pending:
+            started, timeout = None, endpoint.idle_limit
+        else:
+            started = started or time.monotonic()
+            timeout = max(started + endpoint.partial_limit - time.monotonic(), MIN_WAIT)
         if before_read is not None:
-            before_read(decoder.pending)
+            before_read(decoder.pending, timeout)
         try:
             data = rfile.read1(READ_SIZE)
         except (TimeoutError, OSError, ValueError) as exc:
@@ -51,7 +66,10 @@ def serve(rfile, wfile, responder, before_read=None, peer="stdin") -> str:
                 log.warning("endpoint=%s peer=%s closed the connection in the middle of a request",
                             name, peer)
             return "eof"
-        for item in decoder.feed(data):
+        items = decoder.feed(data)
+        if items:  # a request ended: the rest, if any, is a new one, counted from now
+            started = None
+        for item in items:
             if isinstance(item, Close):
                 log.warning("endpoint=%s peer=%s protocol error, closing: %s", name, peer, item.why)
                 return "protocol error"

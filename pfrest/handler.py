@@ -3,6 +3,7 @@ socket units with ``Accept=yes``.  One process per Postfix connection, many requ
 
 import logging
 import os
+import select
 import sys
 
 from pfrest import config, log
@@ -17,6 +18,24 @@ def peer_name() -> str:
         if os.environ.get(var):
             return os.environ[var]
     return "stdin"
+
+
+class TimedInput:
+    """Standard input with the dialogue's read timeouts, whatever fd 0 is (a socket from spawn(8) or
+    xinetd, a pipe): ``read1`` raises TimeoutError when nothing arrives in time, as a socket would."""
+
+    def __init__(self, fd=0):
+        self.fd, self.timeout = fd, None
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+
+    def before_read(self, pending, timeout):
+        self.timeout = timeout
+
+    def read1(self, size):
+        if self.timeout is not None and not self._poll.poll(self.timeout * 1000):
+            raise TimeoutError("no input in time")
+        return os.read(self.fd, size)
 
 
 def run(config_path: str, name: str, log_file=None) -> int:
@@ -35,5 +54,6 @@ def run(config_path: str, name: str, log_file=None) -> int:
     from pfrest.responder import Responder
     backend = for_endpoint(endpoint, cfg.user_agent, concurrency=2)
     wfile = open(1, "wb", buffering=0, closefd=False)
-    serve(sys.stdin.buffer, wfile, Responder(endpoint, backend), peer=peer_name())
+    stdin = TimedInput(0)
+    serve(stdin, wfile, Responder(endpoint, backend), stdin.before_read, peer=peer_name())
     return 0

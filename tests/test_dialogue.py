@@ -159,8 +159,30 @@ def test_short_writes_are_completed():
     assert b"".join(out.writes) == b"200 y\n"
 
 
-def test_before_read_sees_pending_state():
+def test_before_read_sees_pending_state_and_timeouts():
     seen = []
     serve(ChunkedReader(b"get x\nge", 3), Writes(),
-          Responder(endpoint("tcp-lookup"), FakeBackend(TCP_ANSWERS)), before_read=seen.append)
-    assert seen == [False, True, False, True]
+          Responder(endpoint("tcp-lookup"), FakeBackend(TCP_ANSWERS)),
+          before_read=lambda pending, timeout: seen.append((pending, timeout)))
+    assert [pending for pending, _ in seen] == [False, True, False, True]
+    idle, partial = config.DEFAULT_IDLE_TIMEOUT["tcp-lookup"], config.PARTIAL_REQUEST_TIMEOUT
+    assert [t for p, t in seen if not p] == [idle, idle]
+    assert all(partial - 1 < t <= partial for p, t in seen if p)
+
+
+def test_partial_request_deadline_counts_from_the_first_byte(monkeypatch):
+    """A client dripping a byte at a time gets the partial-request limit in total, not per read."""
+    clock = [100.0]
+    monkeypatch.setattr("pfrest.dialogue.time.monotonic", lambda: clock[0])
+
+    class Drip(ChunkedReader):
+        def read1(self, n):
+            clock[0] += 4  # every byte arrives 4 s after the previous one
+            return super().read1(n)
+    timeouts = []
+    ep = config.Endpoint(name="ep", mode="tcp-lookup", target="http://127.0.0.1:1/", partial_request_timeout=10)
+    serve(Drip(b"get x\nget yy", 1), Writes(), Responder(ep, FakeBackend(TCP_ANSWERS)),
+          before_read=lambda pending, timeout: timeouts.append(timeout))
+    # before g, e, t, SP, x, LF (10 - 4k s left, at least 0.001); then idle again, and a new request
+    assert timeouts[:6] == [600.0, 10, 6, 2, 0.001, 0.001]
+    assert timeouts[6:9] == [600.0, 10, 6]
