@@ -122,13 +122,16 @@ class _Connection:
         self.lock = threading.Lock()
         self.pending = self.closing = False
 
-    def before_read(self, pending):
-        """Called by the dialogue before each read: pick the timeout, or end the conversation."""
+    def before_read(self, pending, timeout=None):
+        """Called by the dialogue before each read: apply its timeout (or pick one, when it gives
+        none), or end the conversation if it is closing and no request is under way."""
         with self.lock:
             self.pending = pending
             if self.closing and not pending:
                 self._shut(socket.SHUT_RD)
-        self.sock.settimeout(config.PARTIAL_REQUEST_TIMEOUT if pending else self.service.endpoint.idle_limit)
+        if timeout is None:
+            timeout = config.PARTIAL_REQUEST_TIMEOUT if pending else self.service.endpoint.idle_limit
+        self.sock.settimeout(timeout)
 
     def close_when_idle(self):
         """End the conversation at the next request boundary.  Only the read side is shut: a thread
@@ -234,6 +237,18 @@ class Listener:
 
     def _apply(self, cfg):
         endpoints, skipped = selected(cfg, self.names, self._inherited)
+        plan = self._plan(endpoints, cfg.user_agent)
+        for name in skipped:
+            log.info("endpoint=%s has neither bind-port nor bind-path: not served here", name)
+        with self._lock:
+            retired = self._commit(plan)
+            finished = [svc for svc in retired if self._retire(svc)]
+        for svc in finished:
+            svc.backend.close()
+        self._wake()
+
+    def _plan(self, endpoints, user_agent):
+        """{bind key: (slot, endpoint, service)}, opening the sockets that are new; all or nothing."""
         plan, opened = {}, []
         try:
             for ep in endpoints:
@@ -245,45 +260,44 @@ class Listener:
                 if slot is None:
                     slot = self._open(key, ep)
                     opened.append(slot)
-                keep = slot.service if slot.service and slot.service.same(ep, cfg.user_agent) else None
-                plan[key] = (slot, ep, keep or _Service(ep, cfg.user_agent,
-                                                        self._stats.setdefault(ep.name, Stats())))
+                keep = slot.service if slot.service and slot.service.same(ep, user_agent) else None
+                plan[key] = (slot, ep, keep or _Service(ep, user_agent, self._stats.setdefault(ep.name, Stats())))
         except Exception:
             for slot in opened:
                 slot.close()
             raise
-        for name in skipped:
-            log.info("endpoint=%s has neither bind-port nor bind-path: not served here", name)
+        return plan
+
+    def _commit(self, plan):
+        """Make ``plan`` the current setup (under the lock); returns the services new connections no
+        longer get.  The accept thread closes the sockets of removed slots."""
         retired = []
-        with self._lock:
-            for key, slot in self._slots.items():
-                if key not in plan:
-                    log.info("endpoint=%s no longer served: closing %s", slot.name, self._where(slot))
-                    self._close_idle(slot, lambda conn: True)
-                    retired.append(slot.service)
-            for key, (slot, ep, service) in plan.items():
-                old = slot.service
-                if old is service:
-                    continue
-                slot.service = service
-                if old is None:
-                    log.info("endpoint=%s mode=%s listening on %s%s", ep.name, ep.mode, self._where(slot),
-                             " (from systemd)" if slot.inherited else "")
-                    continue
+        for key, slot in self._slots.items():
+            if key not in plan:
+                log.info("endpoint=%s no longer served: closing %s", slot.name, self._where(slot))
+                self._close_idle(slot, lambda conn: True)
+                retired.append(slot.service)
+        for slot, ep, service in plan.values():
+            old, slot.service = slot.service, service
+            if old is None:
+                log.info("endpoint=%s mode=%s listening on %s%s", ep.name, ep.mode, self._where(slot),
+                         " (from systemd)" if slot.inherited else "")
+            elif old is not service:
                 log.info("endpoint=%s reconfigured; new connections get the new settings", ep.name)
                 retired.append(old)
                 identity = (ep.name, ep.mode)
                 if (old.endpoint.name, old.endpoint.mode) != identity:
                     # connections that speak for an endpoint no longer here: close them when idle
-                    self._close_idle(slot, lambda conn, identity=identity:
-                                     (conn.service.endpoint.name, conn.service.endpoint.mode) != identity)
+                    self._close_idle(slot, lambda conn: (conn.service.endpoint.name,
+                                                         conn.service.endpoint.mode) != identity)
                 if slot.path and old.endpoint.bind_mode != ep.bind_mode:
-                    os.chmod(slot.path, ep.bind_mode)
-            self._slots = {key: slot for key, (slot, _, _) in plan.items()}
-            finished = [svc for svc in retired if self._retire(svc)]
-        for svc in finished:
-            svc.backend.close()
-        self._wake()
+                    try:
+                        os.chmod(slot.path, ep.bind_mode)
+                    except OSError as exc:
+                        log.error("endpoint=%s cannot change the mode of %s: %s", ep.name, slot.path,
+                                  exc.strerror)
+        self._slots = {key: slot for key, (slot, _, _) in plan.items()}
+        return retired
 
     def _retire(self, service):
         """Mark a service as no longer given to new connections; True if nothing uses it any more."""

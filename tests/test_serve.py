@@ -241,15 +241,15 @@ def test_counters_by_reply_kind_and_backend_error(backend, listening):
 def test_idle_and_partial_request_timeouts(backend, listening, monkeypatch):
     monkeypatch.setattr(config, "PARTIAL_REQUEST_TIMEOUT", 0.3)
     backend.answers["k"] = (200, ["v"])
-    listener = listening(ephemeral([endpoint(backend, **{"idle-timeout": 0.5})]))
+    listener = listening(ephemeral([endpoint(backend, **{"idle-timeout": 2.0})]))
     with connect(listener.addresses["ep"]) as idle, connect(listener.addresses["ep"]) as partial:
         assert tcp_get(idle, b"k") == b"200 v\n"
-        partial.sendall(b"get par")
         started = time.monotonic()
+        partial.sendall(b"get par")
         assert_closed(partial)
-        assert 0.25 < time.monotonic() - started < 0.5 < 3
+        assert 0.25 < time.monotonic() - started < 1.5  # the partial-request limit, not the idle one
         assert_closed(idle)
-        assert time.monotonic() - started < 3
+        assert 1.9 < time.monotonic() - started < 6
 
 
 def test_reload_in_process(backend, listening, tmp_path):
@@ -278,6 +278,15 @@ def test_reload_in_process(backend, listening, tmp_path):
             with pytest.raises(config.ConfigError, match="nothing to serve"):
                 listener.reload(dataclasses.replace(new, endpoints=()))
             assert listener.addresses == after
+            # same sockets, other protocol and file mode: connections of the old protocol close
+            listener.reload(ephemeral([dict(a, mode="socketmap-lookup"),
+                                       unix_endpoint(backend, tmp_path / "c.sock", name="c",
+                                                     **{"bind-mode": "0600"})]))
+            assert listener.addresses == after
+            assert_closed(kept_a)
+            assert stat.S_IMODE(os.stat(after["c"]).st_mode) == 0o600
+            with connect(after["a"]) as fresh:
+                assert ask(fresh, netstring.encode(b"m k"), b",") == b"6:OK old,"
     finally:
         other.stop()
 
@@ -357,9 +366,11 @@ def test_sighup_changed_target_broken_config_and_counters(backend, write_config,
         backend.answers["k"] = (200, ["old"])
         other.answers["k"] = (200, ["new"])
         path = tmp_path / "t.sock"
-        cfg = write_config([unix_endpoint(backend, path)])
+        cfg = write_config([unix_endpoint(backend, path, **{"auth-token": "t0ken"})])
+        os.chmod(cfg, 0o644)
         proc = served("-c", cfg)
         proc.wait_for(r"ready: serving 1 endpoint")
+        assert "holds an auth-token and is readable by every user" in proc.log  # config.warnings()
         assert "running as root" in proc.log or os.geteuid() != 0
         with connect(str(path)) as kept:
             assert tcp_get(kept, b"k") == b"200 old\n"
@@ -387,6 +398,7 @@ def test_sighup_changed_target_broken_config_and_counters(backend, write_config,
         proc.send(signal.SIGTERM)
         assert proc.exit_status() == 0
         assert not path.exists()
+        assert "t0ken" not in proc.log
     finally:
         other.stop()
 
