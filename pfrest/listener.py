@@ -122,15 +122,13 @@ class _Connection:
         self.lock = threading.Lock()
         self.pending = self.closing = False
 
-    def before_read(self, pending, timeout=None):
-        """Called by the dialogue before each read: apply its timeout (or pick one, when it gives
-        none), or end the conversation if it is closing and no request is under way."""
+    def before_read(self, pending, timeout):
+        """Called by the dialogue before each read: apply its timeout (idle limit, or what is left of
+        the partial-request limit), or end the conversation if it is closing and no request is under way."""
         with self.lock:
             self.pending = pending
             if self.closing and not pending:
                 self._shut(socket.SHUT_RD)
-        if timeout is None:
-            timeout = config.PARTIAL_REQUEST_TIMEOUT if pending else self.service.endpoint.idle_limit
         self.sock.settimeout(timeout)
 
     def close_when_idle(self):

@@ -238,10 +238,9 @@ def test_counters_by_reply_kind_and_backend_error(backend, listening):
                         r"ms-p50=\d+\.\d ms-p99=\d+\.\d", line), line
 
 
-def test_idle_and_partial_request_timeouts(backend, listening, monkeypatch):
-    monkeypatch.setattr(config, "PARTIAL_REQUEST_TIMEOUT", 0.3)
+def test_idle_and_partial_request_timeouts(backend, listening):
     backend.answers["k"] = (200, ["v"])
-    listener = listening(ephemeral([endpoint(backend, **{"idle-timeout": 2.0})]))
+    listener = listening(ephemeral([endpoint(backend, **{"idle-timeout": 2.0, "partial-request-timeout": 0.3})]))
     with connect(listener.addresses["ep"]) as idle, connect(listener.addresses["ep"]) as partial:
         assert tcp_get(idle, b"k") == b"200 v\n"
         started = time.monotonic()
@@ -250,6 +249,14 @@ def test_idle_and_partial_request_timeouts(backend, listening, monkeypatch):
         assert 0.25 < time.monotonic() - started < 1.5  # the partial-request limit, not the idle one
         assert_closed(idle)
         assert 1.9 < time.monotonic() - started < 6
+    with connect(listener.addresses["ep"]) as drip:  # a byte every 0.1 s never resets the deadline
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            for byte in b"get " + b"x" * 100:
+                drip.sendall(bytes([byte]))
+                time.sleep(0.1)
+            assert_closed(drip)
+        assert time.monotonic() - started < 2
 
 
 def test_reload_in_process(backend, listening, tmp_path):
