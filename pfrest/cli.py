@@ -41,7 +41,18 @@ def _parser():
                    help="the lookup key, or policy attributes (the usual ones are filled in)")
     p.add_argument("--map", dest="mapname", metavar="MAPNAME",
                    help="socketmap map name sent to the backend (default: the endpoint name)")
+
+    text = "the three modes on loopback with a built-in REST backend, and the commands to try (no config)"
+    p = sub.add_parser("demo", help=text, description=text)
+    p.add_argument("--port-base", type=_port_base, metavar="N",
+                   help="listen on ports N, N+1 and N+2 (default 9101; 0: any free ports)")
     return parser
+
+
+def _port_base(text):
+    if not text.isdigit() or not (int(text) == 0 or 1 <= int(text) <= 65533):
+        raise argparse.ArgumentTypeError("must be 0 or a port number up to 65533")
+    return int(text)
 
 
 def _seconds(text):
@@ -57,6 +68,11 @@ def _seconds(text):
 def _serve(args) -> int:
     from pfrest import daemon
     return daemon.run(args.config, args.names, args.syslog, args.log_file, args.drain_timeout)
+
+
+def _demo(args) -> int:
+    from pfrest import demo
+    return demo.run(args.port_base)
 
 
 def _check(args) -> int:
@@ -91,7 +107,7 @@ def _handle(args) -> int:
     return handler.run(args.config, args.name, args.log_file)
 
 
-COMMANDS = {"handle": _handle, "check": _check, "query": _query, "serve": _serve}
+COMMANDS = {"handle": _handle, "check": _check, "query": _query, "serve": _serve, "demo": _demo}
 
 
 def main(argv=None) -> int:

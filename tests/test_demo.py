@@ -1,0 +1,94 @@
+"""`pfrest demo` as a user runs it: a subprocess whose printed commands are run exactly as printed and
+must print what the demo says they print; Ctrl-C (SIGINT) and SIGTERM stop it cleanly."""
+
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, need_binary, pfrest_cmd, pfrest_env
+from postfix_instance import stop_process
+
+
+def start_demo(*args):
+    return subprocess.Popen(pfrest_cmd("demo", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=pfrest_env(), cwd=ROOT)
+
+
+def read_instructions(proc, timeout=30):
+    """stdout up to the last line the demo prints before serving."""
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, f"demo ended early: {proc.stderr.read()}"
+        lines.append(line.rstrip("\n"))
+        if "Ctrl-C stops the demo" in line:
+            return lines
+    raise TimeoutError("\n".join(lines))
+
+
+def tries(lines):
+    """(command, expectation) for each printed command that is followed by what it prints."""
+    return [(cmd.strip(), expect.strip()) for cmd, expect in zip(lines, lines[1:])
+            if cmd.startswith("    ") and expect.startswith("        prints")]
+
+
+@pytest.fixture
+def demo():
+    need_binary("postmap")
+    proc = start_demo("--port-base", "0")  # any free ports: other tests may run their own demo
+    try:
+        yield proc, read_instructions(proc)
+    finally:
+        stop_process(proc)
+
+
+def test_printed_commands_work_as_printed(demo):
+    proc, lines = demo
+    commands = tries(lines)
+    assert [c.split()[0] for c, _ in commands] == ["postmap"] * 4 + ["python3"]
+    confdir = shlex.split(commands[0][0])[2]
+    assert os.path.isabs(confdir) and os.path.exists(os.path.join(confdir, "main.cf"))
+    for command, expectation in commands:
+        run = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60,
+                             env={"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}, cwd="/")
+        if expectation.startswith("prints: "):
+            assert (run.stdout, run.returncode) == (expectation[len("prints: "):] + "\n", 0), \
+                (command, run.stderr)
+        else:
+            assert "exits 1" in expectation and (run.stdout, run.returncode) == ("", 1), (command, run)
+    # the main.cf lines name the same sockets
+    text = "\n".join(lines)
+    tcp = re.search(r"tcp:(127\.0\.0\.1:\d+)", commands[0][0]).group(1)
+    assert f"virtual_mailbox_domains = tcp:{tcp}" in text
+    assert re.search(r"check_policy_service inet:127\.0\.0\.1:\d+", text)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    assert proc.wait(timeout=15) == 0
+    assert not os.path.exists(confdir)  # nothing left behind
+    log = proc.stderr.read()
+    assert "Traceback" not in log
+    assert re.search(r"endpoint=domains id=[0-9a-f]{16} key=example\.com status=200 reply=FOUND", log)
+    assert "sender=spammer@bad.example" in log and "action=REJECT" in log
+
+
+def test_sigterm_stops_it(demo):
+    proc, _ = demo
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+
+
+def test_busy_port_is_a_clear_error():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = start_demo("--port-base", str(port))
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and out == ""
+    assert f"127.0.0.1:{port}" in err and "in use" in err.lower()
+    assert "--port-base" in err and "Traceback" not in err
