@@ -77,6 +77,8 @@ class Decoder:
             return attrs
         if len(line) > MAX_LINE:
             return f"line over {MAX_LINE} bytes"
+        if b"\0" in line:  # Postfix's attributes are C strings
+            return "NUL in request"
         name, sep, value = line.partition(b"=")
         if not sep or not name:
             return "line without name=value"

@@ -40,6 +40,7 @@ def perm(text: bytes) -> bytes:
 NOTFOUND = reply(b"NOTFOUND ")
 TOO_LONG = Reject(NOTFOUND, "request over the size limit")
 MALFORMED = Reject(perm(b"malformed request: expected NAME SP KEY"), "request without a space")
+NUL = Reject(perm(b"malformed request: NUL in request"), "NUL in request")  # Postfix sends C strings
 
 
 class Decoder:
@@ -64,5 +65,7 @@ class Decoder:
             return Close(str(payload))
         if isinstance(payload, netstring.Skipped):
             return TOO_LONG
+        if b"\0" in payload:
+            return NUL
         name, sep, key = payload.partition(b" ")
         return (name, key) if sep else MALFORMED

@@ -62,6 +62,8 @@ def parse_line(line: bytes):
     verb, sep, arg = line.partition(b" ")
     if verb == b"get" and sep:
         try:
+            if b"\0" in arg:  # Postfix's keys are C strings; what sends a NUL is not Postfix
+                raise ValueError("NUL in key")
             return unquote(arg)
         except ValueError as exc:
             return Reject(reply(TEMPORARY, b"malformed request: " + str(exc).encode()), str(exc))
