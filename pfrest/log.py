@@ -6,6 +6,9 @@ nothing but protocol replies may ever be written there.  Logs go to syslog (faci
 exists, libc drops the messages and handling goes on unharmed.
 
 Foreground mode (serve, demo, query): stderr, or syslog on request.
+
+Secrets (auth tokens, proxy passwords) registered with ``add_secret`` are replaced by ``(redacted)`` in
+every line written, tracebacks included, whatever code produced the text.
 """
 
 import logging
@@ -15,6 +18,26 @@ import sys
 FORMAT_FILE = "%(asctime)s pfrest[%(process)d]: %(levelname)s: %(message)s"
 FORMAT_STDERR = "%(asctime)s pfrest: %(levelname)s: %(message)s"
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
+MIN_SECRET = 4  # shorter "secrets" would only garble the log (and are no secrets)
+_secrets = set()
+
+
+def add_secret(text):
+    """Never write ``text`` out again: logs and ``redact`` replace it."""
+    if text and len(text) >= MIN_SECRET:
+        _secrets.add(text)
+
+
+def redact(text: str) -> str:
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "(redacted)")
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    def format(self, record):
+        return redact(super().format(record))
 
 
 class SyslogHandler(logging.Handler):
@@ -22,6 +45,7 @@ class SyslogHandler(logging.Handler):
 
     def __init__(self, facility_name: str = "mail"):
         super().__init__()
+        self.setFormatter(RedactingFormatter())
         import syslog
         self._syslog = syslog
         facility = getattr(syslog, "LOG_" + facility_name.upper(), syslog.LOG_MAIL)
@@ -39,6 +63,12 @@ class SyslogHandler(logging.Handler):
             pass
 
 
+def _file_handler(path):
+    handler = logging.FileHandler(path)
+    handler.setFormatter(RedactingFormatter(FORMAT_FILE))
+    return handler
+
+
 def _install(handler, level):
     root = logging.getLogger("pfrest")
     for old in list(root.handlers):
@@ -51,8 +81,7 @@ def _install(handler, level):
 def for_handler(log_file=None, level=logging.INFO):
     """Handler mode: syslog or a file; fd 2 and sys.stdout/stderr sent to /dev/null."""
     if log_file:
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter(FORMAT_FILE))
+        handler = _file_handler(log_file)
     else:
         handler = SyslogHandler()
     _install(handler, level)
@@ -70,11 +99,10 @@ def for_foreground(use_syslog=False, log_file=None, level=logging.INFO):
     if use_syslog:
         handler = SyslogHandler()
     elif log_file:
-        handler = logging.FileHandler(log_file)
-        handler.setFormatter(logging.Formatter(FORMAT_FILE))
+        handler = _file_handler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
         # journald adds its own time stamps
-        handler.setFormatter(logging.Formatter(
+        handler.setFormatter(RedactingFormatter(
             "%(levelname)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else FORMAT_STDERR))
     _install(handler, level)

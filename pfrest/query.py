@@ -4,6 +4,7 @@ import time
 
 from pfrest import config
 from pfrest.backend import for_endpoint
+from pfrest.log import redact
 from pfrest.responder import Responder
 from pfrest.verdict import Failure
 
@@ -79,7 +80,7 @@ def run(cfg, name, words, mapname=None, out=print) -> int:
     if result is None:
         out("http: (no request made)")
     elif isinstance(result, Failure):
-        out(f"http: failed ({result.kind}): {result.detail}")
+        out(f"http: failed ({result.kind}): {redact(result.detail)}")  # exception texts quote anything
     else:
         out(f"http: {result.status}")
     out(f"time: {ms:.1f} ms")

@@ -6,8 +6,10 @@ A Responder is what the dialogue calls for every request; it is the same object 
 
 import logging
 import time
+from urllib.parse import urlsplit
 
 from pfrest import config, socketmap, tcptable, verdict
+from pfrest.log import add_secret
 from pfrest import policy as policy_codec
 from pfrest.backend import new_request_id
 
@@ -38,6 +40,9 @@ class Responder:
     def __init__(self, endpoint, backend, observer=None):
         self.endpoint = endpoint
         self.backend = backend
+        # whatever an HTTP library puts in an exception text, these never reach a log line
+        add_secret(endpoint.auth_token)
+        add_secret(urlsplit(endpoint.proxy).password if endpoint.proxy else None)
         # observer(verdict, ms, backend_result) after each answered request: the listener's counters
         self.observer = observer
         self.answer = {config.TCP: self.tcp, config.SOCKETMAP: self.socketmap,
