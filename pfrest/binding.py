@@ -119,6 +119,22 @@ def address(sock):
     return name[0], name[1]
 
 
+def binds_to(endpoint, sock) -> bool:
+    """Whether ``sock`` is bound where ``endpoint`` would bind: its bind-path, or bind-address:bind-port."""
+    bound = address(sock)
+    if endpoint.bind_path or isinstance(bound, str):
+        return isinstance(bound, str) and endpoint.bind_path is not None and \
+            os.path.abspath(bound) == os.path.abspath(endpoint.bind_path)
+    if endpoint.bind_port is None:
+        return False
+    try:
+        infos = socket.getaddrinfo(endpoint.bind_address.strip("[]"), endpoint.bind_port,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False
+    return any(info[4][:2] == bound for info in infos)
+
+
 def networks(allow_from):
     return tuple(ipaddress.ip_network(n) for n in allow_from)
 

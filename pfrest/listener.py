@@ -213,9 +213,15 @@ class Listener:
             if len(only) == 1:
                 passed = [(passed[0][0], only[0])]
         for fd, name in passed:
-            self._inherited[name] = binding.adopt(fd, name)
+            sock = binding.adopt(fd, name)
             if name not in known:
-                log.warning("systemd passed a socket named %r but no endpoint has that name", name)
+                # not named after an endpoint (one socket unit with several ListenStream= lines, whose
+                # sockets all bear the unit's name): the endpoint configured to bind that very address
+                name = next((ep.name for ep in self._cfg.endpoints if binding.binds_to(ep, sock)), name)
+            self._inherited[name] = sock
+            if name not in known:
+                log.warning("systemd passed a socket named %r (%s) but no endpoint has that name or "
+                            "address", name, binding.show(binding.address(sock)))
 
     def _key(self, ep):
         if ep.name in self._inherited:

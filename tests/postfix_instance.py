@@ -212,8 +212,10 @@ def shipped(relpath):
 
 
 def shipped_config(backend_url):
-    """pfrest.json.example with its targets pointed at a test backend."""
-    return shipped("pfrest.json.example").replace("https://rest.example.com", backend_url)
+    """pfrest.json.example with its targets pointed at a test backend, and "user" (for `pfrest serve`
+    started as root) an account that exists on a test machine."""
+    return (shipped("pfrest.json.example").replace("https://rest.example.com", backend_url)
+            .replace('"user": "pfrest"', f'"user": "{NOBODY}"'))
 
 
 class RoutedBackend(Backend):
@@ -263,6 +265,37 @@ def unit_settings(text):
             key, _, value = line.partition("=")
             settings.setdefault(key.strip(), []).append(value.strip())
     return settings
+
+
+class NotifySocket:
+    """What systemd listens on for sd_notify(3) (Type=notify): collects the datagrams sent to ``path``
+    (made writable for all, as the notifying process may have dropped its privileges)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        os.chmod(self.path, 0o666)
+        self.messages = []
+
+    def wait_for(self, line, timeout=30.0):
+        """Wait until a datagram holds ``line`` (e.g. "READY=1"); returns that datagram."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for message in self.messages:
+                if line in message.splitlines():
+                    return message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {line} in {self.messages}")
+            self.sock.settimeout(remaining)
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+
+    def close(self):
+        self.sock.close()
 
 
 # --- a private Postfix instance --------------------------------------------------------------------
@@ -417,3 +450,47 @@ def smtp_rcpt(port, sender, recipients, helo="client.example"):
         replies = [smtp.rcpt(r) for r in recipients]
         smtp.rset()
     return [(code, text.decode()) for code, text in replies]
+
+
+def _slow(seconds, answer):
+    def respond(request):
+        time.sleep(seconds)
+        return answer
+    return respond
+
+
+_UNAVAILABLE = r"4\.7\.1 <.*>: Recipient address rejected: Policy service temporarily unavailable " \
+               r"\(ref [0-9a-f]{16}\)"
+# recipient -> (backend answer, SMTP code, SMTP text) for the policy endpoint of pfrest.json.example,
+# whose request-timeout is 2000 ms
+POLICY_CASES = {
+    "reject@dest.example": ((200, "REJECT no thanks"), 554,
+                            r"5\.7\.1 <reject@dest\.example>: Recipient address rejected: no thanks"),
+    "defer@dest.example": ((200, "DEFER_IF_PERMIT try later"), 450,
+                           r"4\.7\.1 <defer@dest\.example>: Recipient address rejected: try later"),
+    "dunno@dest.example": ((200, "DUNNO"), 250, r"2\.1\.5 Ok"),
+    "ok@dest.example": ((200, "OK"), 250, r"2\.1\.5 Ok"),
+    "error@dest.example": ((500, ""), 450, _UNAVAILABLE),
+    "slow@dest.example": (_slow(2.5, (200, "OK")), 450, _UNAVAILABLE),
+}
+
+
+def check_policy_transaction(backend, smtp_port, slow=True):
+    """An SMTP transaction through a real smtpd whose policy service is pfrest: each recipient of
+    POLICY_CASES gets the SMTP reply its backend answer means, and the backend received the attributes
+    smtpd sent.  ``backend`` is a RoutedBackend; ``slow=False`` leaves out the 2.5 s timeout case."""
+    from pfrest.minihttp import form_bytes
+    cases = {r: c for r, c in POLICY_CASES.items() if slow or not r.startswith("slow@")}
+    backend.requests.clear()
+    for rcpt, (answer, _, _) in cases.items():
+        backend.answers["policy " + rcpt] = answer
+    replies = smtp_rcpt(smtp_port, "sender@source.example", list(cases))
+    for (rcpt, (_, code, text)), (got_code, got_text) in zip(cases.items(), replies):
+        assert got_code == code and re.fullmatch(text, got_text), (rcpt, got_code, got_text)
+    sent = [{n.decode(): v.decode() for n, v in form_bytes(r)} for r in backend.requests
+            if r.path == "/postfix/policy"]
+    assert [attrs["recipient"] for attrs in sent] == list(cases)
+    for attrs in sent:
+        assert attrs["request"] == "smtpd_access_policy" and attrs["protocol_state"] == "RCPT"
+        assert attrs["sender"] == "sender@source.example" and attrs["helo_name"] == "client.example"
+        assert attrs["client_address"] == "127.0.0.1"

@@ -19,19 +19,18 @@ import re
 import shlex
 import socket
 import subprocess
-import time
 import types
 
 import pytest
 
-from conftest import need_binary
-from postfix_instance import (PostfixInstance, RoutedBackend, commented_main_cf, free_port, remove_tree,
-                              shipped, shipped_config, smtp_rcpt, stop_process, unit_settings, wait_path,
-                              wait_port, world_tmpdir)
+from conftest import ROOT, need_binary
+from postfix_instance import (PostfixInstance, RoutedBackend, check_policy_transaction, commented_main_cf,
+                              free_port, remove_tree, shipped, shipped_config, stop_process, unit_settings,
+                              wait_path, wait_port, world_tmpdir)
 
 MODES = ("tcp", "socketmap", "policy")
 SHIPPED_PORTS = {"tcp": 9001, "socketmap": 9002, "policy": 9003}
-UNITS = [f"systemd/pfrest-{mode}{suffix}" for mode in MODES for suffix in (".socket", "@.service")]
+UNITS = sorted(f"systemd/{name}" for name in os.listdir(os.path.join(ROOT, "systemd")))
 
 
 def substitute(text, ports, script, config, spool):
@@ -157,20 +156,7 @@ def test_lookups(launcher):
 
 def test_policy_through_smtpd(launcher):
     s, via = launcher
-    s.backend.answers["policy reject@dest.example"] = (200, "REJECT not here")
-    s.backend.answers["policy ok@dest.example"] = (200, "OK")
-    s.backend.answers["policy error@dest.example"] = (503, "")
-    replies = smtp_rcpt(via.smtp, "sender@source.example",
-                        ["reject@dest.example", "ok@dest.example", "error@dest.example"])
-    assert replies[0] == (554, "5.7.1 <reject@dest.example>: Recipient address rejected: not here")
-    assert replies[1] == (250, "2.1.5 Ok")
-    assert replies[2][0] == 450 and "Policy service temporarily unavailable (ref " in replies[2][1]
-    from pfrest.minihttp import form_bytes
-    seen = [dict(form_bytes(r)) for r in s.backend.requests]
-    assert [a[b"recipient"] for a in seen] == [b"reject@dest.example", b"ok@dest.example",
-                                                b"error@dest.example"]
-    assert all(a[b"sender"] == b"sender@source.example" and a[b"client_address"] == b"127.0.0.1"
-               for a in seen)
+    check_policy_transaction(s.backend, via.smtp, slow=False)
 
 
 def test_xinetd_takes_a_burst_above_its_default_rate(launchers):
@@ -207,6 +193,7 @@ def test_shipped_limits():
 def test_systemd_analyze_verify(tmp_path, pfrest_for_nobody):
     """systemd's own parser accepts the shipped units: no unknown keys, no bad values."""
     analyze = need_binary("systemd-analyze")
+    assert len(UNITS) == 8 and "systemd/pfrest.service" in UNITS and "systemd/pfrest.socket" in UNITS
     paths = []
     for unit in UNITS:
         path = tmp_path / os.path.basename(unit)

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from postfix_instance import (PostfixInstance, RoutedBackend, commented_main_cf, free_port, master_entries,
-                              processes_with, remove_tree, shipped, shipped_config, smtp_rcpt, world_tmpdir)
-
-REF = r"\(ref [0-9a-f]{16}\)"
+from postfix_instance import (PostfixInstance, RoutedBackend, check_policy_transaction, commented_main_cf,
+                              free_port, master_entries, processes_with, remove_tree, shipped,
+                              shipped_config, world_tmpdir)
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +53,6 @@ def deployment(spawned):
     return spawned
 
 
-def slow(seconds, answer):
-    def respond(request):
-        time.sleep(seconds)
-        return answer
-    return respond
-
-
-def form(request):
-    from pfrest.minihttp import form_bytes
-    return {n.decode(): v.decode() for n, v in form_bytes(request)}
-
-
 def test_shipped_lines_are_what_postfix_expects(deployment):
     main = deployment.main_lines
     port = deployment.tcp_port
@@ -90,28 +77,7 @@ def test_shipped_lines_are_what_postfix_expects(deployment):
 
 
 def test_policy_through_smtpd_and_spawn(deployment):
-    backend = deployment.backend
-    answers = {
-        "reject@dest.example": ((200, "REJECT no thanks"), 554, r"5\.7\.1 <reject@dest\.example>: "
-                                r"Recipient address rejected: no thanks"),
-        "defer@dest.example": ((200, "DEFER_IF_PERMIT try later"), 450, r"4\.7\.1 .*: try later"),
-        "dunno@dest.example": ((200, "DUNNO"), 250, r"2\.1\.5 Ok"),
-        "ok@dest.example": ((200, "OK"), 250, r"2\.1\.5 Ok"),
-        "error@dest.example": ((500, ""), 450, r"4\.7\.1 .*: Policy service temporarily unavailable " + REF),
-        "slow@dest.example": (slow(2.5, (200, "OK")), 450,
-                              r"4\.7\.1 .*: Policy service temporarily unavailable " + REF),
-    }
-    for rcpt, (answer, _, _) in answers.items():
-        backend.answers["policy " + rcpt] = answer
-    replies = smtp_rcpt(deployment.smtp_port, "sender@source.example", list(answers))
-    for (rcpt, (_, code, text)), (got_code, got_text) in zip(answers.items(), replies):
-        assert got_code == code and re.fullmatch(text, got_text), (rcpt, got_code, got_text)
-    policy = [form(r) for r in backend.requests if r.path == "/postfix/policy"]
-    assert [p["recipient"] for p in policy] == list(answers)
-    for p in policy:
-        assert p["request"] == "smtpd_access_policy" and p["protocol_state"] == "RCPT"
-        assert p["sender"] == "sender@source.example"
-        assert p["client_address"] == "127.0.0.1" and p["helo_name"] == "client.example"
+    check_policy_transaction(deployment.backend, deployment.smtp_port)
     # the handler spawn(8) started for smtpd's policy connection runs as nobody, not as root
     # (spawn itself, whose command line holds argv=..., runs as root)
     handlers = [pid for pid in processes_with(str(deployment.config))

@@ -1,0 +1,149 @@
+"""`pfrest serve` in a private Postfix instance, as systemd/pfrest.service and systemd/pfrest.socket run
+it: the shipped pfrest.json.example (targets, the TCP port and the queue directory substituted) served
+by one process started as root that drops to the config's user; Postfix reaches it over the unix sockets
+under its queue directory and over TCP.  Then the same endpoints with their sockets created by
+`systemd-socket-activate` from pfrest.socket's ListenStream= lines (Accept=no), running
+pfrest.service's ExecStart=, with sd_notify READY=1 as Type=notify waits for it.
+"""
+
+import grp
+import json
+import os
+import pwd
+import shlex
+import signal
+import socket
+import subprocess
+import types
+
+import pytest
+
+from conftest import need_binary
+from postfix_instance import (NOBODY, NotifySocket, PostfixInstance, RoutedBackend, check_policy_transaction,
+                              commented_main_cf, free_port, remove_tree, shipped, shipped_config, stop_process,
+                              unit_settings, wait_path, world_tmpdir)
+
+
+def substitute(text, s):
+    return (text.replace("/usr/local/bin/pfrest", s.script).replace("/etc/pfrest/pfrest.json", str(s.config))
+            .replace("127.0.0.1:9001", f"127.0.0.1:{s.tcp_port}").replace('"bind-port": 9001', f'"bind-port": {s.tcp_port}')
+            .replace("/var/spool/postfix", str(s.spool)))
+
+
+@pytest.fixture(scope="module")
+def site(pfrest_for_nobody):
+    """A private Postfix with two smtpd services: one whose policy service is the shipped unix socket
+    (master.cf.example's main.cf line), one that asks an extra inet policy endpoint."""
+    root = world_tmpdir("pfrest-serve-")
+    backend = RoutedBackend()
+    instance = PostfixInstance(root)
+    s = types.SimpleNamespace(root=root, backend=backend, instance=instance, script=pfrest_for_nobody,
+                              spool=instance.spool, config=root / "pfrest.json", tcp_port=free_port(),
+                              policy_port=free_port())
+    try:
+        doc = json.loads(substitute(shipped_config(backend.url), s))
+        inet = dict(next(ep for ep in doc["endpoints"] if ep["name"] == "policy"), name="policy-inet",
+                     **{"bind-address": "127.0.0.1", "bind-port": s.policy_port})
+        del inet["bind-path"], inet["bind-mode"]
+        doc["endpoints"].append(inet)
+        s.config.write_text(json.dumps(doc))
+        restrictions = commented_main_cf(shipped("master.cf.example"))["smtpd_recipient_restrictions"]
+        s.smtp_unix = instance.add_smtpd("unix", smtpd_recipient_restrictions=restrictions)
+        s.smtp_inet = instance.add_smtpd("inet", smtpd_recipient_restrictions=restrictions.replace(
+            "unix:private/pfrest-policy", f"inet:127.0.0.1:{s.policy_port}"))
+        instance.start()
+        yield s
+    finally:
+        instance.stop()
+        backend.stop()
+        remove_tree(root)
+
+
+@pytest.fixture
+def notify(site):
+    path = site.root / "notify.sock"
+    if path.exists():
+        path.unlink()
+    n = NotifySocket(path)
+    yield n
+    n.close()
+
+
+def check_lookups(s):
+    s.backend.answers["domains example.com"] = (200, ["example.com"])
+    s.backend.answers["aliases info@example.com"] = (200, ["alice@example.com"])
+    main = commented_main_cf(substitute(shipped("master.cf.example"), s))
+    pm = s.instance.postmap
+    assert pm("example.com", main["virtual_mailbox_domains"]).stdout == "example.com\n"
+    assert pm("example.org", main["virtual_mailbox_domains"]).returncode == 1
+    aliases = main["virtual_alias_maps"].replace("unix:private/", f"unix:{s.spool}/private/")
+    assert pm("info@example.com", aliases).stdout == "alice@example.com\n"
+
+
+def uid_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("Uid:")).split()[1])
+
+
+def test_serve_as_pfrest_service_runs_it(site, notify):
+    s = site
+    (exec_start,) = unit_settings(substitute(shipped("systemd/pfrest.service"), s))["ExecStart"]
+    log = open(s.root / "serve.log", "wb")
+    proc = subprocess.Popen(shlex.split(exec_start), stdout=log, stderr=log,
+                            env={"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": notify.path})
+    try:
+        notify.wait_for("READY=1")
+        # started as root, it bound everything, gave the unix sockets to the config's user and became it
+        assert uid_of(proc.pid) == pwd.getpwnam(NOBODY).pw_uid
+        for name in ("pfrest-aliases", "pfrest-policy"):
+            st = os.stat(s.spool / "private" / name)
+            assert (st.st_uid, st.st_mode & 0o777) == (pwd.getpwnam(NOBODY).pw_uid, 0o666)
+        check_policy_transaction(s.backend, s.smtp_unix)
+        check_policy_transaction(s.backend, s.smtp_inet, slow=False)
+        check_lookups(s)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        notify.wait_for("STOPPING=1")
+    finally:
+        stop_process(proc)
+    text = (s.root / "serve.log").read_text()
+    assert "Traceback" not in text and "running as user nobody" in text
+
+
+def test_pfrest_socket_passes_the_sockets(site, notify):
+    """systemd-socket-activate holds pfrest.socket's sockets and starts pfrest.service's ExecStart on the
+    first connection, as systemd does; the fds carry the unit's name, as systemd names them when the
+    unit has no FileDescriptorName=, and pfrest matches them to endpoints by address."""
+    s = site
+    sock = unit_settings(substitute(shipped("systemd/pfrest.socket"), s))
+    service = unit_settings(substitute(shipped("systemd/pfrest.service"), s))
+    assert sock["Accept"] == ["no"] and service["Type"] == ["notify"]
+    listen = sock["ListenStream"]
+    for path in listen:
+        if path.startswith("/") and os.path.exists(path):
+            os.unlink(path)  # left by the previous test's pfrest serve
+    args = [need_binary("systemd-socket-activate")]
+    for address in listen:
+        args += ["-l", address]
+    args += [f"--fdname={':'.join(['pfrest.socket'] * len(listen))}", "-E", f"NOTIFY_SOCKET={notify.path}",
+             *shlex.split(service["ExecStart"][0])]
+    log = open(s.root / "activate.log", "wb")
+    proc = subprocess.Popen(args, stdout=log, stderr=log, env={"PATH": "/usr/bin:/bin"})
+    try:
+        for path in listen:
+            if path.startswith("/"):  # SocketUser=, SocketGroup=, SocketMode=: applied by systemd
+                wait_path(path)
+                os.chown(path, pwd.getpwnam(sock["SocketUser"][0]).pw_uid,
+                         grp.getgrnam(sock["SocketGroup"][0]).gr_gid)
+                os.chmod(path, int(sock["SocketMode"][0], 8))
+        socket.create_connection(("127.0.0.1", s.tcp_port), timeout=10).close()  # the first connection
+        notify.wait_for("READY=1")
+        check_lookups(s)
+        check_policy_transaction(s.backend, s.smtp_unix, slow=False)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop_process(proc)
+    text = (s.root / "activate.log").read_text()
+    assert text.count("(from systemd)") == 3, text
+    assert "Traceback" not in text
