@@ -109,5 +109,9 @@ def handle(tmp_path):
     return run
 
 
-# session-wide fixture of the deployment tests (real Postfix, xinetd, systemd units)
-from postfix_instance import pfrest_for_nobody  # noqa: E402,F401
+@pytest.fixture(scope="session")
+def pfrest_for_nobody():
+    """A `pfrest` console script that user nobody can run, for spawn(8) and xinetd (postfix_instance.py)."""
+    import postfix_instance
+    with postfix_instance.installed_for_nobody() as script:
+        yield script

@@ -6,6 +6,7 @@ of the test) in their command line or environment, never by name.  See
 ../shared/reference/real-postfix-testing.md for why each main.cf line below is there.
 """
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -21,9 +22,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Backend, need_binary
+from conftest import IN_CI, ROOT, Backend, need_binary
 
 NOBODY = "nobody"
+
+
+def need_root():
+    """Postfix instances, xinetd and running handlers as another user need root: skip without it,
+    except in CI, where the tests must run."""
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("the deployment tests need root (postfix start, xinetd, setuid)")
+        pytest.skip("needs root")
 
 
 # --- sockets ---------------------------------------------------------------------------------------
@@ -194,9 +204,10 @@ def install_pfrest(dest, user=NOBODY):
     return str(script)
 
 
-@pytest.fixture(scope="session")
-def pfrest_for_nobody():
-    """Path of a `pfrest` console script that user nobody can run (for spawn(8) and xinetd)."""
+@contextlib.contextmanager
+def installed_for_nobody():
+    """install_pfrest() into a new world-readable directory, removed afterwards."""
+    need_root()
     dest = world_tmpdir("pfrest-install-")
     try:
         yield install_pfrest(dest)
@@ -316,6 +327,7 @@ class PostfixInstance:
     """
 
     def __init__(self, root):
+        need_root()
         need_binary("postfix")
         self.root = Path(root)
         self.etc = self.root / "etc"

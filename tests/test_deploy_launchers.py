@@ -50,7 +50,8 @@ def start_xinetd(root, script, config, procs):
     need_binary("xinetd")
     ports = {mode: free_port() for mode in MODES}
     conf = root / "xinetd.conf"
-    text = "".join(substitute(shipped(f"xinetd.d/pfrest-{mode}"), ports, script, config, "") for mode in MODES)
+    text = "".join(substitute(shipped(f"xinetd.d/pfrest-{mode}"), ports, script, config, "")
+                   for mode in MODES)
     conf.write_text(text)
     main = commented_main_cf(text)
     procs.append(subprocess.Popen([need_binary("xinetd"), "-dontfork", "-f", str(conf),

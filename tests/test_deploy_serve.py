@@ -20,13 +20,16 @@ import pytest
 
 from conftest import need_binary
 from postfix_instance import (NOBODY, NotifySocket, PostfixInstance, RoutedBackend, check_policy_transaction,
-                              commented_main_cf, free_port, remove_tree, shipped, shipped_config, stop_process,
-                              unit_settings, wait_path, world_tmpdir)
+                              commented_main_cf, free_port, remove_tree, shipped, shipped_config,
+                              stop_process, unit_settings, wait_path, world_tmpdir)
 
 
 def substitute(text, s):
+    """Only what differs on a test machine: the program's and the config's paths, the TCP port, and
+    the queue directory."""
     return (text.replace("/usr/local/bin/pfrest", s.script).replace("/etc/pfrest/pfrest.json", str(s.config))
-            .replace("127.0.0.1:9001", f"127.0.0.1:{s.tcp_port}").replace('"bind-port": 9001', f'"bind-port": {s.tcp_port}')
+            .replace("127.0.0.1:9001", f"127.0.0.1:{s.tcp_port}")
+            .replace('"bind-port": 9001', f'"bind-port": {s.tcp_port}')
             .replace("/var/spool/postfix", str(s.spool)))
 
 
