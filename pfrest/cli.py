@@ -34,6 +34,9 @@ def _parser():
     p.add_argument("--log-file", metavar="PATH", help="log to this file instead of stderr (reopened on SIGHUP)")
     p.add_argument("--drain-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long requests in progress may take to finish (default 10)")
+    p.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="pre-forked processes sharing the sockets; one per CPU core uses them all "
+                        "(default 1)")
 
     p = command("query", "make the real backend call and print the reply Postfix would get")
     p.add_argument("name", help="endpoint name")
@@ -65,9 +68,16 @@ def _seconds(text):
     return value
 
 
+def _workers(text):
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError("must be a number of processes, 1..64")
+    return int(text)
+
+
 def _serve(args) -> int:
     from pfrest import daemon
-    return daemon.run(args.config, args.names, args.syslog, args.log_file, args.drain_timeout)
+    return daemon.run(args.config, args.names, args.syslog, args.log_file, args.drain_timeout,
+                      args.workers)
 
 
 def _demo(args) -> int:

@@ -22,7 +22,7 @@ import time
 
 from pfrest import config, log, systemd
 from pfrest.binding import BindError
-from pfrest.listener import DRAIN_TIMEOUT, Listener
+from pfrest.listener import DRAIN_TIMEOUT, FD_RESERVE, Listener
 
 logger = logging.getLogger("pfrest")
 
@@ -37,7 +37,8 @@ class PrivilegeError(Exception):
     pass
 
 
-def run(config_path, names=(), use_syslog=False, log_file=None, drain_timeout=DRAIN_TIMEOUT) -> int:
+def run(config_path, names=(), use_syslog=False, log_file=None, drain_timeout=DRAIN_TIMEOUT,
+        workers=1) -> int:
     log.for_foreground(use_syslog, log_file)
     to_stderr_too = use_syslog or bool(log_file)
     events = _install_signal_handlers()
@@ -58,19 +59,35 @@ def run(config_path, names=(), use_syslog=False, log_file=None, drain_timeout=DR
     except (BindError, PrivilegeError, OSError) as exc:
         listener.stop(0)
         return _fatal([str(exc)], 1, to_stderr_too)
-    listener.start()
+    def serve(parent=None):
+        listener.start()
+        return _serve(listener, events, config_path, use_syslog, log_file, drain_timeout, parent)
+
+    if workers > 1:
+        from pfrest.workers import supervise
+        return supervise(workers, listener, serve, events, systemd.notify, _STOP)
     count = len(listener.addresses)
     systemd.notify(f"READY=1\nSTATUS=serving {count} endpoint(s)")
     logger.info("ready: serving %d endpoint(s), pid %d", count, os.getpid())
+    return serve()
 
-    while True:
-        signum = events.get()
+
+def _serve(listener, events, config_path, use_syslog, log_file, drain_timeout, parent=None):
+    """The main loop of the process (or of a worker: ``parent`` is then the supervisor's pid, and
+    its disappearance is a stop signal too)."""
+    signum = None
+    while signum not in _STOP:
+        try:
+            signum = events.get(timeout=None if parent is None else 1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                logger.error("the supervising process is gone; stopping")
+                signum = signal.SIGTERM
+            continue
         if signum == signal.SIGHUP:
             _reload(listener, config_path, use_syslog, log_file)
         elif signum == signal.SIGUSR1:
             _log_counters(listener)
-        elif signum in _STOP:
-            break
     logger.info("%s: no longer accepting; letting requests in progress finish (up to %.1f s)",
                 signal.Signals(signum).name, drain_timeout)
     systemd.notify("STOPPING=1")
@@ -144,7 +161,7 @@ def _raise_fd_limit(cfg):
             soft = hard
         except (ValueError, OSError):
             pass
-    need = 2 * sum(ep.max_connections for ep in cfg.endpoints) + 64
+    need = 2 * sum(ep.max_connections for ep in cfg.endpoints) + FD_RESERVE  # see listener.connection_room
     if soft != resource.RLIM_INFINITY and soft < need:
         logger.warning("the open-file limit (%d) is below what max-connections may need (%d); "
                        "raise it (LimitNOFILE= in the unit)", soft, need)

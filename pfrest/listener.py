@@ -171,6 +171,8 @@ class Listener:
         self._lock = threading.Lock()
         self._quiet = threading.Condition(self._lock)   # notified when a connection ends
         self._reload_lock = threading.Lock()
+        # pfrest.workers.Balance when pre-forked workers share the sockets: which one takes a connection
+        self.gate = None
         self._warned = {}                   # (name, reason) -> time of the last message
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -241,6 +243,11 @@ class Listener:
 
     def _apply(self, cfg):
         endpoints, skipped = selected(cfg, self.names, self._inherited)
+        if self.gate is not None and self._bound and {self._key(ep) for ep in endpoints} != set(self._slots):
+            # the workers share the sockets bound before they were forked; one of them alone cannot
+            # add one for all, nor take one away from the others
+            raise BindError("with --workers, a reload cannot add, move or remove listening sockets; "
+                            "restart pfrest serve for that")
         plan = self._plan(endpoints, cfg.user_agent)
         for name in skipped:
             log.info("endpoint=%s has neither bind-port nor bind-path: not served here", name)
@@ -416,6 +423,8 @@ class Listener:
 
     def _accept(self, slot):
         for _ in range(ACCEPT_BATCH):
+            if self.gate is not None and not self.gate.may_accept(len(self._connections)):
+                return
             try:
                 sock, addr = slot.sock.accept()
             except BlockingIOError:
@@ -497,5 +506,7 @@ class Listener:
             service.connections -= 1
             done = service.retired and service.connections == 0
             self._quiet.notify_all()
+            if self.gate is not None:
+                self.gate.count(len(self._connections))
         if done:
             service.backend.close()
