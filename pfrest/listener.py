@@ -24,6 +24,7 @@ touches process-wide state and can run inside any program.
 
 import logging
 import os
+import resource
 import selectors
 import socket
 import threading
@@ -41,6 +42,7 @@ DRAIN_TIMEOUT = 10.0      # seconds that requests in progress get to finish on s
 WRITE_TIMEOUT = 100.0     # Postfix's own I/O timeout; a client that does not read is gone (R3)
 ACCEPT_BATCH = 64         # accepts per wake-up per socket, so that one busy endpoint cannot starve others
 WARNING_INTERVAL = 1.0    # refusals under a flood: at most one message per endpoint and reason per second
+FD_RESERVE = 64           # file descriptors the process keeps for itself (listening sockets, logs, DNS)
 
 __all__ = ["Listener", "BindError", "DRAIN_TIMEOUT", "selected"]
 
@@ -64,6 +66,16 @@ def selected(cfg, names=(), inherited=()):
     if not endpoints:
         raise config.ConfigError(["no endpoint has a bind-port or bind-path: nothing to serve"])
     return endpoints, [ep.name for ep in cfg.endpoints if not servable(ep)]
+
+
+def connection_room():
+    """How many Postfix connections the open-file limit has room for: each takes a socket and may take
+    a backend socket, and the process keeps FD_RESERVE for itself.  Refusing beyond that keeps the
+    connections already open served; accepting would leave their backend calls failing with EMFILE."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return float("inf")
+    return max((soft - FD_RESERVE) // 2, 1)
 
 
 class _Service:
@@ -446,12 +458,15 @@ class Listener:
         ep = service.endpoint
         peer = binding.peer_name(sock, addr)
         why = conn = None
+        room = connection_room()
         if service.networks and sock.family != socket.AF_UNIX and not binding.allowed(service.networks, addr[0]):
             why = "allow-from"
         else:
             with self._lock:
                 if slot.open >= ep.max_connections:
                     why = "max-connections"
+                elif len(self._connections) >= room:
+                    why = "open-files"  # one more would leave a connection without a backend socket
                 else:
                     conn = _Connection(sock, peer, slot, service)
                     slot.open += 1
@@ -459,8 +474,10 @@ class Listener:
                     self._connections.add(conn)
         if why:
             service.stats.refuse(why)
-            detail = "not in allow-from" if why == "allow-from" else \
-                f"max-connections ({ep.max_connections}) reached"
+            detail = {"allow-from": "not in allow-from",
+                      "max-connections": f"max-connections ({ep.max_connections}) reached",
+                      "open-files": f"the open-file limit leaves room for {room} connections, all taken; "
+                                    "raise LimitNOFILE="}[why]
             self._warn(service, why, f"peer={peer} refused: {detail}")
             sock.close()
             return

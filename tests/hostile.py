@@ -143,6 +143,13 @@ def endpoints(target, **extra):
 
 # --- peers: one conversation with pfrest --------------------------------------------------------
 
+def readable(fd, timeout) -> bool:
+    """poll(), not select(): a test holding thousands of connections has descriptors above 1024."""
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    return bool(poll.poll(max(timeout, 0) * 1000))
+
+
 class SocketPeer:
     """A connection to `pfrest serve`."""
 
@@ -162,7 +169,7 @@ class SocketPeer:
 
     def _recv(self, timeout):
         """Some bytes; b"" at EOF or reset; None on timeout."""
-        if not select.select([self.sock], [], [], max(timeout, 0))[0]:
+        if not readable(self.sock.fileno(), timeout):
             return None
         try:
             return self.sock.recv(65536)
@@ -191,7 +198,7 @@ class HandlePeer:
 
     def _recv(self, timeout):
         fd = self.proc.stdout.fileno()
-        if not select.select([fd], [], [], max(timeout, 0))[0]:
+        if not readable(fd, timeout):
             return None
         return os.read(fd, 65536)
 
@@ -215,6 +222,21 @@ class HandlePeer:
         self.stderr = self.proc.stderr.read()
         self.proc.stderr.close()
         return self.proc.returncode
+
+
+def closed(peers, timeout, enough=None):
+    """Those of ``peers`` (SocketPeers) that pfrest closes within ``timeout`` seconds (or until
+    ``enough`` of them are), watched with one poll."""
+    poll, by_fd, gone = select.poll(), {peer.sock.fileno(): peer for peer in peers}, []
+    for fd in by_fd:
+        poll.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while by_fd and time.monotonic() < deadline and len(gone) != enough:
+        for fd, _ in poll.poll(max(deadline - time.monotonic(), 0) * 1000):
+            if by_fd[fd]._recv(0) == b"":
+                gone.append(by_fd.pop(fd))
+                poll.unregister(fd)
+    return gone
 
 
 def read_exactly(peer, size, timeout):
