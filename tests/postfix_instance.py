@@ -222,11 +222,34 @@ def shipped(relpath):
     return (Path(ROOT) / relpath).read_text()
 
 
-def shipped_config(backend_url):
-    """pfrest.json.example with its targets pointed at a test backend, and "user" (for `pfrest serve`
-    started as root) an account that exists on a test machine."""
-    return (shipped("pfrest.json.example").replace("https://rest.example.com", backend_url)
-            .replace('"user": "pfrest"', f'"user": "{NOBODY}"'))
+SHIPPED_PORTS = {"tcp": 9001, "socketmap": 9002, "policy": 9003}
+_ACCOUNT = [(r"(?m)^(\s*user\s*=\s*)pfrest$", r"\1nobody"),     # xinetd
+            (r"(?m)^(\s*group\s*=\s*)pfrest$", r"\1nogroup"),
+            (r"(?m)^User=pfrest$", "User=nobody"),                # systemd
+            (r"(?m)^Group=pfrest$", "Group=nogroup"),
+            (r"\buser=pfrest\b", "user=nobody"),                 # master.cf
+            (r'"user": "pfrest"', '"user": "nobody"')]            # pfrest.json
+
+
+def substitute(text, script=None, config=None, ports=None, spool=None):
+    """A shipped file with only what differs on a test machine replaced: the paths of the pfrest program
+    and its config, the ports ({mode: port} for the shipped 9001, 9002, 9003), the queue directory, and
+    the account (no "pfrest" account exists here: nobody/nogroup)."""
+    for mode, port in (ports or {}).items():
+        text = re.sub(rf"(?<!\d){SHIPPED_PORTS[mode]}(?!\d)", str(port), text)
+    for shipped_path, path in (("/usr/local/bin/pfrest", script), ("/etc/pfrest/pfrest.json", config),
+                               ("/var/spool/postfix", spool)):
+        if path is not None:
+            text = text.replace(shipped_path, str(path))
+    for pattern, replacement in _ACCOUNT:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def shipped_config(backend_url, **substitutions):
+    """pfrest.json.example with its targets pointed at a test backend, substituted as substitute() does."""
+    text = shipped("pfrest.json.example").replace("https://rest.example.com", backend_url)
+    return substitute(text, **substitutions)
 
 
 class RoutedBackend(Backend):

@@ -25,33 +25,18 @@ import pytest
 
 from conftest import ROOT, need_binary
 from postfix_instance import (PostfixInstance, RoutedBackend, check_policy_transaction, commented_main_cf,
-                              free_port, remove_tree, shipped, shipped_config, stop_process, unit_settings,
-                              wait_path, wait_port, world_tmpdir)
+                              free_port, remove_tree, shipped, shipped_config, stop_process, substitute,
+                              unit_settings, wait_path, wait_port, world_tmpdir)
 
 MODES = ("tcp", "socketmap", "policy")
-SHIPPED_PORTS = {"tcp": 9001, "socketmap": 9002, "policy": 9003}
 UNITS = sorted(f"systemd/{name}" for name in os.listdir(os.path.join(ROOT, "systemd")))
-
-
-def substitute(text, ports, script, config, spool):
-    """Only what differs on a test machine: ports, paths, and the account the handlers run as."""
-    for mode, port in SHIPPED_PORTS.items():
-        if mode in ports:
-            text = re.sub(rf"\b{port}\b", str(ports[mode]), text)
-    text = (text.replace("/usr/local/bin/pfrest", script).replace("/etc/pfrest/pfrest.json", str(config))
-            .replace("/var/spool/postfix", str(spool)))
-    text = re.sub(r"(?m)^(\s*user\s*=\s*)pfrest$", r"\1nobody", text)   # xinetd
-    text = re.sub(r"(?m)^(\s*group\s*=\s*)pfrest$", r"\1nogroup", text)
-    text = re.sub(r"(?m)^User=pfrest$", "User=nobody", text)           # systemd
-    return re.sub(r"(?m)^Group=pfrest$", "Group=nogroup", text)
 
 
 def start_xinetd(root, script, config, procs):
     need_binary("xinetd")
     ports = {mode: free_port() for mode in MODES}
     conf = root / "xinetd.conf"
-    text = "".join(substitute(shipped(f"xinetd.d/pfrest-{mode}"), ports, script, config, "")
-                   for mode in MODES)
+    text = "".join(substitute(shipped(f"xinetd.d/pfrest-{mode}"), script, config, ports) for mode in MODES)
     conf.write_text(text)
     main = commented_main_cf(text)
     procs.append(subprocess.Popen([need_binary("xinetd"), "-dontfork", "-f", str(conf),
@@ -69,11 +54,11 @@ def start_socket_activate(root, script, config, spool, procs):
     ports = {"tcp": free_port()}
     main, log = {}, open(root / "socket-activate.log", "ab")
     for mode in MODES:
-        socket_unit = substitute(shipped(f"systemd/pfrest-{mode}.socket"), ports, script, config, spool)
+        socket_unit = substitute(shipped(f"systemd/pfrest-{mode}.socket"), script, config, ports, spool)
         sock = unit_settings(socket_unit)
         main.update(commented_main_cf(socket_unit))
-        service = unit_settings(substitute(shipped(f"systemd/pfrest-{mode}@.service"), ports, script,
-                                           config, spool))
+        service = unit_settings(substitute(shipped(f"systemd/pfrest-{mode}@.service"), script, config,
+                                           ports, spool))
         (listen,) = sock["ListenStream"]
         (exec_start,) = service["ExecStart"]
         (user,), (group,) = service["User"], service["Group"]

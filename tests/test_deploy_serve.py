@@ -21,16 +21,12 @@ import pytest
 from conftest import need_binary
 from postfix_instance import (NOBODY, NotifySocket, PostfixInstance, RoutedBackend, check_policy_transaction,
                               commented_main_cf, free_port, remove_tree, shipped, shipped_config,
-                              stop_process, unit_settings, wait_path, world_tmpdir)
+                              stop_process, substitute, unit_settings, wait_path, world_tmpdir)
 
 
-def substitute(text, s):
-    """Only what differs on a test machine: the program's and the config's paths, the TCP port, and
-    the queue directory."""
-    return (text.replace("/usr/local/bin/pfrest", s.script).replace("/etc/pfrest/pfrest.json", str(s.config))
-            .replace("127.0.0.1:9001", f"127.0.0.1:{s.tcp_port}")
-            .replace('"bind-port": 9001', f'"bind-port": {s.tcp_port}')
-            .replace("/var/spool/postfix", str(s.spool)))
+def substituted(relpath, s):
+    return substitute(shipped(relpath), script=s.script, config=s.config, ports={"tcp": s.tcp_port},
+                      spool=s.spool)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +40,7 @@ def site(pfrest_for_nobody):
                               spool=instance.spool, config=root / "pfrest.json", tcp_port=free_port(),
                               policy_port=free_port())
     try:
-        doc = json.loads(substitute(shipped_config(backend.url), s))
+        doc = json.loads(shipped_config(backend.url, ports={"tcp": s.tcp_port}, spool=s.spool))
         inet = dict(next(ep for ep in doc["endpoints"] if ep["name"] == "policy"), name="policy-inet",
                      **{"bind-address": "127.0.0.1", "bind-port": s.policy_port})
         del inet["bind-path"], inet["bind-mode"]
@@ -75,7 +71,7 @@ def notify(site):
 def check_lookups(s):
     s.backend.answers["domains example.com"] = (200, ["example.com"])
     s.backend.answers["aliases info@example.com"] = (200, ["alice@example.com"])
-    main = commented_main_cf(substitute(shipped("master.cf.example"), s))
+    main = commented_main_cf(substituted("master.cf.example", s))
     pm = s.instance.postmap
     assert pm("example.com", main["virtual_mailbox_domains"]).stdout == "example.com\n"
     assert pm("example.org", main["virtual_mailbox_domains"]).returncode == 1
@@ -90,7 +86,7 @@ def uid_of(pid):
 
 def test_serve_as_pfrest_service_runs_it(site, notify):
     s = site
-    (exec_start,) = unit_settings(substitute(shipped("systemd/pfrest.service"), s))["ExecStart"]
+    (exec_start,) = unit_settings(substituted("systemd/pfrest.service", s))["ExecStart"]
     log = open(s.root / "serve.log", "wb")
     proc = subprocess.Popen(shlex.split(exec_start), stdout=log, stderr=log,
                             env={"PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": notify.path})
@@ -118,8 +114,8 @@ def test_pfrest_socket_passes_the_sockets(site, notify):
     first connection, as systemd does; the fds carry the unit's name, as systemd names them when the
     unit has no FileDescriptorName=, and pfrest matches them to endpoints by address."""
     s = site
-    sock = unit_settings(substitute(shipped("systemd/pfrest.socket"), s))
-    service = unit_settings(substitute(shipped("systemd/pfrest.service"), s))
+    sock = unit_settings(substituted("systemd/pfrest.socket", s))
+    service = unit_settings(substituted("systemd/pfrest.service", s))
     assert sock["Accept"] == ["no"] and service["Type"] == ["notify"]
     listen = sock["ListenStream"]
     for path in listen:

@@ -14,7 +14,7 @@ import pytest
 
 from postfix_instance import (PostfixInstance, RoutedBackend, check_policy_transaction, commented_main_cf,
                               free_port, master_entries, processes_with, remove_tree, shipped,
-                              shipped_config, world_tmpdir)
+                              shipped_config, substitute, world_tmpdir)
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,8 @@ def spawned(pfrest_for_nobody):
         d.config = root / "pfrest.json"
         d.config.write_text(shipped_config(backend.url))
         d.config.chmod(0o644)  # read by the handlers, which run as nobody
-        text = shipped("master.cf.example")
-        substituted = (text.replace("/usr/local/bin/pfrest", pfrest_for_nobody)
-                       .replace("/etc/pfrest/pfrest.json", str(d.config))
-                       .replace("127.0.0.1:9001", f"127.0.0.1:{d.tcp_port}")
-                       .replace("user=pfrest", "user=nobody"))  # no pfrest account on a test machine
+        substituted = substitute(shipped("master.cf.example"), script=pfrest_for_nobody, config=d.config,
+                                 ports={"tcp": d.tcp_port})
         instance.services += master_entries(substituted)
         d.main_lines = commented_main_cf(substituted)
         instance.main.update(d.main_lines)
