@@ -186,9 +186,7 @@ class Listener:
         # pfrest.workers.Balance when pre-forked workers share the sockets: which one takes a connection
         self.gate = None
         self._warned = {}                   # (name, reason) -> time of the last message
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._wake_r, self._wake_w = self._wake_pair()
         self._thread = None
         self._bound = self._stopping = False
 
@@ -203,9 +201,22 @@ class Listener:
             self._bound = True
         return self
 
+    @staticmethod
+    def _wake_pair():
+        pair = socket.socketpair()
+        for sock in pair:
+            sock.setblocking(False)
+        return pair
+
     def start(self):
         """Bind (if not done yet) and accept connections on a background thread; returns self."""
         self.bind()
+        if self.gate is not None:
+            # a pre-forked worker: the pair made before the fork is shared with the siblings, one of
+            # which could swallow this worker's wake-up (its stop() would then wait forever)
+            self._wake_r.close()
+            self._wake_w.close()
+            self._wake_r, self._wake_w = self._wake_pair()
         self._thread = threading.Thread(target=self._accept_loop, name="pfrest-accept", daemon=True)
         self._thread.start()
         return self
