@@ -352,10 +352,6 @@ class ServeProcess:
     def open_fds(self):
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
-    def cpu_seconds(self):
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout=15.0):
         """SIGTERM, SIGKILL if it does not end in time; returns the exit status."""
@@ -367,6 +363,13 @@ class ServeProcess:
                 self.proc.kill()
                 self.proc.wait(timeout)
         return self.proc.returncode
+
+
+def cpu_seconds(pid):
+    """User and system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_status(pid, field):

@@ -3,7 +3,6 @@ process per conversation): every case of hostile.CASES gets its exact reply or t
 bounded time and memory, while well-behaved clients keep being answered."""
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -102,3 +101,18 @@ def test_hostile_input_over_handle(truth, tmp_path):
     peaks = {case.name: peak for case, _, peak in results}
     baseline = min(peaks.values())
     assert {name: peak for name, peak in peaks.items() if peak > baseline + MAX_GROWTH_KIB // 2} == {}
+
+
+def test_handle_exits_after_idle_timeout(truth, tmp_path):
+    """`pfrest handle` applies idle-timeout too: a connection left idle ends, with exit status 0."""
+    config_path = write(tmp_path / "idle.json", hostile.endpoints(truth.url + "/lookup", **{"idle-timeout": 0.5}))
+    peer = HandlePeer(pfrest_cmd("handle", "-c", config_path, "--log-file", str(tmp_path / "idle.log"), "tcp"),
+                      env=pfrest_env())
+    request, answer = GOOD[hostile.TCP]
+    try:
+        assert peer.send(request) and hostile.read_exactly(peer, len(answer), 20) == answer
+        started = hostile.time.monotonic()
+        assert hostile.read_to_close(peer, 5) == (b"", True)  # stdin still open: it ended by itself
+        assert 0.4 < hostile.time.monotonic() - started < 3
+    finally:
+        assert peer.close() == 0
