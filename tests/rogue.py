@@ -103,7 +103,7 @@ class Rogue:
         self.stopping.wait(30)
 
     def do_slow(self, conn):
-        time.sleep(1.5)
+        time.sleep(2.5)  # well past the tests' request-timeout
         try:
             conn.sendall(_response(200, FOUND))
         except OSError:
@@ -112,7 +112,7 @@ class Rogue:
     def do_drip(self, conn):
         try:
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n[\"")
-            for _ in range(200):
+            for _ in range(200):  # 1 byte every 50 ms: 10 s in all, each byte well within any read timeout
                 if self.stopping.wait(0.05):
                     return
                 conn.sendall(b"x")
