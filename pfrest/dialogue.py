@@ -13,6 +13,7 @@ surely as one that stops.  The caller applies it to its input (a socket timeout,
 """
 
 import logging
+import socket
 import time
 
 from pfrest import config, policy, socketmap, tcptable
@@ -24,6 +25,7 @@ DECODERS = {config.TCP: tcptable.Decoder, config.SOCKETMAP: socketmap.Decoder,
             config.POLICY: policy.Decoder}
 READ_SIZE = 65536
 MIN_WAIT = 0.001  # seconds: a read past the deadline still returns what has arrived, then times out
+TIMEOUTS = (TimeoutError, socket.timeout)  # the same class since Python 3.10, not on 3.9
 
 
 def write_all(wfile, data: bytes):
@@ -56,8 +58,8 @@ def serve(rfile, wfile, responder, before_read=None, peer="stdin") -> str:
         try:
             data = rfile.read1(READ_SIZE)
         except (TimeoutError, OSError, ValueError) as exc:
-            why = "timeout" if isinstance(exc, TimeoutError) else f"read error: {exc}"
-            if decoder.pending or not isinstance(exc, TimeoutError):
+            why = "timeout" if isinstance(exc, TIMEOUTS) else f"read error: {exc}"
+            if decoder.pending or not isinstance(exc, TIMEOUTS):
                 log.warning("endpoint=%s peer=%s closing: %s%s", name, peer, why,
                             " with a partial request" if decoder.pending else "")
             return why
