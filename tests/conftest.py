@@ -115,3 +115,22 @@ def pfrest_for_nobody():
     import postfix_instance
     with postfix_instance.installed_for_nobody() as script:
         yield script
+
+
+@pytest.fixture(scope="session")
+def postmap_conf(tmp_path_factory):
+    """A Postfix config directory for postmap -c: a fresh Debian install has no /etc/postfix/main.cf.
+    compatibility_level 3.6 turns smtputf8_enable on, as on real systems."""
+    need_binary("postmap")
+    from postfix_instance import backdate
+    d = tmp_path_factory.mktemp("postmap-conf")
+    (d / "main.cf").write_text("compatibility_level = 3.6\n")
+    backdate(d / "main.cf")  # Postfix re-reads a main.cf younger than ~2 s until it settles
+    return str(d)
+
+
+def postmap(conf, key, table, stdin=None):
+    """Run ``postmap -c conf -q key table``; (exit status, stdout, stderr)."""
+    proc = subprocess.run([need_binary("postmap"), "-c", conf, "-q", key, table], input=stdin,
+                          capture_output=True, text=True, timeout=60)
+    return proc.returncode, proc.stdout, proc.stderr

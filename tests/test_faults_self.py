@@ -15,7 +15,7 @@ import pytest
 import hostile
 from conftest import ROOT, Backend, need_binary, pfrest_env
 from hostile import GOOD, TCP, GoodClients, ServeProcess, SocketPeer, read_exactly
-from postfix_instance import backdate, free_port
+from postfix_instance import free_port
 
 MIB_KIB = 1024
 
@@ -226,14 +226,10 @@ def test_accept_failing_with_emfile_backs_off_and_recovers(truth, tmp_path):
         assert harness.wait(20) == 0
 
 
-def test_restart_while_postfix_holds_connections(truth, serving, tmp_path):
+def test_restart_while_postfix_holds_connections(truth, serving, tmp_path, postmap_conf):
     """The old process closes its idle connections cleanly and answers the one in flight; the new one
     serves whoever reconnects: a real postmap holding its connection, and socketmap and policy clients."""
     postmap = need_binary("postmap")
-    conf = tmp_path / "postfix"
-    conf.mkdir()
-    (conf / "main.cf").write_text("compatibility_level = 3.6\n")
-    backdate(conf / "main.cf")
     new_truth = Backend()
     try:
         truth.answers["slow"] = lambda request: (time.sleep(1.0), (200, ["late"]))[1]
@@ -260,7 +256,7 @@ def test_restart_while_postfix_holds_connections(truth, serving, tmp_path):
         def lookups_of_k():
             return sum(1 for r in truth.requests if "key=k" in r.raw_query.split("&"))
         seen = lookups_of_k()
-        lookups = subprocess.Popen([postmap, "-c", str(conf), "-q", "-", f"tcp:127.0.0.1:{ports[TCP]}"],
+        lookups = subprocess.Popen([postmap, "-c", postmap_conf, "-q", "-", f"tcp:127.0.0.1:{ports[TCP]}"],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         lookups.stdin.write(b"k\n")
         lookups.stdin.flush()  # postmap prints only at exit: wait for the backend to see the lookup

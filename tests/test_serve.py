@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from conftest import ROOT, Backend, need_binary, pfrest_cmd, pfrest_env
+from conftest import ROOT, Backend, need_binary, pfrest_cmd, pfrest_env, postmap
 from pfrest import config, netstring, systemd
 from pfrest.binding import BindError
 from pfrest.listener import Listener
-from postfix_instance import backdate, free_port, stop_process
+from postfix_instance import free_port, stop_process
 
 POLICY_REQUEST = (b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\n"
                   b"sender=a@example.com\nrecipient=%s\n\n")
@@ -475,21 +475,6 @@ def test_second_signal_exits_at_once(backend, write_config, served, tmp_path):
         assert proc.exit_status() == 1
         assert time.monotonic() - started < 3
     assert "second SIGINT: exiting at once" in proc.log
-
-
-@pytest.fixture(scope="module")
-def postmap_conf(tmp_path_factory):
-    need_binary("postmap")
-    d = tmp_path_factory.mktemp("postmap-conf")
-    (d / "main.cf").write_text("compatibility_level = 3.6\n")
-    backdate(d / "main.cf")
-    return str(d)
-
-
-def postmap(conf, key, table):
-    proc = subprocess.run(["postmap", "-c", conf, "-q", key, table], capture_output=True, text=True,
-                          timeout=60)
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_postmap_against_serve(backend, write_config, served, postmap_conf, tmp_path):
