@@ -2,7 +2,6 @@
 ends in a temporary answer (or the right answer), never a wrong found / not found / permanent error,
 and every request gets exactly one reply in time."""
 
-import os
 import re
 import subprocess
 import time
