@@ -27,6 +27,7 @@ import os
 import resource
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -123,16 +124,23 @@ class _Slot:
                 pass
 
 
+def _timeval(seconds):
+    """A struct timeval for SO_RCVTIMEO/SO_SNDTIMEO; never zero, which would mean no timeout."""
+    micro = max(int(seconds * 1e6), 1)
+    return struct.pack("ll", micro // 1000000, micro % 1000000)
+
+
 class _Connection:
     """One Postfix connection.  It knows whether a request is half received, so that closing can tell
     an idle connection (wake it up now) from a busy one (let it finish and reply)."""
 
-    __slots__ = ("sock", "peer", "slot", "service", "lock", "pending", "closing")
+    __slots__ = ("sock", "peer", "slot", "service", "lock", "pending", "closing", "read_timeout")
 
     def __init__(self, sock, peer, slot, service):
         self.sock, self.peer, self.slot, self.service = sock, peer, slot, service
         self.lock = threading.Lock()
         self.pending = self.closing = False
+        self.read_timeout = None
 
     def before_read(self, pending, timeout):
         """Called by the dialogue before each read: apply its timeout (idle limit, or what is left of
@@ -141,7 +149,19 @@ class _Connection:
             self.pending = pending
             if self.closing and not pending:
                 self._shut(socket.SHUT_RD)
-        self.sock.settimeout(timeout)
+        if timeout != self.read_timeout:  # the idle limit stays the same from request to request
+            self.read_timeout = timeout
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+
+    def read1(self, size):
+        """The dialogue's input.  The socket is in blocking mode with kernel timeouts (SO_RCVTIMEO,
+        SO_SNDTIMEO): a Python socket timeout costs a poll() before every recv and send and an
+        ioctl per settimeout(), each a GIL handover among busy threads; this way a request costs
+        one recv and one send."""
+        try:
+            return self.sock.recv(size)
+        except BlockingIOError:  # SO_RCVTIMEO ran out
+            raise TimeoutError("timed out") from None
 
     def close_when_idle(self):
         """End the conversation at the next request boundary.  Only the read side is shut: a thread
@@ -163,7 +183,6 @@ class _Connection:
 
     def write(self, data):
         """The dialogue's output: one reply, with Postfix's own timeout rather than the idle one."""
-        self.sock.settimeout(WRITE_TIMEOUT)
         self.sock.sendall(data)
         return len(data)
 
@@ -518,8 +537,9 @@ class Listener:
                     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 except OSError:
                     pass  # already reset by the peer: the dialogue will see it
-            with conn.sock.makefile("rb") as rfile:
-                serve(rfile, conn, conn.service.responder, conn.before_read, conn.peer)
+            conn.sock.settimeout(None)  # blocking, with kernel timeouts: see _Connection.read1
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(WRITE_TIMEOUT))
+            serve(conn, conn, conn.service.responder, conn.before_read, conn.peer)
         except Exception:  # serve() handles I/O errors; this is a bug, and must not kill the process
             log.exception("endpoint=%s peer=%s connection failed", conn.service.endpoint.name, conn.peer)
         finally:
