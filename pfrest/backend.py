@@ -17,6 +17,7 @@ Deliberate choices:
 import os
 import re
 import socket
+import struct
 import threading
 import time
 from urllib.parse import quote, quote_plus
@@ -209,9 +210,11 @@ class _MustConnect(Exception):
 _local = threading.local()   # .watch: the exchange of this thread; .inline: must not connect here
 
 
-def _watched(connection_class, dog):
+def _watched(connection_class, dog, timeout):
     """The pool's connection class, telling ``dog`` which connection an exchange uses, and refusing
     to connect on a calling thread (DNS cannot be interrupted; the runner's caller can walk away)."""
+    backstop = struct.pack("ll", int(timeout) + 1, 0)
+
     class Watched(connection_class):
         def connect(self):
             if getattr(_local, "inline", False):
@@ -219,7 +222,11 @@ def _watched(connection_class, dog):
             w = getattr(_local, "watch", None)
             if w is not None:
                 dog.attach(w, self)
-            return super().connect()
+            super().connect()
+            # Reused, the connection runs without a Python socket timeout (see _reuse); the kernel's
+            # per-call timeouts stay as a backstop behind the watchdog.
+            for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+                self.sock.setsockopt(socket.SOL_SOCKET, option, backstop)
 
         def request(self, *args, **kwargs):
             w = getattr(_local, "watch", None)
@@ -266,7 +273,7 @@ class HttpBackend:
         # the request target: the path, or the whole URL through a plain-HTTP proxy
         self._url = self._adapter.request_url(probe, proxies)
         self._dog = Watchdog()
-        self._pool.ConnectionCls = _watched(self._pool.ConnectionCls, self._dog)
+        self._pool.ConnectionCls = _watched(self._pool.ConnectionCls, self._dog, self._timeout)
         self._runner = DeadlineRunner(max(concurrency, 1) + 2)
         self._retries = Retry(total=False, redirect=False)   # no retries, no redirects: one request
         self._socket_timeout = Timeout(connect=self._timeout, read=self._timeout)
@@ -354,7 +361,9 @@ class HttpBackend:
         w = _local.watch = self._dog.watch(deadline)
         _local.inline = True
         try:
-            conn.timeout = self._timeout
+            # Blocking mode: a Python socket timeout costs a poll() before every send and recv, each a
+            # GIL handover among busy threads; the watchdog bounds the exchange (and SO_RCVTIMEO).
+            conn.timeout = None
             conn.request(method, url, body=body, headers=headers, preload_content=False,
                          decode_content=False)
             response = conn.getresponse()
