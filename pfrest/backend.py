@@ -14,6 +14,7 @@ Deliberate choices:
 - Bodies are read up to MAX_BODY and no further.
 """
 
+import http.client as _client
 import re
 import socket
 import struct
@@ -290,6 +291,8 @@ class HttpBackend:
         # from the pool.  Through a proxy, or with urllib3 1, every exchange goes through urlopen.
         import urllib3
         self._direct = self._pool.proxy is None and not urllib3.__version__.startswith("1.")
+        self._response_class = urllib3.response.HTTPResponse
+        self._header_dict = urllib3.HTTPHeaderDict
 
     def lookup(self, params, request_id):
         """GET target?name=value&... (params: (str, bytes) pairs)."""
@@ -361,22 +364,31 @@ class HttpBackend:
     def _reuse(self, conn, method, url, body, headers, deadline):
         """The exchange on an open pooled connection, on the calling thread."""
         pool = self._pool
-        w = _local.watch = self._dog.watch(deadline)
+        w = self._dog.watch(deadline)
+        self._dog.attach(w, conn)
         _local.inline = True
         try:
-            # Blocking mode: a Python socket timeout costs a poll() before every send and recv, each a
-            # GIL handover among busy threads; the watchdog bounds the exchange (and SO_RCVTIMEO).
-            conn.timeout = None
-            conn.request(method, url, body=body, headers=headers, preload_content=False,
-                         decode_content=False)
-            response = conn.getresponse()
+            if conn.sock.gettimeout() is not None:
+                # Blocking mode, once per connection: a Python socket timeout costs a poll() before
+                # every send and recv, each a GIL handover among busy threads; the watchdog bounds
+                # the exchange (and SO_RCVTIMEO backs it up).
+                conn.sock.settimeout(None)
+            # http.client's own request/getresponse, on urllib3's connection, wrapped in urllib3's
+            # response as urllib3 2 does itself.  urllib3's overrides would add two settimeout()
+            # calls per exchange (two ioctls and GIL handovers) and send a body in a second packet.
+            _client.HTTPConnection.request(conn, method, url, body, headers)
+            raw = _client.HTTPConnection.getresponse(conn)
+            response = self._response_class(
+                body=raw, headers=self._header_dict(raw.msg.items()), status=raw.status,
+                version=raw.version, reason=raw.reason, preload_content=False, decode_content=False,
+                original_response=raw, enforce_content_length=True, request_method=method,
+                request_url=url)
         except Exception as exc:
             conn.close()
             pool._put_conn(None)
             return Failure("timeout", "no answer within request-timeout") if self._dog.finish(w) \
                 else _failure(exc)
         finally:
-            _local.watch = None
             _local.inline = False
         result = self._read(response, deadline)
         if self._dog.finish(w):
