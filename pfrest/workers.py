@@ -28,6 +28,7 @@ logger = logging.getLogger("pfrest")
 
 ACCEPT_GRACE = 0.02     # seconds a busier worker leaves a waiting connection to a less busy one
 RESTART_DELAY = 1.0     # seconds before replacing a worker that died, so that a crash cannot spin
+STOP = signal.SIGUSR2   # from the supervisor to its workers: drain and stop (never "exit at once")
 _NOT_ACCEPTING = -1
 
 
@@ -98,6 +99,7 @@ def supervise(count, listener, serve_worker, events, notify, stop_signals):
             try:
                 os.environ.pop("NOTIFY_SOCKET", None)  # systemd listens to the main PID only
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.signal(STOP, lambda signum, frame: events.put(stop_signals[0]))
                 balance.join(index)
                 status = serve_worker(parent)
             except BaseException:
@@ -142,7 +144,10 @@ def supervise(count, listener, serve_worker, events, notify, stop_signals):
         elif signum == signal.SIGHUP:
             notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
             logger.info("reload: passed on to %d workers", len(children))
-        _send(children, signum)
+        # A stop goes on as STOP: the workers may have had the SIGTERM or SIGINT already (systemd's
+        # default KillMode=control-group signals every process of the unit, Ctrl-C the whole process
+        # group), and a second one of those tells a process to exit at once, without draining.
+        _send(children, STOP if signum in stop_signals else signum)
         if signum == signal.SIGHUP:
             notify("READY=1")
     logger.info("stopped")

@@ -95,3 +95,18 @@ def test_a_worker_that_dies_is_replaced(backend, write_config, served):
             assert tcp_get(sock, b"k") == b"200 v\n"
     proc.send(signal.SIGTERM)
     assert proc.exit_status() == 0
+
+
+def test_a_stop_signal_to_every_process_still_drains(backend, write_config, served):
+    """systemd's default KillMode signals the whole unit; Ctrl-C the whole process group: the workers
+    get the signal twice (directly and from the supervisor) and must still drain, not exit at once."""
+    backend.answers["k"] = (200, ["v"])
+    port = free_port()
+    proc = served("-c", write_config([endpoint(backend, **{"bind-port": port})]), "--workers", "2")
+    proc.wait_for(r"2 workers")
+    pids = workers_of(proc)
+    for pid in [proc.proc.pid, *pids]:
+        os.kill(pid, signal.SIGTERM)
+    assert proc.exit_status() == 0
+    assert proc.log.count("letting requests in progress finish") == 2
+    assert "exiting at once" not in proc.log
