@@ -20,6 +20,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from random import getrandbits as _random_bits
 from urllib.parse import quote, quote_plus
 
@@ -408,13 +409,22 @@ class HttpBackend:
         if length.isdigit() and int(length) > MAX_BODY:
             return Failure("too-large", f"Content-Length {length}")
         read1 = getattr(response, "read1", None)
+        # Content-Encoding is undone here, not by urllib3, so that inflating stops at MAX_BODY: a
+        # small gzip bomb must cost neither the memory nor the CPU of its whole inflated size.
+        inflate = _inflater(response.headers.get("Content-Encoding", ""))
+        if inflate is False:
+            return Failure("reset", "unsupported Content-Encoding")
         chunks, size = [], 0
         try:
             while True:
                 if time.monotonic() > deadline:
                     return Failure("timeout", "body not complete within request-timeout")
-                chunk = read1(65536, decode_content=True) if read1 \
-                    else response.read(65536, decode_content=True)
+                chunk = read1(65536, decode_content=False) if read1 \
+                    else response.read(65536, decode_content=False)
+                if inflate is not None:
+                    chunk = inflate.decompress(chunk, MAX_BODY + 1 - size) if chunk else inflate.flush()
+                    if inflate.unconsumed_tail:  # more inflated data than may be read at all
+                        return Failure("too-large", f"inflated body over {MAX_BODY} bytes")
                 if not chunk:
                     break
                 size += len(chunk)
@@ -423,11 +433,23 @@ class HttpBackend:
                 chunks.append(chunk)
         except ReadTimeoutError as exc:
             return Failure("timeout", str(exc))
-        except (Urllib3Error, OSError) as exc:
+        except (Urllib3Error, OSError, zlib.error) as exc:
             return Failure("reset", str(exc))
         headers = response.headers
         return HttpResult(response.status, b"".join(chunks), headers.get("Location"),
                           _max_age(headers))
+
+
+def _inflater(encoding: str):
+    """A decompressor for the Content-Encoding, None for identity, False for one pfrest cannot undo."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    return False
 
 
 def for_endpoint(endpoint, user_agent: str, concurrency: int = 4):
