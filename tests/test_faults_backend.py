@@ -49,16 +49,8 @@ def socketmap_kind(payload):
 @pytest.fixture
 def rogue():
     r = Rogue()
-    second = Rogue()  # where redirects point: must never be contacted
-    second.sock.close()
-    import socket
-    second.sock = socket.socket()
-    second.sock.bind(("127.0.0.2", 0))
-    second.sock.listen(8)
-    second.port = second.sock.getsockname()[1]
-    import threading
-    threading.Thread(target=second._accept, daemon=True).start()
-    r.redirect_to = f"http://127.0.0.2:{second.port}/steal"
+    second = Rogue("127.0.0.2")  # where redirects (and environment proxies) point: never contacted
+    r.redirect_to = second.url + "/steal"
     yield r, second
     r.stop()
     second.stop()
