@@ -232,10 +232,6 @@ def _positive_seconds(v):
     return None if _is_number(v) and 0 < v <= 86400 else "must be a number of seconds, above 0 and at most 86400"
 
 
-def _file(v):
-    return _abspath(v)
-
-
 # key -> (attribute, check, modes it applies to or None for all)
 _LOOKUPS = (TCP, SOCKETMAP)
 ENDPOINT_KEYS = {
@@ -259,7 +255,7 @@ ENDPOINT_KEYS = {
     "cache-ttl": ("cache_ttl", _seconds, _LOOKUPS),
     "cache-negative-ttl": ("cache_negative_ttl", _seconds, _LOOKUPS),
     "cache-max-entries": ("cache_max_entries", _positive_int, _LOOKUPS),
-    "ca-file": ("ca_file", _file, None),
+    "ca-file": ("ca_file", _abspath, None),
     "proxy": ("proxy", _proxy, None),
 }
 REQUIRED_ENDPOINT_KEYS = ("name", "mode", "target")

@@ -32,7 +32,7 @@ class HttpResult(NamedTuple):
 
 class Failure(NamedTuple):
     """The HTTP exchange did not complete.  ``kind`` is one of the words below."""
-    kind: str        # timeout, refused, reset, dns, tls, too-large, internal, busy
+    kind: str        # timeout, refused, reset, dns, tls, too-large, internal
     detail: str = ""  # for the log only, never for Postfix
 
 
@@ -55,7 +55,6 @@ def _failure(result: Failure) -> Verdict:
         "dns": "backend host name did not resolve",
         "tls": "TLS error talking to the backend",
         "too-large": "backend answer too large",
-        "busy": "too many requests in progress",
     }.get(result.kind, "internal error"))
 
 
