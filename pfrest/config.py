@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 from urllib.parse import urlsplit
 
-from pfrest import actions
+from pfrest.protocol import actions
 
 DEFAULT_PATH = "/etc/pfrest/pfrest.json"
 DEFAULT_USER_AGENT = "Postfix REST Connector"

@@ -16,8 +16,9 @@ import logging
 import socket
 import time
 
-from pfrest import config, policy, socketmap, tcptable
-from pfrest.framing import Close, Reject
+from pfrest import config
+from pfrest.protocol import policy, socketmap, tcptable
+from pfrest.protocol.framing import Close, Reject
 
 log = logging.getLogger("pfrest")
 

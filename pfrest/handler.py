@@ -50,7 +50,7 @@ def run(config_path: str, name: str, log_file=None) -> int:
             logger.error("%s", problem)
         return 78  # EX_CONFIG; spawn(8) logs the exit status
     log.for_handler(log_file)
-    from pfrest.backend import for_endpoint
+    from pfrest.legacy_backend import for_endpoint
     from pfrest.responder import Responder
     backend = for_endpoint(endpoint, cfg.user_agent, concurrency=2)
     wfile = open(1, "wb", buffering=0, closefd=False)

@@ -84,7 +84,7 @@ class _Service:
     makes a new one; connections keep the one they were accepted with."""
 
     def __init__(self, endpoint, user_agent, stats):
-        from pfrest.backend import for_endpoint
+        from pfrest.legacy_backend import for_endpoint
         from pfrest.responder import Responder
         self.endpoint, self.user_agent, self.stats = endpoint, user_agent, stats
         # as many pooled backend connections as Postfix connections may ask at once; made lazily

@@ -3,10 +3,10 @@
 import time
 
 from pfrest import config
-from pfrest.backend import for_endpoint
+from pfrest.legacy_backend import for_endpoint
 from pfrest.log import redact
 from pfrest.responder import Responder
-from pfrest.verdict import Failure
+from pfrest.protocol.verdict import Failure
 
 # What Postfix 3.7+ always sends, in its order; values given on the command line replace these.
 POLICY_DEFAULTS = (

@@ -8,10 +8,11 @@ import logging
 import time
 from urllib.parse import urlsplit
 
-from pfrest import config, socketmap, tcptable, verdict
+from pfrest import config
+from pfrest.protocol import socketmap, tcptable, verdict
 from pfrest.log import add_secret
-from pfrest import policy as policy_codec
-from pfrest.backend import new_request_id
+from pfrest.protocol import policy as policy_codec
+from pfrest.legacy_backend import new_request_id
 
 log = logging.getLogger("pfrest")
 

@@ -8,7 +8,7 @@ import math
 import threading
 from collections import Counter, deque
 
-from pfrest.verdict import Failure
+from pfrest.protocol.verdict import Failure
 
 WINDOW = 10000
 

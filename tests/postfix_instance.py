@@ -198,7 +198,7 @@ def install_pfrest(dest, user=NOBODY):
     script.chmod(0o755)
     make_readable(dest)
     check = _run_as(user, [python, "-I", "-c", f"import sys; sys.path.insert(0, {str(lib)!r}); "
-                                               "import requests, pfrest.handler, pfrest.backend"])
+                                               "import requests, pfrest.handler, pfrest.legacy_backend"])
     if check.returncode != 0:
         pytest.fail(f"pfrest copy in {dest} is not importable by {user}: {check.stderr}")
     return str(script)

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from pfrest import config
-from pfrest.cache import CachingBackend
-from pfrest.verdict import Failure, HttpResult
+from pfrest.legacy_cache import CachingBackend
+from pfrest.protocol.verdict import Failure, HttpResult
 
 
 class Clock:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pfrest import actions, netstring, policy, socketmap, tcptable
-from pfrest.framing import Close, Reject
+from pfrest.protocol import actions, netstring, policy, socketmap, tcptable
+from pfrest.protocol.framing import Close, Reject
 
 
 # --- tcp_table ---------------------------------------------------------------------------------

@@ -5,10 +5,11 @@ import io
 
 import pytest
 
-from pfrest import config, netstring
+from pfrest import config
+from pfrest.protocol import netstring
 from pfrest.dialogue import serve
 from pfrest.responder import Responder
-from pfrest.verdict import Failure, HttpResult
+from pfrest.protocol.verdict import Failure, HttpResult
 
 
 class ChunkedReader:

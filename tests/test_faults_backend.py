@@ -9,7 +9,8 @@ import time
 import pytest
 
 from conftest import ROOT, pfrest_cmd, pfrest_env
-from pfrest import minihttp, netstring
+from pfrest import minihttp
+from pfrest.protocol import netstring
 from rogue import Rogue
 
 # behaviour -> expected kind: FOUND, NOTFOUND, TEMP, TIMEOUT, PERM

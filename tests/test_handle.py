@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from pfrest import netstring
+
+from pfrest.protocol import netstring
 
 REF = rb"\(ref%20[0-9a-f]{16}\)"       # tcp: the request id, %-encoded
 SM_REF = rb"\(ref [0-9a-f]{16}\)"

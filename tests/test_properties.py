@@ -3,11 +3,11 @@ input, answers only with whole replies, and answers the same however the input i
 
 from hypothesis import given, settings, strategies as st
 
-from pfrest import netstring, tcptable
+from pfrest.protocol import netstring, tcptable
 from test_dialogue import ChunkedReader, FakeBackend, Writes, endpoint
 from pfrest.dialogue import serve
 from pfrest.responder import Responder
-from pfrest.verdict import HttpResult
+from pfrest.protocol.verdict import HttpResult
 
 
 @given(st.binary(max_size=2000))

@@ -87,7 +87,7 @@ def test_token_in_an_internal_error_traceback_is_redacted(pfrest_logging):
 
 def test_query_never_shows_the_token(backend, write_config, monkeypatch, capsys):
     from pfrest import query
-    from pfrest.verdict import Failure
+    from pfrest.protocol.verdict import Failure
     backend.answers["echo"] = echo_token
     path = write_config([{"name": "t", "mode": "tcp-lookup", "target": backend.url + "/l", "auth-token": TOKEN,
                           "proxy": f"http://user:{TOKEN}x@127.0.0.1:9"}])

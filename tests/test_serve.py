@@ -16,7 +16,8 @@ import time
 import pytest
 
 from conftest import ROOT, Backend, need_binary, pfrest_cmd, pfrest_env, postmap
-from pfrest import config, netstring, systemd
+from pfrest import config, systemd
+from pfrest.protocol import netstring
 from pfrest.binding import BindError
 from pfrest.listener import Listener
 from postfix_instance import free_port, stop_process

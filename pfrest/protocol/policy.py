@@ -7,7 +7,7 @@ lines, requests and attribute counts well above that, and on anything it cannot 
 and closes, as the README asks: Postfix then retries once and applies its own default action.
 """
 
-from pfrest.framing import Close
+from pfrest.protocol.framing import Close
 
 MAX_LINE = 16384
 MAX_REQUEST = 65536

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from pfrest import verdict
+from pfrest.protocol import verdict
 
 
 class _Flight:

@@ -8,7 +8,7 @@ retries it 10 times.
 Try it:  postmap -q 'some key' tcp:127.0.0.1:9001
 """
 
-from pfrest.framing import Close, Reject
+from pfrest.protocol.framing import Close, Reject
 
 FOUND, NOT_FOUND, TEMPORARY = b"200", b"500", b"400"
 MAX_REPLY = 4096            # bytes, including the LF (dict_tcp.c DICT_TCP_MAXLEN)

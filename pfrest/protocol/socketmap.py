@@ -7,8 +7,8 @@ and an error on new ones), and the payload is at most ``socketmap_max_reply_size
 Try it:  postmap -q 'some key' socketmap:inet:127.0.0.1:9002:mapname
 """
 
-from pfrest import netstring
-from pfrest.framing import Close, Reject
+from pfrest.protocol import netstring
+from pfrest.protocol.framing import Close, Reject
 
 MAX_REPLY = 100000           # payload bytes, Postfix's socketmap_max_reply_size default
 SOFT_REQUEST_LIMIT = 65536   # longer requests are read, discarded and answered NOTFOUND

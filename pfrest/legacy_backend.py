@@ -24,7 +24,7 @@ import zlib
 from random import getrandbits as _random_bits
 from urllib.parse import quote, quote_plus
 
-from pfrest.verdict import Failure, HttpResult
+from pfrest.protocol.verdict import Failure, HttpResult
 
 MAX_BODY = 1 << 20   # bytes; more than any Postfix reply can carry, even JSON-escaped
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)", re.I)
@@ -456,7 +456,7 @@ def for_endpoint(endpoint, user_agent: str, concurrency: int = 4):
     """The backend for one endpoint: HTTP, behind a cache when the endpoint configures one."""
     backend = HttpBackend(endpoint, user_agent, concurrency)
     if endpoint.mode != "policy" and (endpoint.cache_ttl > 0 or endpoint.cache_negative_ttl > 0):
-        from pfrest.cache import CachingBackend
+        from pfrest.legacy_cache import CachingBackend
         return CachingBackend(backend, endpoint.cache_ttl, endpoint.cache_negative_ttl,
                               endpoint.cache_max_entries, endpoint.list_separator)
     return backend

@@ -16,7 +16,7 @@ Nothing that goes wrong may turn into "found", "not found" or a permanent error 
 import json
 from typing import NamedTuple, Optional, Union
 
-from pfrest import actions
+from pfrest.protocol import actions
 
 FOUND, NOTFOUND, ACTION = "FOUND", "NOTFOUND", "ACTION"
 TEMP, TIMEOUT, PERM = "TEMP", "TIMEOUT", "PERM"
