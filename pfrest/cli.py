@@ -75,9 +75,9 @@ def _workers(text):
 
 
 def _serve(args) -> int:
-    from pfrest import daemon
-    return daemon.run(args.config, args.names, args.syslog, args.log_file, args.drain_timeout,
-                      args.workers)
+    from pfrest.server import daemon
+    return daemon.run(daemon.Options(args.config, args.names, args.syslog, args.log_file,
+                                     args.drain_timeout, args.workers))
 
 
 def _demo(args) -> int:
@@ -113,8 +113,8 @@ def _query(args) -> int:
 
 
 def _handle(args) -> int:
-    from pfrest import handler
-    return handler.run(args.config, args.name, args.log_file)
+    from pfrest.server import handle
+    return handle.run(args.config, args.name, args.log_file)
 
 
 COMMANDS = {"handle": _handle, "check": _check, "query": _query, "serve": _serve, "demo": _demo}

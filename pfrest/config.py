@@ -126,6 +126,14 @@ def _nonempty_text(v):
     return _text(v) or (None if v.strip() else "must not be empty")
 
 
+def _header_text(v):
+    """Sent as an HTTP header value, which is Latin-1 on the wire."""
+    problem = _nonempty_text(v)
+    if problem is None and any(ord(c) > 255 or (ord(c) < 32 and c != "\t") or c == "\x7f" for c in v):
+        problem = "must be Latin-1 text without control characters (it is sent as an HTTP header)"
+    return problem
+
+
 def _name(v):
     return _text(v) or (None if _NAME_RE.match(v) else
                         "must be 1-64 characters of letters, digits, '.', '_' or '-'")
@@ -190,11 +198,10 @@ def _abspath(v):
 
 
 def _filemode(v):
+    # a string only: a JSON integer 660 would silently mean 0o1224, not rw-rw----
     if isinstance(v, str) and re.match(r"^0?[0-7]{3,4}$", v):
         return None
-    if _is_int(v) and 0 <= v <= 0o7777:
-        return None
-    return "must be an octal file mode such as \"0660\""
+    return "must be an octal file mode in a string, such as \"0660\""
 
 
 def _timeout_ms(v):
@@ -260,7 +267,7 @@ ENDPOINT_KEYS = {
 }
 REQUIRED_ENDPOINT_KEYS = ("name", "mode", "target")
 TOP_KEYS = {
-    "user-agent": _nonempty_text,
+    "user-agent": _header_text,
     "endpoints": None,  # checked item by item
     "user": _nonempty_text,
 }
@@ -268,7 +275,7 @@ TOP_KEYS = {
 
 def _convert(key, value):
     if key == "bind-mode":
-        return int(value, 8) if isinstance(value, str) else value
+        return int(value, 8)
     if key == "method":
         return value.upper()
     if key == "allow-from":

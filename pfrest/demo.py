@@ -1,12 +1,13 @@
 """``pfrest demo``: the three endpoint modes on loopback, answered by a small built-in REST backend, with
 the exact commands to try printed.  No config file, no root, nothing left behind.
 
-The endpoints are served by the very Listener of ``pfrest serve``; the backend is a minihttp app that
+The endpoints are served by the very Server of ``pfrest serve``; the backend is a minihttp app that
 follows the HTTP contract of the README (and checks the auth token, as a real one should).  Postfix's
 ``postmap`` needs a main.cf, which a fresh "No configuration" install does not have, so the demo writes
 one into a temporary directory and prints ``postmap -c DIR ...``.
 """
 
+import asyncio
 import logging
 import os
 import shlex
@@ -14,10 +15,10 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 
 from pfrest import config, log, minihttp
+from pfrest.server import eventloop
 
 logger = logging.getLogger("pfrest")
 
@@ -134,35 +135,36 @@ def instructions(addresses, confdir, backend_url):
 
 
 def run(port_base=None, out=None) -> int:
-    from pfrest.binding import BindError
-    from pfrest.listener import Listener
     out = out or sys.stdout
     port_base = DEFAULT_PORT_BASE if port_base is None else port_base
     log.for_foreground()
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: stop.set())
     backend = minihttp.serve_app(backend_app, host=HOST)
     root = tempfile.mkdtemp(prefix="pfrest-demo-")
-    listener = None
     try:
-        cfg = demo_config(backend.url, port_base)
-        try:
-            listener = Listener(cfg).start()
-        except BindError as exc:
-            ports = ", ".join(str(port_base + offset) for _, _, offset in ENDPOINTS)
-            print(f"pfrest demo: {exc}\n"
-                  f"pfrest demo: the demo listens on {HOST} ports {ports}; pick free ones with "
-                  f"--port-base N (it uses N, N+1 and N+2), or --port-base 0 for any free ports",
-                  file=sys.stderr)
-            return 1
-        print(instructions(listener.addresses, postfix_dir(root), backend.url), file=out, flush=True)
-        while not stop.wait(3600):
-            pass
-        logger.info("stopping")
-        return 0
+        return eventloop.run(_serve(demo_config(backend.url, port_base), port_base, root, backend.url, out))
     finally:
-        if listener is not None:
-            listener.stop(2.0)
         backend.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def _serve(cfg, port_base, root, backend_url, out):
+    from pfrest.server.serving import Server
+    from pfrest.server.sockets import BindError
+    try:
+        server = Server(cfg).start()
+    except BindError as exc:
+        ports = ", ".join(str(port_base + offset) for _, _, offset in ENDPOINTS)
+        print(f"pfrest demo: {exc}\n"
+              f"pfrest demo: the demo listens on {HOST} ports {ports}; pick free ones with "
+              f"--port-base N (it uses N, N+1 and N+2), or --port-base 0 for any free ports",
+              file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    print(instructions(server.addresses, postfix_dir(root), backend_url), file=out, flush=True)
+    await stop.wait()
+    logger.info("stopping")
+    await server.stop(2.0)
+    return 0

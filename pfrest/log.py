@@ -79,18 +79,22 @@ def _install(handler, level):
 
 
 def for_handler(log_file=None, level=logging.INFO):
-    """Handler mode: syslog or a file; fd 2 and sys.stdout/stderr sent to /dev/null."""
-    if log_file:
-        handler = _file_handler(log_file)
-    else:
-        handler = SyslogHandler()
-    _install(handler, level)
-    logging.raiseExceptions = False
+    """Handler mode: syslog or a file; fd 2 and sys.stdout/stderr sent to /dev/null first, so that
+    nothing (a log file that cannot be opened included) ever writes into the Postfix connection."""
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 2)  # a stray warning or traceback must not reach the Postfix socket
     os.close(devnull)
     sys.stderr = open(os.devnull, "w")
     sys.stdout = open(os.devnull, "w")
+    logging.raiseExceptions = False
+    problem = None
+    try:
+        handler = _file_handler(log_file) if log_file else SyslogHandler()
+    except OSError as exc:
+        handler, problem = SyslogHandler(), f"cannot open --log-file {log_file}: {exc.strerror}; logging to syslog"
+    _install(handler, level)
+    if problem:
+        logging.getLogger("pfrest").error("%s", problem)
     sys.excepthook = lambda kind, value, tb: logging.getLogger("pfrest").critical(
         "uncaught exception", exc_info=(kind, value, tb))
 

@@ -1,12 +1,16 @@
 """``pfrest query``: one real backend call, shown as the exact bytes Postfix would receive."""
 
+import logging
 import time
 
 from pfrest import config
-from pfrest.legacy_backend import for_endpoint
 from pfrest.log import redact
-from pfrest.responder import Responder
 from pfrest.protocol.verdict import Failure
+from pfrest.server import eventloop, requestlog
+from pfrest.server.conversation import new_request_id
+from pfrest.server.services import Service
+
+logger = logging.getLogger("pfrest")
 
 # What Postfix 3.7+ always sends, in its order; values given on the command line replace these.
 POLICY_DEFAULTS = (
@@ -21,21 +25,6 @@ POLICY_DEFAULTS = (
     ("encryption_protocol", ""), ("encryption_cipher", ""), ("encryption_keysize", "0"),
     ("policy_context", ""),
 )
-
-
-class Recording:
-    """Wraps a backend and keeps the last answer, to show its HTTP status."""
-
-    def __init__(self, backend):
-        self.backend, self.last = backend, None
-
-    def lookup(self, params, request_id):
-        self.last = self.backend.lookup(params, request_id)
-        return self.last
-
-    def policy(self, pairs, request_id):
-        self.last = self.backend.policy(pairs, request_id)
-        return self.last
 
 
 def policy_attributes(args):
@@ -66,16 +55,17 @@ def build_request(endpoint, words, mapname):
     return policy_attributes(words)
 
 
-def run(cfg, name, words, mapname=None, out=print) -> int:
-    """words: the KEY or attr=value arguments, as bytes."""
+def run(cfg, name, words, mapname=None, out=print, backend=None) -> int:
+    """words: the KEY or attr=value arguments, as bytes.  ``backend``: instead of the endpoint's HTTP
+    client (a test's)."""
     endpoint = cfg.endpoint(name)
     request = build_request(endpoint, words, mapname)
-    backend = Recording(for_endpoint(endpoint, cfg.user_agent, concurrency=1))
-    start = time.monotonic()
-    reply = Responder(endpoint, backend)(request)
-    ms = (time.monotonic() - start) * 1000
-    result = backend.last
-    out(f"endpoint: {endpoint.name} ({endpoint.mode}) -> {endpoint.method if endpoint.mode == config.POLICY else 'GET'} {endpoint.target}")
+    service = Service(endpoint, cfg.user_agent, backend=backend)
+    result, answer, request_id, ms = eventloop.run(ask(service, request))
+    logger.info("%s", requestlog.line(endpoint.name, request_id, service.mode.subject(request), result,
+                                      answer, ms))
+    method = endpoint.method if endpoint.mode == config.POLICY else "GET"
+    out(f"endpoint: {endpoint.name} ({endpoint.mode}) -> {method} {endpoint.target}")
     out(f"auth-token: {'(set, redacted)' if endpoint.auth_token else '(none)'}")
     if result is None:
         out("http: (no request made)")
@@ -84,5 +74,15 @@ def run(cfg, name, words, mapname=None, out=print) -> int:
     else:
         out(f"http: {result.status}")
     out(f"time: {ms:.1f} ms")
-    out(f"reply: {reply!r}")
+    out(f"reply: {answer.reply!r}")
     return 0
+
+
+async def ask(service, request):
+    """(result, answer, request id, ms) of one request, as a conversation would answer it."""
+    request_id, started = new_request_id(), time.monotonic()
+    try:
+        result, answer = await service.answer(request, request_id)
+    finally:
+        service.close()
+    return result, answer, request_id, (time.monotonic() - started) * 1000

@@ -134,3 +134,56 @@ def postmap(conf, key, table, stdin=None):
     proc = subprocess.run([need_binary("postmap"), "-c", conf, "-q", key, table], input=stdin,
                           capture_output=True, text=True, timeout=60)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+class ServerThread:
+    """A pfrest.server.serving.Server on an event loop in a thread of the test process, with a
+    synchronous face for tests: ``addresses``, ``reload(cfg)``, ``summary()``, ``connection_count()``,
+    ``stop(drain_timeout)``."""
+
+    def __init__(self, cfg, names=()):
+        import asyncio
+        from pfrest.server import eventloop
+        from pfrest.server.serving import Server
+        self._asyncio = asyncio
+        self.loop = eventloop.new_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="server-loop")
+        self.thread.start()
+        try:
+            self.server = self.call(lambda: Server(cfg, names).start())
+        except BaseException:
+            self._end()
+            raise
+
+    def call(self, function, *args):
+        """``function(*args)`` run in the loop's thread; its result, or its exception raised here."""
+        async def run():
+            return function(*args)
+        return self._asyncio.run_coroutine_threadsafe(run(), self.loop).result(30)
+
+    @property
+    def addresses(self):
+        return self.call(lambda: self.server.addresses)
+
+    def reload(self, cfg):
+        return self.call(self.server.reload, cfg)
+
+    def summary(self):
+        return self.call(self.server.summary)
+
+    def connection_count(self):
+        return self.call(self.server.connection_count)
+
+    def stop(self, drain_timeout=10.0):
+        if self.loop.is_closed():
+            return None
+        try:
+            return self._asyncio.run_coroutine_threadsafe(self.server.stop(drain_timeout), self.loop).result(
+                drain_timeout + 30)
+        finally:
+            self._end()
+
+    def _end(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()

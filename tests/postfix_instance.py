@@ -148,7 +148,7 @@ def stop_process(proc, timeout=10.0):
 
 # --- pfrest installed where an unprivileged user can run it ---------------------------------------
 
-RUNTIME_PACKAGES = ("requests", "urllib3", "idna", "charset_normalizer", "chardet", "certifi", "tomli")
+RUNTIME_PACKAGES = ("httptools", "uvloop", "tomli")
 
 
 def _run_as(user, args, **kw):
@@ -198,7 +198,7 @@ def install_pfrest(dest, user=NOBODY):
     script.chmod(0o755)
     make_readable(dest)
     check = _run_as(user, [python, "-I", "-c", f"import sys; sys.path.insert(0, {str(lib)!r}); "
-                                               "import requests, pfrest.handler, pfrest.legacy_backend"])
+                                               "import pfrest.server.handle, pfrest.backend, httptools, uvloop"])
     if check.returncode != 0:
         pytest.fail(f"pfrest copy in {dest} is not importable by {user}: {check.stderr}")
     return str(script)

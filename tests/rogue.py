@@ -3,14 +3,21 @@
 Each connection reads one request head, takes ``key`` (lookups) or ``recipient`` (policy) from it, and
 plays the behaviour of that name from BEHAVIOURS: a raw socket, so it can do what no well-behaved
 server library would (reset mid-answer, drip bytes, lie about lengths).
+
+Also here, for the event-loop client's tests: ``Scripted``, a raw keep-alive server whose answers a
+test writes step by step (several requests per connection, connections counted); ``Proxy``, a forward
+proxy that records what it sees; ``Dns``, a name server that answers each question once only; and
+``fill_backlog``, which makes a listening socket drop further SYNs.
 """
 
 import gzip
 import json
+import select
 import socket
 import struct
 import threading
 import time
+from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 
@@ -181,3 +188,267 @@ class Rogue:
     def do_length_lie(self, conn):
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + FOUND)
         self.stopping.wait(5)
+
+
+# --- raw keep-alive server, scripted step by step --------------------------------------------------
+
+response, chunked = _response, _chunked   # the bytes of a response; a chunked body
+
+
+CLOSE = object()   # a step of an answer: close the connection here
+
+
+class Request(NamedTuple):
+    connection: int   # 1 for the first connection accepted, 2 for the next...
+    head: bytes
+    body: bytes
+    key: str          # the lookup key, or the policy recipient
+
+
+def _key(head, body):
+    path = head.split(b"\r\n", 1)[0].split(b" ")[1].decode("latin-1")
+    params = dict(parse_qsl(urlsplit(path).query))
+    params.update(parse_qsl(body.decode("latin-1")))
+    return params.get("key") or params.get("recipient") or ""
+
+
+def _read_request(conn, buffer):
+    """(head, body, rest of buffer), or None at EOF."""
+    while b"\r\n\r\n" not in buffer:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buffer += data
+    head, _, buffer = buffer.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(buffer) < length:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buffer += data
+    return head, buffer[:length], buffer[length:]
+
+
+class Scripted:
+    """A raw HTTP/1.1 keep-alive server.  ``answer(request)`` returns the steps of the answer: bytes
+    to write, numbers of seconds to wait (cut short by stop()), CLOSE; or None to say nothing.
+
+    ``connections`` counts accepted connections, ``requests`` records every request read, ``ended``
+    maps a connection number to "eof" or "reset" once its client went away.  ``pause()`` leaves new
+    connections in the backlog until ``resume()``; with ``mute`` set, new connections are accepted
+    but never read from or written to (a TLS server that never answers the handshake).
+    """
+
+    def __init__(self, answer, host="127.0.0.1", backlog=64, tls=None):
+        self.answer, self.tls = answer, tls
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.bind((host, 0))
+        self.sock.listen(backlog)
+        self.address = self.sock.getsockname()[:2]
+        self.port = self.address[1]
+        self.url = f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{self.port}"
+        self.connections, self.requests, self.ended = 0, [], {}
+        self.accepting, self.parked, self.stopping = threading.Event(), threading.Event(), threading.Event()
+        self.accepting.set()
+        self.mute = False
+        self._sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def keys(self, connection=None):
+        return [r.key for r in self.requests if connection in (None, r.connection)]
+
+    def pause(self):
+        """Returns once nothing is accepted any more."""
+        self.accepting.clear()
+        self.parked.wait()
+
+    def resume(self):
+        self.parked.clear()
+        self.accepting.set()
+
+    def stop(self):
+        self.stopping.set()
+        self.sock.close()
+        for sock in self._sockets:
+            sock.close()
+
+    def _accept(self):
+        while not self.stopping.is_set():
+            if not self.accepting.is_set():
+                self.parked.set()
+                self.stopping.wait(0.01)
+                continue
+            try:
+                if not select.select([self.sock], [], [], 0.02)[0]:
+                    continue
+                conn, _ = self.sock.accept()
+            except (OSError, ValueError):
+                return
+            self.connections += 1
+            self._sockets.append(conn)
+            threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True).start()
+
+    def _serve(self, conn, number):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.mute:
+            self.stopping.wait()
+            return
+        try:
+            if self.tls:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+                self._sockets.append(conn)
+            self.ended[number] = self._converse(conn, number)
+        except OSError:
+            self.ended[number] = "reset"
+        finally:
+            conn.close()
+
+    def _converse(self, conn, number):
+        buffer = b""
+        while True:
+            request = _read_request(conn, buffer)
+            if request is None:
+                return "eof"
+            head, body, buffer = request
+            request = Request(number, head, body, _key(head, body))
+            self.requests.append(request)
+            steps = self.answer(request)
+            for step in [steps] if isinstance(steps, bytes) else steps or ():
+                if step is CLOSE:
+                    return "closed"
+                if isinstance(step, bytes):
+                    conn.sendall(step)
+                elif self.stopping.wait(step):
+                    return "stopped"
+
+
+def fill_backlog(address, attempts=16):
+    """Connect to a listening socket that does not accept until a connection stays pending: from then
+    on its full accept queue makes the kernel drop new SYNs (Linux).  Returns the sockets to close."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sockets = []
+    for _ in range(attempts):
+        sock = socket.socket(family)
+        sock.setblocking(False)
+        sock.connect_ex(address)
+        sockets.append(sock)
+        if not select.select([], [sock], [], 0.1)[1]:
+            return sockets
+    raise RuntimeError(f"the backlog of {address} does not fill up")
+
+
+# --- a forward proxy ---------------------------------------------------------------------------------
+
+class Proxy:
+    """An HTTP forward proxy on 127.0.0.1:0: absolute-form requests go on to their host as they are,
+    CONNECT opens a tunnel.  ``heads`` holds the first request head of each connection, ``seen``
+    every byte clients sent (tunnelled TLS included)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.heads, self.seen = [], bytearray()
+        self._sockets = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stop(self):
+        self.sock.close()
+        for sock in self._sockets:
+            sock.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            self._sockets.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = client.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        self.seen += data
+        head = data.split(b"\r\n\r\n", 1)[0]
+        self.heads.append(head)
+        method, target = head.split(b" ", 2)[:2]
+        if method == b"CONNECT":
+            host, port = target.decode().rsplit(":", 1)
+            upstream = socket.create_connection((host, int(port)))
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:
+            url = urlsplit(target.decode())
+            upstream = socket.create_connection((url.hostname, url.port))
+            upstream.sendall(data)
+        self._sockets.append(upstream)
+        threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+        self._pipe(client, upstream, True)
+
+    def _pipe(self, source, sink, record):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if record:
+                    self.seen += data
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+# --- a name server that answers each question once ------------------------------------------------
+
+class Dns:
+    """A DNS server on UDP ``host``:53 that answers the first A and AAAA question for each name of
+    ``names`` (name -> IPv4 address; AAAA gets an empty answer) and is silent from then on: a resolver
+    that stops answering, without the ICMP "port unreachable" that would end the wait at once."""
+
+    def __init__(self, host, names):
+        self.names = {name.lower().encode(): socket.inet_aton(ip) for name, ip in names.items()}
+        self.answered, self.ignored = set(), 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 53))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def stop(self):
+        self.sock.close()
+
+    def _serve(self):
+        while True:
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except OSError:
+                return
+            name, qtype, end = _question(query)
+            if name not in self.names or (name, qtype) in self.answered:
+                self.ignored += 1
+                continue
+            self.answered.add((name, qtype))
+            answers = b""
+            if qtype == 1:   # A
+                answers = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 0, 4) + self.names[name]
+            header = query[:2] + struct.pack(">HHHHH", 0x8180, 1, 1 if answers else 0, 0, 0)
+            self.sock.sendto(header + query[12:end] + answers, peer)
+
+
+def _question(query):
+    """(lower-case name, type, end offset of the question) of a DNS query."""
+    labels, i = [], 12
+    while query[i]:
+        labels.append(query[i + 1:i + 1 + query[i]])
+        i += 1 + query[i]
+    qtype = struct.unpack(">H", query[i + 1:i + 3])[0]
+    return b".".join(labels).lower(), qtype, i + 5

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 
 from conftest import pfrest_cmd, pfrest_env, ROOT
 from test_config import SEED
@@ -19,12 +20,13 @@ def test_help_and_version():
     assert run("--version").stdout.startswith("pfrest ")
 
 
-def test_check_and_help_do_not_import_requests(tmp_path):
+def test_check_and_help_do_not_import_the_request_path(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(SEED))
     code = ("import sys; from pfrest.cli import main; rc = main(['check', '-c', %r]); "
-            "assert 'requests' not in sys.modules, 'requests imported'; sys.exit(rc)" % str(path))
-    proc = subprocess.run(["python3", "-c", code], env=pfrest_env(), cwd=ROOT, capture_output=True, text=True)
+            "loaded = {'asyncio', 'httptools', 'uvloop', 'pfrest.backend', 'requests'} & set(sys.modules); "
+            "assert not loaded, loaded; sys.exit(rc)" % str(path))
+    proc = subprocess.run([sys.executable, "-c", code], env=pfrest_env(), cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 

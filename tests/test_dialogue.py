@@ -1,65 +1,14 @@
-"""The conversation loop over in-memory streams: requests split at every byte, pipelined requests,
-exactly one reply per request, in order, each in one write."""
+"""The conversation driver over an in-memory transport: requests split at every byte, pipelined requests,
+exactly one reply per request, in order, each in one write; and its timeouts, on a real event loop."""
 
-import io
+import asyncio
+import time
 
 import pytest
 
-from pfrest import config
+from memory import FakeBackend, MemoryTransport, converse, converse_async, endpoint
 from pfrest.protocol import netstring
-from pfrest.dialogue import serve
-from pfrest.responder import Responder
-from pfrest.protocol.verdict import Failure, HttpResult
-
-
-class ChunkedReader:
-    """rfile that returns the input in fixed-size pieces, like a socket would."""
-
-    def __init__(self, data, size):
-        self.data, self.size = data, size
-
-    def read1(self, n):
-        piece, self.data = self.data[:min(n, self.size)], self.data[min(n, self.size):]
-        return piece
-
-
-class Writes(io.RawIOBase):
-    def __init__(self):
-        self.writes = []
-
-    def writable(self):
-        return True
-
-    def write(self, b):
-        self.writes.append(bytes(b))
-        return len(b)
-
-
-class FakeBackend:
-    """The backend seam: answers from a dict, records calls."""
-
-    def __init__(self, answers):
-        self.answers, self.calls = answers, []
-
-    def lookup(self, params, request_id):
-        self.calls.append(dict(params))
-        return self.answers.get(dict(params)["key"], HttpResult(404, b""))
-
-    def policy(self, pairs, request_id):
-        self.calls.append(pairs)
-        return self.answers.get(dict(pairs)[b"recipient"], Failure("timeout"))
-
-
-def endpoint(mode):
-    return config.Endpoint(name="ep", mode=mode, target="http://127.0.0.1:1/")
-
-
-def run(mode, data, answers, size):
-    backend = FakeBackend(answers)
-    out = Writes()
-    why = serve(ChunkedReader(data, size), out, Responder(endpoint(mode), backend))
-    return out.writes, backend, why
-
+from pfrest.protocol.verdict import HttpResult
 
 TCP_IN = b"get a%20b\nget missing\nget x\n"
 TCP_ANSWERS = {b"a b": HttpResult(200, b'["v 1"]'), b"x": HttpResult(200, b'["y"]')}
@@ -84,9 +33,8 @@ CASES = {
 def test_split_at_every_byte_and_all_at_once(mode):
     data, answers, expected = CASES[mode]
     for size in list(range(1, 17)) + [len(data)]:
-        writes, backend, why = run(mode, data, answers, size)
-        assert writes == expected, size
-        assert why == "eof"
+        backend = FakeBackend(answers)
+        assert converse(endpoint(mode), data, backend, size) == expected, size
         assert len(backend.calls) == len(expected)
 
 
@@ -94,96 +42,97 @@ def test_split_at_every_byte_and_all_at_once(mode):
 def test_every_split_point_of_two_requests(mode):
     data, answers, expected = CASES[mode]
     for cut in range(1, len(data)):
-        class TwoPieces:
-            pieces = [data[:cut], data[cut:]]
-
-            def read1(self, n):
-                return self.pieces.pop(0) if self.pieces else b""
-        out = Writes()
-        serve(TwoPieces(), out, Responder(endpoint(mode), FakeBackend(answers)))
-        assert out.writes == expected, cut
+        writes = asyncio.run(converse_async(endpoint(mode), [data[:cut], data[cut:]], FakeBackend(answers)))
+        assert writes == expected, cut
 
 
 @pytest.mark.parametrize("mode", list(CASES))
 def test_partial_request_at_eof_gets_no_reply(mode):
     data, answers, expected = CASES[mode]
-    writes, backend, why = run(mode, data[:-1], answers, 7)
-    assert writes == expected[:-1]
-    assert why == "eof"
+    assert converse(endpoint(mode), data[:-1], FakeBackend(answers), 7) == expected[:-1]
 
 
 def test_policy_backend_timeout_gets_temporary_action():
-    writes, _, _ = run("policy", POLICY_REQ % b"unknown", {}, 1000)
+    writes = converse(endpoint("policy"), POLICY_REQ % b"unknown", FakeBackend({}))
     assert writes[0].startswith(b"action=DEFER_IF_PERMIT Policy service temporarily unavailable (ref ")
 
 
-def test_internal_error_still_gets_a_temporary_reply():
+def test_internal_error_still_gets_a_temporary_reply_with_its_reference():
     class Broken(FakeBackend):
-        def lookup(self, params, request_id):
+        async def lookup(self, params, request_id):
             raise RuntimeError("bug")
-    for mode, data, reply in (("tcp-lookup", b"get k\nget k\n", b"400 internal%20error\n"),
-                              ("socketmap-lookup", netstring.encode(b"m k"), b"19:TEMP internal error,")):
-        out = Writes()
-        serve(ChunkedReader(data, 100), out, Responder(endpoint(mode), Broken({})))
-        assert out.writes and set(out.writes) == {reply}
+    for mode, data, reply in (("tcp-lookup", b"get k\nget k\n", rb"400 internal%20error%20(ref%20"),
+                              ("socketmap-lookup", netstring.encode(b"m k"), rb"42:TEMP internal error (ref ")):
+        writes = converse(endpoint(mode), data, Broken({}))
+        assert writes and all(w.startswith(reply) for w in writes), writes
 
 
-def test_read_errors_end_quietly():
-    class Reset:
-        def read1(self, n):
-            raise ConnectionResetError(104, "reset")
-
-    class Timeout:
-        def read1(self, n):
-            raise TimeoutError
-
-    responder = Responder(endpoint("tcp-lookup"), FakeBackend({}))
-    assert serve(Reset(), Writes(), responder).startswith("read error")
-    assert serve(Timeout(), Writes(), responder) == "timeout"
+def test_a_request_with_the_backend_is_answered_before_the_next_is_read():
+    """Pipelined requests: one at a time through the backend, replies in request order."""
+    class Slow(FakeBackend):
+        async def lookup(self, params, request_id):
+            await asyncio.sleep(0.05 if params[0][1] == b"a b" else 0)
+            return await super().lookup(params, request_id)
+    assert converse(endpoint("tcp-lookup"), TCP_IN, Slow(TCP_ANSWERS)) == TCP_OUT
 
 
-def test_broken_pipe_on_write_ends_quietly():
-    class Gone(Writes):
-        def write(self, b):
-            raise BrokenPipeError(32, "broken pipe")
-    responder = Responder(endpoint("tcp-lookup"), FakeBackend({}))
-    assert serve(ChunkedReader(b"get a\nget b\n", 100), Gone(), responder) == "write error"
+def test_a_flood_of_pipelined_requests_pauses_reading_and_loses_none():
+    data = b"get x\n" * 1000
+    writes = converse(endpoint("tcp-lookup"), data, FakeBackend(TCP_ANSWERS), size=6000)
+    assert writes == [b"200 y\n"] * 1000
 
 
-def test_short_writes_are_completed():
-    class Short(Writes):
-        def write(self, b):
-            self.writes.append(bytes(b[:3]))
-            return min(3, len(b))
-    out = Short()
-    serve(ChunkedReader(b"get x\n", 100), out, Responder(endpoint("tcp-lookup"), FakeBackend(TCP_ANSWERS)))
-    assert b"".join(out.writes) == b"200 y\n"
+def test_connection_lost_while_answering_ends_once_the_answer_is_in():
+    async def run():
+        release = asyncio.Event()
+
+        class Waiting(FakeBackend):
+            async def lookup(self, params, request_id):
+                await release.wait()
+                return HttpResult(200, b'["late"]')
+        from pfrest.server.conversation import Conversation
+        from pfrest.server.services import Origin, Services
+        services = Services(backend_for=lambda _: Waiting({}))
+        services.apply([endpoint("tcp-lookup")], "test")
+        ended = []
+        conversation = Conversation(services, Origin("ep"), "t", on_end=ended.append)
+        transport = MemoryTransport(conversation)
+        conversation.connection_made(transport)
+        conversation.data_received(b"get k\n")
+        await asyncio.sleep(0.01)
+        transport.closed = True
+        conversation.connection_lost(ConnectionResetError(104, "reset"))
+        assert ended == []  # a request is still with the backend
+        release.set()
+        await asyncio.sleep(0.01)
+        assert ended == [conversation] and transport.writes == []  # nowhere to write it
+    asyncio.run(run())
 
 
-def test_before_read_sees_pending_state_and_timeouts():
-    seen = []
-    serve(ChunkedReader(b"get x\nge", 3), Writes(),
-          Responder(endpoint("tcp-lookup"), FakeBackend(TCP_ANSWERS)),
-          before_read=lambda pending, timeout: seen.append((pending, timeout)))
-    assert [pending for pending, _ in seen] == [False, True, False, True]
-    idle, partial = config.DEFAULT_IDLE_TIMEOUT["tcp-lookup"], config.PARTIAL_REQUEST_TIMEOUT
-    assert [t for p, t in seen if not p] == [idle, idle]
-    assert all(partial - 1 < t <= partial for p, t in seen if p)
-
-
-def test_partial_request_deadline_counts_from_the_first_byte(monkeypatch):
-    """A client dripping a byte at a time gets the partial-request limit in total, not per read."""
-    clock = [100.0]
-    monkeypatch.setattr("pfrest.dialogue.time.monotonic", lambda: clock[0])
-
-    class Drip(ChunkedReader):
-        def read1(self, n):
-            clock[0] += 4  # every byte arrives 4 s after the previous one
-            return super().read1(n)
-    timeouts = []
-    ep = config.Endpoint(name="ep", mode="tcp-lookup", target="http://127.0.0.1:1/", partial_request_timeout=10)
-    serve(Drip(b"get x\nget yy", 1), Writes(), Responder(ep, FakeBackend(TCP_ANSWERS)),
-          before_read=lambda pending, timeout: timeouts.append(timeout))
-    # before g, e, t, SP, x, LF (10 - 4k s left, at least 0.001); then idle again, and a new request
-    assert timeouts[:6] == [600.0, 10, 6, 2, 0.001, 0.001]
-    assert timeouts[6:9] == [600.0, 10, 6]
+def test_idle_and_partial_request_timeouts():
+    """The partial-request limit counts from a request's first byte, however it drips; the idle limit
+    from the last reply."""
+    async def run():
+        from pfrest.server.conversation import Conversation
+        from pfrest.server.services import Origin, Services
+        services = Services(backend_for=lambda _: FakeBackend(TCP_ANSWERS))
+        services.apply([endpoint("tcp-lookup", idle_timeout=0.3, partial_request_timeout=0.4)], "test")
+        ended = asyncio.get_running_loop().create_future()
+        conversation = Conversation(services, Origin("ep"), "t", on_end=ended.set_result)
+        transport = MemoryTransport(conversation)
+        conversation.connection_made(transport)
+        started = time.monotonic()
+        for _ in range(3):  # answered requests keep an idle connection open past its idle limit
+            conversation.data_received(b"get x\n")
+            await asyncio.sleep(0.2)
+        assert not ended.done() and transport.writes == [b"200 y\n"] * 3
+        dripped = time.monotonic()
+        for byte in b"get xxxxxxxxxx":  # a byte every 0.1 s: cut 0.4 s after the first one
+            if ended.done():
+                break
+            conversation.data_received(bytes([byte]))
+            await asyncio.sleep(0.1)
+        await asyncio.wait_for(ended, 2)
+        assert 0.35 < time.monotonic() - dripped < 0.8
+        assert time.monotonic() - started > 0.9
+    asyncio.run(run())

@@ -21,7 +21,7 @@ BEHAVIOURS = {
     "silent": "TIMEOUT", "slow": "TIMEOUT", "drip": "TIMEOUT", "drip-headers": "TIMEOUT",
     "length-lie": "TIMEOUT",
     "redirect": "TEMP", "redirect-same": "TEMP",
-    "interim": "TEMP", "no-content": "TEMP", "partial": "TEMP", "status-600": "TEMP", "teapot": "PERM",
+    "interim": "FOUND", "no-content": "TEMP", "partial": "TEMP", "status-600": "TEMP", "teapot": "PERM",
     "gzip": "FOUND", "chunked": "FOUND", "text-plain": "FOUND",
     "gzip-bomb": "TEMP", "bad-gzip": "TEMP", "huge": "TEMP", "huge-chunked": "TEMP",
     "html": "TEMP", "object": "TEMP", "nested": "TEMP", "numbers": "TEMP", "deep": "TEMP",

@@ -51,14 +51,14 @@ ROWS = {
     "nested": ((200, [["a"]]), rb"400 invalid%20backend%20data.*\n", rb"TEMP invalid backend data.*"),
     "crlf": ((200, ["a\r\nb"]), rb"400 invalid%20backend%20data.*\n", rb"TEMP invalid backend data.*"),
     "nul": ((200, ["a\u0000b"]), rb"400 invalid%20backend%20data.*\n", rb"TEMP invalid backend data.*"),
-    "huge": ((200, ["x" * 200000]), rb"400 value%20too%20long%20for%20tcp_table\n",
-             rb"TEMP value too long for socketmap"),
+    "huge": ((200, ["x" * 200000]), rb"400 value%20too%20long%20for%20tcp_table%20" + REF + rb"\n",
+             rb"TEMP value too long for socketmap " + SM_REF),
 }
 ROWS["tcpmax"] = ((200, ["y" * 4091]), b"200 " + b"y" * 4091 + b"\n", b"OK " + b"y" * 4091)
-ROWS["tcpover"] = ((200, ["%" * 1364]), rb"400 value%20too%20long%20for%20tcp_table\n", b"OK " + b"%" * 1364)
-ROWS["smmax"] = ((200, ["z" * 99997]), rb"400 value%20too%20long%20for%20tcp_table\n", b"OK " + b"z" * 99997)
-ROWS["smover"] = ((200, ["z" * 99998]), rb"400 value%20too%20long%20for%20tcp_table\n",
-                  rb"TEMP value too long for socketmap")
+ROWS["tcpover"] = ((200, ["%" * 1364]), rb"400 value%20too%20long%20for%20tcp_table%20" + REF + rb"\n", b"OK " + b"%" * 1364)
+ROWS["smmax"] = ((200, ["z" * 99997]), rb"400 value%20too%20long%20for%20tcp_table%20" + REF + rb"\n", b"OK " + b"z" * 99997)
+ROWS["smover"] = ((200, ["z" * 99998]), rb"400 value%20too%20long%20for%20tcp_table%20" + REF + rb"\n",
+                  rb"TEMP value too long for socketmap " + SM_REF)
 
 
 def endpoint(backend, mode, **extra):

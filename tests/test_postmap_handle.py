@@ -4,6 +4,7 @@
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -33,7 +34,7 @@ def launched(request, backend, write_config, tmp_path):
     wrapper = tmp_path / "handler.sh"
     # socat's EXEC: splits on blanks and cannot quote: a one-line wrapper carries the argv
     wrapper.write_text("#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in [
-        "env", f"PYTHONPATH={ROOT}", "python3", "-m", "pfrest", "handle", "-c", cfg,
+        "env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "pfrest", "handle", "-c", cfg,
         "--log-file", str(log), "ep"]) + "\n")
     wrapper.chmod(0o755)
     port = free_port()

@@ -3,10 +3,8 @@ input, answers only with whole replies, and answers the same however the input i
 
 from hypothesis import given, settings, strategies as st
 
+from memory import FakeBackend, converse as conversation, endpoint
 from pfrest.protocol import netstring, tcptable
-from test_dialogue import ChunkedReader, FakeBackend, Writes, endpoint
-from pfrest.dialogue import serve
-from pfrest.responder import Responder
 from pfrest.protocol.verdict import HttpResult
 
 
@@ -43,19 +41,18 @@ def test_netstring_decoder_never_raises(data):
 
 
 class AlwaysFound(FakeBackend):
-    def lookup(self, params, request_id):
+    async def lookup(self, params, request_id):
         self.calls.append(params)
         return HttpResult(200, b'["v"]')
 
-    def policy(self, pairs, request_id):
+    async def policy(self, pairs, request_id):
         self.calls.append(pairs)
         return HttpResult(200, b"DUNNO")
 
 
 def converse(mode, data, size):
-    backend, out = AlwaysFound({}), Writes()
-    serve(ChunkedReader(data, size), out, Responder(endpoint(mode), backend))
-    return out.writes, backend.calls
+    backend = AlwaysFound({})
+    return conversation(endpoint(mode), data, backend, size), backend.calls
 
 
 def well_formed(mode, reply):

@@ -72,20 +72,22 @@ def pfrest_logging(tmp_path):
 
 
 def test_token_in_an_internal_error_traceback_is_redacted(pfrest_logging):
-    from pfrest.responder import Responder
+    import asyncio
+    from pfrest.server.services import Service
 
     class Broken:
-        def lookup(self, params, request_id):
+        async def lookup(self, params, request_id):
             raise RuntimeError(f"cannot use header X-Auth-Token: {TOKEN}")
     ep = config.parse({"endpoints": [{"name": "t", "mode": "tcp-lookup", "target": "http://127.0.0.1:9/",
                                       "auth-token": TOKEN}]}).endpoints[0]
-    assert Responder(ep, Broken())(b"k") == b"400 internal%20error\n"
+    result, answer = asyncio.run(Service(ep, "ua", backend=Broken()).answer(b"k", "0123456789abcdef"))
+    assert answer.reply == b"400 internal%20error%20(ref%200123456789abcdef)\n"
     text = pfrest_logging.read_text()
     assert "Traceback" in text and "RuntimeError: cannot use header X-Auth-Token: (redacted)" in text
     assert TOKEN not in text
 
 
-def test_query_never_shows_the_token(backend, write_config, monkeypatch, capsys):
+def test_query_never_shows_the_token(backend, write_config, capsys):
     from pfrest import query
     from pfrest.protocol.verdict import Failure
     backend.answers["echo"] = echo_token
@@ -97,10 +99,12 @@ def test_query_never_shows_the_token(backend, write_config, monkeypatch, capsys)
     assert "auth-token: (set, redacted)" in lines
 
     class Leaky:  # whatever an HTTP library might quote in its exception text
-        def lookup(self, params, request_id):
+        async def lookup(self, params, request_id):
             return Failure("internal", f"header X-Auth-Token: {TOKEN} refused")
-    monkeypatch.setattr(query, "for_endpoint", lambda *args, **kw: Leaky())
-    query.run(cfg, "t", [b"k"], out=lines.append)
+
+        def close(self):
+            pass
+    query.run(cfg, "t", [b"k"], out=lines.append, backend=Leaky())
     assert "http: failed (internal): header X-Auth-Token: (redacted) refused" in lines
     assert not any(TOKEN in line for line in lines)
     assert TOKEN not in capsys.readouterr().err

@@ -1,9 +1,11 @@
-"""`pfrest serve --workers N`: pre-forked processes on shared sockets, balanced, reloaded, replaced,
-stopped together."""
+"""`pfrest serve --workers N`: the arbiter accepts and passes connections to the least busy worker;
+reloads (sockets added, moved, removed) apply to every worker and to connections already open; a worker
+that dies is replaced with the current config; a stop drains every worker."""
 
 import os
 import re
 import signal
+import threading
 import time
 
 from conftest import Backend
@@ -24,7 +26,29 @@ def alive(pid):
         return False
 
 
-def test_workers_share_balance_reload_and_stop(backend, write_config, served):
+def counters(proc, pattern, timeout=10):
+    """SIGUSR1 until a stats line matches ``pattern`` (the workers report every second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        mark = proc.mark()
+        proc.send(signal.SIGUSR1)
+        line = proc.wait_for(r"stats workers connections=.*", after=mark).group(0)
+        text = "\n".join(proc.lines[mark:])
+        match = re.search(pattern, text)
+        if match:
+            return match, line
+        assert time.monotonic() < deadline, text
+        time.sleep(0.3)
+
+
+def until(predicate, timeout=10, what=""):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_workers_balance_reload_in_place_and_stop(backend, write_config, served):
     other = Backend()
     try:
         backend.answers["k"] = (200, ["old"])
@@ -38,34 +62,17 @@ def test_workers_share_balance_reload_and_stop(backend, write_config, served):
         kept = [connect(("127.0.0.1", port)) for _ in range(8)]
         for sock in kept:
             assert tcp_get(sock, b"k") == b"200 old\n"
-
-        mark = proc.mark()
-        proc.send(signal.SIGUSR1)  # each worker logs its own counters
-        proc.wait_for(r"stats endpoint=ep", after=mark)
-        deadline = time.monotonic() + 10
-        while len(re.findall(r"stats endpoint=ep .*accepted=(\d+)", "\n".join(proc.lines[mark:]))) < 2:
-            assert time.monotonic() < deadline, proc.log
-            time.sleep(0.05)
-        accepted = [int(n) for n in re.findall(r"stats endpoint=ep .*accepted=(\d+)",
-                                               "\n".join(proc.lines[mark:]))]
-        assert sum(accepted) == 8 and min(accepted) >= 3, accepted  # not all on one worker
+        # the whole service's counters, added up from both workers; the connections split 4 and 4
+        _, workers = counters(proc, r"stats endpoint=ep connections=8 accepted=8 refused=- requests=8 "
+                                    r"replies=FOUND:8 ")
+        assert workers.endswith("connections=4,4")
 
         write_config([endpoint(other, **{"bind-port": port})])
         mark = proc.mark()
         proc.send(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "\n".join(proc.lines[mark:]).count("reloaded ") < 2:
-            assert time.monotonic() < deadline, proc.log
-            time.sleep(0.05)
-        with connect(("127.0.0.1", port)) as fresh:
-            assert tcp_get(fresh, b"k") == b"200 new\n"
-        assert tcp_get(kept[0], b"k") == b"200 old\n"  # connections keep their settings
-
-        write_config([endpoint(other, **{"bind-port": free_port()})])  # a socket the workers lack
-        mark = proc.mark()
-        proc.send(signal.SIGHUP)
-        proc.wait_for(r"reload: keeping the old configuration: with --workers, a reload cannot add",
-                      after=mark)
+        proc.wait_for(r"reloaded ", after=mark)
+        for sock in kept:  # every connection already open, on both workers, gets the new target
+            assert tcp_get(sock, b"k") == b"200 new\n"
         with connect(("127.0.0.1", port)) as fresh:
             assert tcp_get(fresh, b"k") == b"200 new\n"
 
@@ -74,32 +81,119 @@ def test_workers_share_balance_reload_and_stop(backend, write_config, served):
         proc.send(signal.SIGTERM)
         assert proc.exit_status() == 0
         assert not any(alive(pid) for pid in pids)
+        assert proc.log.count("letting requests in progress finish") == 2
+        assert re.search(r"stats endpoint=ep connections=0 accepted=9 refused=- requests=17 ", proc.log)
     finally:
         other.stop()
 
 
-def test_a_worker_that_dies_is_replaced(backend, write_config, served):
+def test_a_burst_of_connections_is_spread_evenly(backend, write_config, served):
+    """40 connections opened at once, as Postfix's processes do after a reload: 20 and 20, all served."""
     backend.answers["k"] = (200, ["v"])
     port = free_port()
     proc = served("-c", write_config([endpoint(backend, **{"bind-port": port})]), "--workers", "2")
     proc.wait_for(r"2 workers")
-    first = workers_of(proc)
-    os.kill(first[0], signal.SIGKILL)
-    proc.wait_for(r"worker \d \(pid %d\) ended with status -9; replacing it" % first[0])
-    deadline = time.monotonic() + 10
-    while len(set(workers_of(proc)) - {first[0]}) < 2:
-        assert time.monotonic() < deadline, proc.log
-        time.sleep(0.05)
-    for _ in range(4):
-        with connect(("127.0.0.1", port)) as sock:
-            assert tcp_get(sock, b"k") == b"200 v\n"
+    socks, answers, start = [], [], threading.Barrier(40)
+
+    def client():
+        start.wait()
+        sock = connect(("127.0.0.1", port))
+        socks.append(sock)
+        answers.append(tcp_get(sock, b"k"))
+    threads = [threading.Thread(target=client) for _ in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert answers == [b"200 v\n"] * 40
+        _, workers = counters(proc, r"stats endpoint=ep connections=40 .* requests=40 ")
+        assert workers.endswith("connections=20,20"), workers
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_reload_adds_moves_and_removes_sockets_with_workers(backend, write_config, served, tmp_path):
+    backend.answers["k"] = (200, ["v"])
+    first, moved = free_port(), free_port()
+    path = tmp_path / "b.sock"
+    proc = served("-c", write_config([endpoint(backend, name="a", **{"bind-port": first}),
+                                      endpoint(backend, name="gone", **{"bind-port": free_port()})]),
+                  "--workers", "2")
+    proc.wait_for(r"2 workers")
+    with connect(("127.0.0.1", first)) as held:
+        assert tcp_get(held, b"k") == b"200 v\n"
+        write_config([endpoint(backend, name="a", **{"bind-port": moved}),
+                      dict(endpoint(backend, name="b"), **{"bind-path": str(path)}, **{"bind-port": None})])
+        # bind-port null is not valid: the whole reload is refused and nothing changes
+        mark = proc.mark()
+        proc.send(signal.SIGHUP)
+        proc.wait_for(r"reload: keeping the old configuration", after=mark)
+        assert tcp_get(held, b"k") == b"200 v\n"
+        b = endpoint(backend, name="b")
+        del b["bind-port"]
+        write_config([endpoint(backend, name="a", **{"bind-port": moved}), dict(b, **{"bind-path": str(path)})])
+        mark = proc.mark()
+        proc.send(signal.SIGHUP)
+        proc.wait_for(r"reloaded ", after=mark)
+        assert held.recv(100) == b""  # its endpoint moved: the connection closes at the next boundary
+    with connect(("127.0.0.1", moved)) as sock:
+        assert tcp_get(sock, b"k") == b"200 v\n"
+    with connect(str(path)) as sock:
+        assert tcp_get(sock, b"k") == b"200 v\n"
+    try:
+        connect(("127.0.0.1", first), timeout=2).close()
+        raise AssertionError("the old socket still accepts")
+    except ConnectionRefusedError:
+        pass
     proc.send(signal.SIGTERM)
     assert proc.exit_status() == 0
+    assert not path.exists()
+
+
+def test_a_worker_killed_after_a_reload_comes_back_with_the_new_config(backend, write_config, served):
+    other = Backend()
+    try:
+        backend.answers["k"] = (200, ["old"])
+        other.answers["k"] = (200, ["new"])
+        port = free_port()
+        cfg = write_config([endpoint(backend, **{"bind-port": port})])
+        proc = served("-c", cfg, "--workers", "2")
+        proc.wait_for(r"2 workers")
+        write_config([endpoint(other, **{"bind-port": port})])
+        mark = proc.mark()
+        proc.send(signal.SIGHUP)
+        proc.wait_for(r"reloaded ", after=mark)
+        first = workers_of(proc)
+        for pid in first:
+            os.kill(pid, signal.SIGKILL)
+        for pid in first:
+            proc.wait_for(r"worker \d \(pid %d\) ended with status -9; replacing it" % pid, after=mark)
+        until(lambda: len(set(workers_of(proc)) - set(first)) == 2, what=proc.log)
+        answers = []
+        until(lambda: _answer(port, answers), what=f"no answer from the new workers: {answers}")
+        for _ in range(6):  # both replacements: every connection gets the reloaded config
+            with connect(("127.0.0.1", port)) as sock:
+                assert tcp_get(sock, b"k") == b"200 new\n"
+        proc.send(signal.SIGTERM)
+        assert proc.exit_status() == 0
+    finally:
+        other.stop()
+
+
+def _answer(port, answers):
+    try:
+        with connect(("127.0.0.1", port)) as sock:
+            answers.append(tcp_get(sock, b"k"))
+            return True
+    except (OSError, EOFError):
+        return False
 
 
 def test_a_stop_signal_to_every_process_still_drains(backend, write_config, served):
     """systemd's default KillMode signals the whole unit; Ctrl-C the whole process group: the workers
-    get the signal twice (directly and from the supervisor) and must still drain, not exit at once."""
+    get the signal as well as the arbiter's order and must still drain, not exit at once."""
     backend.answers["k"] = (200, ["v"])
     port = free_port()
     proc = served("-c", write_config([endpoint(backend, **{"bind-port": port})]), "--workers", "2")

@@ -32,7 +32,7 @@ class HttpResult(NamedTuple):
 
 class Failure(NamedTuple):
     """The HTTP exchange did not complete.  ``kind`` is one of the words below."""
-    kind: str        # timeout, refused, reset, dns, tls, too-large, internal
+    kind: str        # timeout, refused, reset, dns, tls, too-large, protocol, internal
     detail: str = ""  # for the log only, never for Postfix
 
 
@@ -55,6 +55,7 @@ def _failure(result: Failure) -> Verdict:
         "dns": "backend host name did not resolve",
         "tls": "TLS error talking to the backend",
         "too-large": "backend answer too large",
+        "protocol": "backend answer is not valid HTTP",
     }.get(result.kind, "internal error"))
 
 

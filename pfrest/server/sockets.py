@@ -21,6 +21,18 @@ class BindError(Exception):
     """A listening socket could not be set up; the message names the endpoint."""
 
 
+def bind_key(endpoint, inherited=()):
+    """What identifies an endpoint's listening socket, across reloads and between processes: a socket
+    passed by systemd (by endpoint name), a unix socket path, or a TCP address and port."""
+    if endpoint.name in inherited:
+        return ("fd", endpoint.name)
+    if endpoint.bind_path:
+        return ("unix", endpoint.bind_path)
+    if endpoint.bind_port == 0:
+        return ("tcp", endpoint.bind_address, 0, endpoint.name)  # every port 0 is a port of its own
+    return ("tcp", endpoint.bind_address, endpoint.bind_port)
+
+
 def where(endpoint) -> str:
     """The configured address of an endpoint, for messages."""
     if endpoint.bind_path:

@@ -1,0 +1,33 @@
+"""The HTTP side on the event loop: one backend request per Postfix request.
+
+    backend = for_endpoint(endpoint, user_agent)
+    result = await backend.lookup((("key", b"a b"),), new_request_id())   # HttpResult or Failure
+    result = await backend.policy([(b"recipient", b"x@example.com")], new_request_id())
+    backend.close()
+
+Deliberate choices, as before the move to asyncio:
+- no redirects, no proxies or CA bundles from the environment, no .netrc: spawn(8) and systemd give a
+  clean environment, and an admin must never see behaviour change because of one.  ``proxy`` and
+  ``ca-file`` are config keys, so the auth token only ever goes to the configured target;
+- the whole exchange is bounded by ``request-timeout``; bodies are read up to MAX_BODY and no further.
+
+Modules: route and request (what to send where, pure), response and tunnel (reading answers,
+sans-I/O), connection, connect, tls and pool (the sockets), client and cache (the interface).
+"""
+
+from pfrest.backend.cache import CachingClient
+from pfrest.backend.client import Client
+from pfrest.backend.request import new_request_id
+from pfrest.backend.response import MAX_BODY
+from pfrest.config import POLICY
+
+__all__ = ["CachingClient", "Client", "MAX_BODY", "for_endpoint", "new_request_id"]
+
+
+def for_endpoint(endpoint, user_agent: str):
+    """The client for one endpoint: HTTP, behind a cache when a lookup endpoint configures one."""
+    client = Client(endpoint, user_agent)
+    if endpoint.mode != POLICY and (endpoint.cache_ttl > 0 or endpoint.cache_negative_ttl > 0):
+        return CachingClient(client, endpoint.cache_ttl, endpoint.cache_negative_ttl,
+                             endpoint.cache_max_entries, endpoint.list_separator)
+    return client

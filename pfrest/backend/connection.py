@@ -1,0 +1,77 @@
+"""One connection to the backend (or to the proxy in front of it), as an asyncio Protocol.
+
+An exchange writes one request and waits for the reader it was given (response.ResponseReader, or
+the proxy's CONNECT reply) to be done; ``data_received`` feeds the reader, EOF and connection loss end
+it.  Between exchanges the connection is idle, and anything arriving then (bytes, EOF) makes it dead:
+a well-behaved backend says nothing unasked, and stale bytes must never be read as the next answer.
+"""
+
+import asyncio
+
+from pfrest.backend.errors import failure_for
+
+
+class Connection(asyncio.Protocol):
+    __slots__ = ("transport", "dead", "idle_since", "_loop", "_reader", "_done")
+
+    def __init__(self, loop):
+        self._loop = loop
+        self.transport = None
+        self.dead = False          # closed, or must never carry another request
+        self.idle_since = 0.0      # loop.time() when it last became idle (set by the pool)
+        self._reader = None        # the reader of the exchange in progress; None while idle
+        self._done = None          # the future that exchange waits on
+
+    def exchange(self, request: bytes, reader) -> "asyncio.Future":
+        """Write ``request`` in one write; the future resolves once ``reader.done``.  A caller that
+        stops waiting (cancelled, timed out) must ``abort()``: the connection is in an unknown state."""
+        self._reader, self._done = reader, self._loop.create_future()
+        if self.dead:
+            reader.eof()
+            return self._settle()
+        self.transport.write(request)
+        return self._done
+
+    def abort(self):
+        """Close at once, dropping anything not yet sent: a late request must never go out."""
+        self.dead = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _settle(self):
+        done, self._reader, self._done = self._done, None, None
+        if not done.done():
+            done.set_result(None)
+        return done
+
+    # --- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        reader = self._reader
+        if reader is None:
+            self.abort()   # unasked bytes while idle
+            return
+        reader.feed(data)
+        if reader.done:
+            self._settle()
+
+    def eof_received(self):
+        self.dead = True
+        reader = self._reader
+        if reader is not None:
+            reader.eof()
+            self._settle()
+        # returning None lets the transport close itself
+
+    def connection_lost(self, exc):
+        self.dead = True
+        reader = self._reader
+        if reader is not None:
+            if exc is None:
+                reader.eof()
+            else:
+                reader.abort(failure_for(exc, "connection lost"))
+            self._settle()

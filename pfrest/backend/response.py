@@ -1,0 +1,201 @@
+"""Reads one HTTP/1.1 response from bytes fed to it, after any interim 1xx ones.  Sans-I/O.
+
+httptools (llhttp) does the framing; this reader adds pfrest's rules on top:
+- 1xx interim responses (RFC 9110 15.2: 100, 102, 103, ...) are read past wherever the bytes are
+  split; 101 is a protocol failure (no upgrade was asked for), and so is a 1xx with content;
+- the head is bounded by MAX_HEAD (headers dripping in forever must not grow memory), bodies by
+  MAX_BODY before and after Content-Encoding is undone, inflating incrementally so that a gzip bomb
+  costs neither its memory nor its CPU;
+- a body without Content-Length or chunked framing ends at EOF (httptools has no finish(), so the
+  headers tell), any other early EOF is a failure;
+- bytes after the final response in the same read (a Content-Length lie, an unsolicited response)
+  are a protocol failure.  Bare CR/LF between messages are skipped by the parser (RFC 9112 2.2).
+
+Only APIs that httptools 0.1.1 already had are used (Debian 12's).
+"""
+
+import re
+import zlib
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from pfrest.protocol.verdict import Failure, HttpResult
+
+MAX_BODY = 1 << 20   # bytes; more than any Postfix reply can carry, even JSON-escaped
+MAX_HEAD = 1 << 16   # bytes of status lines and headers (interim responses included) before the body
+NO_BODY_STATUSES = (204, 304)
+_KEPT = frozenset((b"content-length", b"transfer-encoding", b"content-encoding", b"cache-control",
+                   b"location"))
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)", re.I)
+_NO_STORE = re.compile(r"(?:^|,)\s*(?:no-store|no-cache|private)\b", re.I)
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing once the reader has failed."""
+
+
+def max_age(cache_control):
+    """Seconds from Cache-Control max-age, -1 for no-store/no-cache/private, None when absent."""
+    if not cache_control:
+        return None
+    if _NO_STORE.search(cache_control):
+        return -1
+    match = _MAX_AGE.search(cache_control)
+    return int(match.group(1)) if match else None
+
+
+def inflater(encoding: bytes):
+    """A decompressor for the Content-Encoding, None for identity, False for one pfrest cannot undo."""
+    encoding = encoding.strip().lower()
+    if encoding in (b"", b"identity"):
+        return None
+    if encoding in (b"gzip", b"x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == b"deflate":
+        return zlib.decompressobj()
+    return False
+
+
+class ResponseReader:
+    """Feed it the bytes of a connection; ``done`` turns True once ``result`` (an HttpResult or a
+    Failure) is known.  ``keep_alive`` says whether the connection may carry another request as far
+    as this response goes: complete, length-framed, keep-alive, nothing after it."""
+    __slots__ = ("done", "result", "keep_alive", "started", "_fed", "_parser", "_status", "_length",
+                 "_transfer", "_encoding", "_cache_control", "_location", "_until_eof", "_size",
+                 "_chunks", "_inflater", "_inflated")
+
+    def __init__(self):
+        self.done, self.result, self.keep_alive, self.started = False, None, False, False
+        self._fed = 0   # bytes fed while the final head was incomplete
+        self._parser = HttpResponseParser(self)
+        self._new_message()
+
+    @property
+    def unanswered(self) -> bool:
+        """The connection ended before any byte of a response: the request may never have arrived."""
+        return not self.started and isinstance(self.result, Failure) and self.result.kind == "reset"
+
+    def feed(self, data: bytes):
+        self.started = True
+        try:
+            self._parser.feed_data(data)
+        except (HttpParserError, HttpParserUpgrade) as exc:
+            what = "bytes after the response" if self.done else "malformed response"
+            self._fail("protocol", f"{what}: {exc}")
+        if self._fed >= 0:   # still reading a head: everything fed so far was head
+            self._fed += len(data)
+            if self._fed > MAX_HEAD and not self.done:
+                self._fail("too-large", f"response head over {MAX_HEAD} bytes")
+
+    def eof(self):
+        """The peer closed the connection: the end of an EOF-delimited body, or a failure."""
+        if self.done:
+            return
+        if self._until_eof:
+            self._finish(False)
+        else:
+            self._fail("reset", "connection closed before the response was complete" if self.started
+                       else "connection closed without an answer")
+
+    def abort(self, failure: Failure):
+        """The connection broke (reset, TLS error): whatever was read is incomplete."""
+        if not self.done:
+            self._fail(*failure)
+
+    def _fail(self, kind: str, detail: str) -> _Stop:
+        if not isinstance(self.result, Failure):  # the first failure is the one to report
+            self.result = Failure(kind, detail)
+        self.done, self.keep_alive = True, False
+        return _Stop()
+
+    # --- httptools callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self):
+        if self.done:
+            raise self._fail("protocol", "bytes after the response: another response")
+        if self._status is not None:   # an interim response came first: forget its headers
+            self._new_message()
+
+    def _new_message(self):
+        self._status = self._length = self._transfer = self._encoding = None
+        self._cache_control = self._location = self._inflater = None
+        self._until_eof, self._size, self._chunks, self._inflated = False, 0, [], 0
+
+    def on_header(self, name: bytes, value: bytes):
+        name = name.lower()
+        if name not in _KEPT:
+            return
+        if name == b"content-length":
+            self._length = int(value)   # llhttp has checked it is digits, and not given twice
+        elif name == b"transfer-encoding":
+            self._transfer = value if self._transfer is None else self._transfer + b"," + value
+        elif name == b"content-encoding":
+            self._encoding = value if self._encoding is None else self._encoding + b"," + value
+        elif name == b"cache-control":
+            self._cache_control = value if self._cache_control is None \
+                else self._cache_control + b"," + value
+        elif name == b"location":
+            self._location = value
+
+    def on_headers_complete(self):
+        self._status = status = self._parser.get_status_code()
+        if status < 200:
+            self._check_interim(status)
+        else:
+            self._fed = -1   # the final head is complete: no more counting
+            self._check_framing(status)
+
+    def on_body(self, data: bytes):
+        self._size += len(data)
+        if self._size > MAX_BODY:
+            raise self._fail("too-large", f"body over {MAX_BODY} bytes")
+        if self._inflater is not None:
+            data = self._inflate(data)
+        self._chunks.append(data)
+
+    def on_message_complete(self):
+        if self._status >= 200:
+            self._finish(self._parser.should_keep_alive())
+        # an interim response ends here; the next message begins with on_message_begin
+
+    # --- rules ----------------------------------------------------------------------------------
+
+    def _check_interim(self, status: int):
+        if status == 101:
+            raise self._fail("protocol", "101 Switching Protocols, but no upgrade was asked for")
+        if self._length or self._transfer is not None:
+            raise self._fail("protocol", f"interim response {status} with content")
+
+    def _check_framing(self, status: int):
+        if self._transfer is not None and self._transfer.strip().lower() != b"chunked":
+            raise self._fail("protocol", "Transfer-Encoding other than chunked: %r" % self._transfer)
+        if self._length is not None and self._length > MAX_BODY:
+            raise self._fail("too-large", f"Content-Length {self._length}")
+        if self._encoding is not None:
+            self._inflater = inflater(self._encoding)
+            if self._inflater is False:
+                raise self._fail("protocol", "unsupported Content-Encoding: %r" % self._encoding)
+        self._until_eof = self._length is None and self._transfer is None \
+            and status not in NO_BODY_STATUSES
+
+    def _inflate(self, data: bytes) -> bytes:
+        """At most MAX_BODY + 1 bytes of output in all: more is a failure, whatever the input holds."""
+        try:
+            data = self._inflater.decompress(data, MAX_BODY + 1 - self._inflated)
+        except zlib.error as exc:
+            raise self._fail("protocol", f"body does not inflate: {exc}") from None
+        self._inflated += len(data)
+        if self._inflated > MAX_BODY or self._inflater.unconsumed_tail:
+            raise self._fail("too-large", f"inflated body over {MAX_BODY} bytes")
+        return data
+
+    def _finish(self, keep_alive: bool):
+        if self._inflater is not None and not self._inflater.eof:
+            self._fail("protocol", "compressed body is truncated")
+            return
+        cache_control, location = self._cache_control, self._location
+        self.result = HttpResult(
+            self._status, b"".join(self._chunks),
+            None if location is None else location.decode("latin-1"),
+            None if cache_control is None else max_age(cache_control.decode("latin-1")))
+        self.done, self.keep_alive = True, keep_alive and not self._until_eof

@@ -1,0 +1,343 @@
+"""``pfrest serve --workers N``: one arbiter process that accepts, N worker processes that answer.
+
+Why processes: Python runs one thread at a time, so one process uses one core; N workers use N.
+
+The arbiter binds every socket (before dropping privileges), forks the workers, and then accepts every
+connection itself: it admits it (allow-from, max-connections for the whole service) and passes it to
+the worker with the fewest open connections, over that worker's channel (control.py, SCM_RIGHTS).  So
+connections are spread evenly whatever the burst, on TCP, unix and systemd sockets alike, and a
+reload is the single-process reload: the arbiter opens and closes the sockets the new config adds and
+drops, and sends the config to every worker, which applies it at once to the connections it has.
+
+A worker that dies is replaced, after RESTART_DELAY, by a fork of the arbiter: with the arbiter's
+current config, never the startup one.  The workers send their counters, which the arbiter adds up
+(SIGUSR1, and at exit).  The arbiter alone talks to systemd (the main PID).
+
+The arbiter runs a plain selector loop, not asyncio: it forks while running, and a child must start
+its own event loop from a clean slate.
+"""
+
+import heapq
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections import Counter
+
+from pfrest import config
+from pfrest.server import control, daemon, eventloop, privileges, systemd
+from pfrest.server.listener import Listener, connection_room
+from pfrest.server.sockets import BindError
+from pfrest.server.stats import Stats
+
+logger = logging.getLogger("pfrest")
+
+RESTART_DELAY = 1.0    # seconds before replacing a worker that died, so that a crash cannot spin
+READY_TIMEOUT = 10.0   # seconds the workers get to start before the service says it is ready
+RELOAD_TIMEOUT = 5.0   # seconds the workers get to confirm a reload before it is called done anyway
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
+
+
+class WorkerHandle:
+    """What the arbiter knows of one worker."""
+
+    def __init__(self, index, pid, channel):
+        self.index, self.pid, self.channel = index, pid, channel
+        self.ready = False
+        self.generation = 0      # the last config it confirmed
+        self.open = Counter()    # bind key -> connections passed to it and not ended yet
+        self.stats = {}          # endpoint name -> Stats, as it last reported them
+
+    @property
+    def connections(self):
+        return sum(self.open.values())
+
+
+class Arbiter:
+    def __init__(self, options, cfg, inherited):
+        self.options = options
+        self.stats = {}              # endpoint name -> the arbiter's own counters (accepted, refused)
+        self.ended_stats = {}        # endpoint name -> counters of workers that have ended
+        self.listener = Listener(cfg, options.names, inherited, stats=self.stats)
+        self.workers = {}            # pid -> WorkerHandle
+        self.timers = []             # heap of (when, sequence, callback, args)
+        self.selector = self.wake = None
+        self.stopping = None
+        self.stop_signals = 0
+        self.generation = 0          # counts reloads: workers confirm each one
+        self.confirming = None       # the generation whose confirmations are awaited
+
+    # --- the process ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        to_stderr_too = self.options.use_syslog or bool(self.options.log_file)
+        try:
+            self.listener.bind()
+            privileges.drop(self.listener.cfg.user, self.listener.unix_paths())
+        except config.ConfigError as exc:
+            return daemon.fatal(exc.problems, daemon.EX_CONFIG, to_stderr_too)
+        except (BindError, privileges.PrivilegeError, OSError) as exc:
+            self.listener.close()
+            return daemon.fatal([str(exc)], 1, to_stderr_too)
+        self.selector = selectors.DefaultSelector()
+        self._catch_signals()
+        for index in range(self.options.workers):
+            self._fork(index)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not all(w.ready for w in self.workers.values()) and time.monotonic() < deadline:
+            self._turn(deadline - time.monotonic())
+        self.listener.start(self, self._pass)
+        count = len(self.listener.addresses)
+        systemd.notify(f"READY=1\nSTATUS=serving {count} endpoint(s) with {len(self.workers)} workers")
+        logger.info("ready: serving %d endpoint(s), %d workers, pid %d", count, len(self.workers), os.getpid())
+        while self.workers or not self.stopping:
+            self._turn()
+        daemon.log_counters(self.summary())
+        logger.info("stopped")
+        return 0
+
+    def _turn(self, timeout=None):
+        """One round of the loop: wait for sockets or the next timer, then act."""
+        if self.timers:
+            wait = max(self.timers[0][0] - time.monotonic(), 0)
+            timeout = wait if timeout is None else min(timeout, wait)
+        for key, _ in self.selector.select(timeout):
+            callback, args = key.data
+            callback(*args)
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, callback, args = heapq.heappop(self.timers)
+            callback(*args)
+
+    # the Listener's watcher: readiness and timers on this loop
+
+    def watch(self, sock, callback, *args):
+        self.selector.register(sock, selectors.EVENT_READ, (callback, args))
+
+    def unwatch(self, sock):
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+
+    def later(self, seconds, callback, *args):
+        heapq.heappush(self.timers, (time.monotonic() + seconds, id(args), callback, args))
+
+    # --- signals ------------------------------------------------------------------------------------
+
+    def _catch_signals(self):
+        """Signal numbers arrive as bytes on a socket pair (set_wakeup_fd) and are handled in the loop;
+        the Python-level handler only counts stop signals, so that a second one exits at once even
+        while the loop waits for workers that drain."""
+        self.wake, writer = socket.socketpair()
+        self.wake.setblocking(False)
+        writer.setblocking(False)
+        self._wake_writer = writer
+        signal.set_wakeup_fd(writer.fileno())
+        for signum in _SIGNALS:
+            signal.signal(signum, self._on_signal)
+        self.watch(self.wake, self._signals)
+
+    def _on_signal(self, signum, frame):
+        if signum in daemon.STOP_SIGNALS:
+            self.stop_signals += 1
+            if self.stop_signals > 1:
+                logger.warning("second %s: exiting at once", signal.Signals(signum).name)
+                for pid in self.workers:
+                    _kill(pid, signal.SIGKILL)
+                logging.shutdown()
+                os._exit(1)
+
+    def _signals(self):
+        try:
+            received = self.wake.recv(4096)
+        except BlockingIOError:
+            return
+        for signum in received:
+            if signum in daemon.STOP_SIGNALS:
+                self._stop(signal.Signals(signum).name)
+            elif signum == signal.SIGHUP and not self.stopping:
+                self._reload()
+            elif signum == signal.SIGUSR1:
+                daemon.log_counters(self.summary())
+            elif signum == signal.SIGCHLD:
+                self._reap()
+
+    def _reload(self):
+        """The listener takes the new config here (sockets opened and closed); every worker gets it to
+        apply to its connections, and confirms; "reloaded" is logged (and systemd told) once all have."""
+        cfg = daemon.reload(self.listener.reload, self.options)
+        if cfg is None:
+            self._broadcast(("config", None, self.generation))  # still: reopen the log file
+            return
+        self.generation += 1
+        self.confirming = self.generation
+        self._broadcast(("config", cfg, self.generation))
+        self.later(RELOAD_TIMEOUT, self._confirmed, self.generation, True)
+        self._confirmed(self.generation)
+
+    def _confirmed(self, generation, late=False):
+        if self.confirming != generation:
+            return
+        slow = [w for w in self.workers.values() if w.generation < generation]
+        if slow and not late:
+            return
+        self.confirming = None
+        note = f" (workers {', '.join(str(w.index) for w in slow)} did not confirm)" if slow else ""
+        daemon.reloaded(self.options, note)
+
+    def _stop(self, name):
+        if self.stopping:
+            return
+        self.stopping = name
+        systemd.notify("STOPPING=1")
+        logger.info("%s: stopping %d workers", name, len(self.workers))
+        self.listener.close()
+        self._broadcast(("stop",))
+
+    # --- workers ------------------------------------------------------------------------------------
+
+    def _fork(self, index):
+        if self.stopping:
+            return
+        ours, theirs = control.pair()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ours.close()
+                self._become_worker(index, theirs)
+            finally:
+                os._exit(1)
+        theirs.close()
+        ours.setblocking(False)
+        handle = self.workers[pid] = WorkerHandle(index, pid, ours)
+        handle.generation = self.generation  # forked with the current config
+        self.watch(ours, self._from_worker, handle)
+
+    def _become_worker(self, index, channel):
+        """In the child: drop everything of the arbiter's, then serve; never returns."""
+        from pfrest.server.worker import Worker
+        signal.set_wakeup_fd(-1)
+        for signum in _SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        self.selector.close()
+        for sock in [self.wake, self._wake_writer, *(w.channel for w in self.workers.values()),
+                     *(slot.sock for slot in self.listener.slots.values()), *self.listener.inherited.values()]:
+            sock.close()
+        os.environ.pop("NOTIFY_SOCKET", None)  # systemd listens to the main PID only
+        status = 1
+        try:
+            worker = Worker(index, channel, self.listener.cfg, self.options, self.listener.inherited)
+            status = eventloop.run(worker.run())
+        except BaseException:
+            logger.exception("worker %d failed", index)
+        finally:
+            logging.shutdown()
+            os._exit(status)
+
+    def _from_worker(self, handle):
+        while True:
+            try:
+                message, fds = control.receive(handle.channel)
+            except BlockingIOError:
+                return
+            except OSError:
+                message, fds = None, []
+            for fd in fds:  # workers pass none; never leak one
+                os.close(fd)
+            if message is None:
+                self.unwatch(handle.channel)  # it is ending: SIGCHLD follows
+                return
+            kind = message[0]
+            if kind == "ready":
+                handle.ready = True
+            elif kind == "applied":
+                handle.generation = message[1]
+                self._confirmed(message[1])
+            elif kind == "closed":
+                handle.open[message[1]] -= 1
+                self.listener.closed(message[1])
+            elif kind == "stats":
+                handle.stats = message[1]
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            handle = self.workers.pop(pid, None)
+            if handle is None:
+                continue  # not a worker (the janitor never ends before us)
+            self._from_worker(handle)  # its last word: the final counters
+            self.unwatch(handle.channel)
+            handle.channel.close()
+            for key, count in handle.open.items():
+                self.listener.closed(key, count)
+            _add(self.ended_stats, handle.stats)
+            if self.confirming:
+                self._confirmed(self.confirming)
+            if not self.stopping:
+                logger.error("worker %d (pid %d) ended with status %s; replacing it in %.0f s", handle.index,
+                             pid, os.waitstatus_to_exitcode(status), RESTART_DELAY)
+                self.later(RESTART_DELAY, self._fork, handle.index)
+
+    def _broadcast(self, message):
+        for handle in list(self.workers.values()):
+            self._send(handle, message)
+
+    def _send(self, handle, message, fd=None):
+        try:
+            control.send(handle.channel, message, fd)
+            return True
+        except OSError as exc:
+            logger.error("worker %d (pid %d) does not take messages (%s); stopping it", handle.index,
+                         handle.pid, exc)
+            _kill(handle.pid, signal.SIGKILL)
+            return False
+
+    # --- connections --------------------------------------------------------------------------------
+
+    def _pass(self, slot, sock, peer, host):
+        """The Listener's sink: the admitted connection goes to the least busy worker."""
+        ready = [w for w in self.workers.values() if w.ready]
+        if not ready:
+            return "workers"
+        handle = min(ready, key=lambda w: (w.connections, w.index))
+        if handle.connections >= connection_room():
+            return "open-files"
+        if not self._send(handle, ("connection", slot.key, slot.endpoint.name, peer, host), sock.fileno()):
+            return "workers"
+        sock.close()  # the worker has its own copy now
+        handle.open[slot.key] += 1
+        return None
+
+    def summary(self):
+        """Counter lines for the whole service: the arbiter's, the ended workers' and the workers'."""
+        totals = {}
+        for part in (self.stats, self.ended_stats, *(w.stats for w in self.workers.values())):
+            _add(totals, part)
+        names = {slot.endpoint.name: slot.key for slot in self.listener.slots.values()}
+        lines = []
+        for name in dict.fromkeys([*names, *totals]):
+            open_now = sum(w.open[names[name]] for w in self.workers.values()) if name in names else 0
+            lines.append(f"endpoint={name} {totals.get(name, Stats()).summary(open_now)}")
+        workers = sorted(self.workers.values(), key=lambda w: w.index)
+        lines.append("workers connections=" + (",".join(str(w.connections) for w in workers) or "-"))
+        return lines
+
+
+def _add(totals, stats):
+    for name, s in stats.items():
+        totals.setdefault(name, Stats()).merge(s)
+
+
+def _kill(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,65 @@
+"""Started as root, ``pfrest serve`` binds first and then becomes the config's ``user`` for good: groups,
+gid, uid, in that order, so that no way back to root remains.
+
+The unix sockets it made live in directories that account may not write (Postfix's
+``/var/spool/postfix/private`` belongs to postfix), so it could not remove them at the end.  A *janitor*
+does: a child forked while still root that keeps nothing open but one pipe and waits, ignoring
+signals, until the pipe closes (the server has exited, however it ended), then removes those socket
+files (only if they are still the ones made: same inode) and exits.
+"""
+
+import logging
+import os
+import signal
+
+log = logging.getLogger("pfrest")
+
+
+class PrivilegeError(Exception):
+    pass
+
+
+def drop(user, unix_paths):
+    """As root: start the janitor for ``unix_paths`` ([(path, inode)]), hand the sockets to ``user`` and
+    become it.  Otherwise nothing, with a word when that is worth knowing."""
+    if os.geteuid() != 0:
+        return
+    if not user:
+        log.warning("running as root: set \"user\" in the config to drop privileges after binding")
+        return
+    import pwd
+    try:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, ValueError):
+        raise PrivilegeError(f"user: no such user {user!r}") from None
+    for path, _ in unix_paths:
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    if unix_paths:
+        _start_janitor(unix_paths)
+    os.initgroups(pw.pw_name, pw.pw_gid)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    log.info("running as user %s (uid %d, gid %d)", pw.pw_name, pw.pw_uid, pw.pw_gid)
+
+
+def _start_janitor(unix_paths):
+    read_end, write_end = os.pipe()
+    if os.fork() != 0:
+        os.close(read_end)
+        os.set_inheritable(write_end, False)  # only this process (and its forked workers) hold it
+        return
+    try:  # the janitor: never returns
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(signum, signal.SIG_IGN)  # a stop signal to the whole unit must not end it early
+        os.closerange(0, read_end)
+        os.closerange(read_end + 1, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
+        while os.read(read_end, 1):
+            pass
+        for path, inode in unix_paths:
+            try:
+                if os.stat(path).st_ino == inode:
+                    os.unlink(path)
+            except OSError:
+                pass
+    finally:
+        os._exit(0)

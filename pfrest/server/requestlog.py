@@ -1,0 +1,27 @@
+"""The one log line per answered request, for an admin grepping the mail log:
+
+    endpoint=domains id=3f2a9c0d11b2e4f5 key=example.com status=200 reply=FOUND ms=4.1
+    endpoint=policy id=... client_address=192.0.2.1 sender=a@b.example recipient=c@d.example status=200 action=REJECT go away ms=3.3
+"""
+
+from pfrest.protocol.answers import printable
+from pfrest.protocol.verdict import Failure
+
+MAX_DETAIL = 300  # characters of an error's or a Location's text
+
+
+def line(endpoint_name, request_id, subject, result, answer, ms) -> str:
+    status = getattr(result, "status", None) or "-"
+    extra = ""
+    if isinstance(result, Failure):
+        extra = f" error={result.kind}: {result.detail}"[:MAX_DETAIL]
+    elif getattr(result, "cached", False):
+        extra = " cache=hit"
+    elif getattr(result, "location", None) and 300 <= result.status < 400:
+        extra = f" location={printable(result.location.encode(), MAX_DETAIL)}"
+    v = answer.verdict
+    if answer.action is not None:
+        outcome = f"action={printable(answer.action.encode())}"
+    else:
+        outcome = f"reply={v.kind}" + (f" ({v.value})" if v.is_error else "")
+    return f"endpoint={endpoint_name} id={request_id} {subject} status={status} {outcome} ms={ms:.1f}{extra}"

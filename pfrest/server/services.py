@@ -1,0 +1,108 @@
+"""What each endpoint's requests are answered with, now: its config, protocol mode, backend client and
+counters; replaced as a whole on reload.
+
+Connections look their service up again for every request (``Services.current``), so a reload applies
+to connections that were already open too: Postfix keeps a ``tcp:`` connection for the life of its
+process, and a rotated token or a moved target must take effect.  A connection whose endpoint is gone,
+changed its protocol, moved to another socket or no longer allows its peer gets None: it is closed at
+the next request boundary.
+"""
+
+import logging
+from typing import NamedTuple, Optional
+from urllib.parse import urlsplit
+
+from pfrest.log import add_secret
+from pfrest.protocol.answers import Answer, mode_for
+from pfrest.protocol.verdict import TEMP, Verdict
+from pfrest.server import sockets
+from pfrest.server.stats import Stats
+
+log = logging.getLogger("pfrest")
+
+
+class Origin(NamedTuple):
+    """Where a connection came from: its endpoint, the listening socket's bind key (None for
+    ``pfrest handle``) and the peer's IP address (None for unix sockets and stdin)."""
+    endpoint: str
+    key: Optional[tuple] = None
+    host: Optional[str] = None
+
+
+class Service:
+    """One endpoint, as configured now.  ``backend``: what answers its requests (anything with the
+    coroutines ``lookup`` and ``policy`` and ``close``); by default the HTTP client for its target."""
+
+    def __init__(self, endpoint, user_agent, key=None, stats=None, backend=None):
+        self.endpoint, self.user_agent, self.key = endpoint, user_agent, key
+        self.mode = mode_for(endpoint)
+        self.networks = sockets.networks(endpoint.allow_from)
+        # whatever a library puts in an exception text, these never reach a log line
+        add_secret(endpoint.auth_token)
+        add_secret(urlsplit(endpoint.proxy).password if endpoint.proxy else None)
+        if backend is None:
+            from pfrest.backend import for_endpoint  # the HTTP side only where requests are answered
+            backend = for_endpoint(endpoint, user_agent)
+        self.backend = backend
+        self.stats = Stats() if stats is None else stats
+
+    async def answer(self, request, request_id):
+        """(the backend's result or None, the Answer) for one decoded request.  Never raises, but for
+        a cancellation: a bug in pfrest must still give Postfix a temporary answer."""
+        call, result = self.mode.call(request), None
+        try:
+            if call is not None:
+                ask = self.backend.lookup if call.kind == "lookup" else self.backend.policy
+                result = await ask(call.params, request_id)
+            return result, self.mode.answer(request, result, request_id)
+        except Exception:
+            log.exception("endpoint=%s id=%s internal error; answering with a temporary error",
+                          self.endpoint.name, request_id)
+            return result, Answer(self.mode.internal_error(request_id), Verdict(TEMP, "internal error"))
+
+    def same(self, endpoint, user_agent, key) -> bool:
+        return (self.endpoint, self.user_agent, self.key) == (endpoint, user_agent, key)
+
+    def admits(self, origin) -> bool:
+        if origin.key != self.key:
+            return False
+        return origin.host is None or not self.networks or sockets.allowed(self.networks, origin.host)
+
+    def close(self):
+        """No new backend connections are kept; requests in flight still finish."""
+        self.backend.close()
+
+
+class Services:
+    """The services of one process, by endpoint name.  ``generation`` changes with every ``apply``, so
+    that a connection re-checks its service only after a reload."""
+
+    def __init__(self, backend_for=None):
+        self.backend_for = backend_for   # endpoint -> backend, instead of its HTTP client (tests, embedding)
+        self.by_name = {}
+        self.stats = {}        # endpoint name -> Stats, kept across reloads
+        self.generation = 0
+
+    def apply(self, endpoints, user_agent, key_of=lambda ep: None):
+        """Serve ``endpoints`` from now on; unchanged ones keep their service (and its backend
+        connections).  ``key_of(endpoint)`` gives the bind key connections must have come through."""
+        current = {}
+        for ep in endpoints:
+            key, svc = key_of(ep), self.by_name.get(ep.name)
+            if svc is None or not svc.same(ep, user_agent, key):
+                backend = self.backend_for(ep) if self.backend_for else None
+                svc = Service(ep, user_agent, key, self.stats.setdefault(ep.name, Stats()), backend)
+            current[ep.name] = svc
+        retired = [svc for name, svc in self.by_name.items() if current.get(name) is not svc]
+        self.by_name = current
+        self.generation += 1
+        for svc in retired:
+            svc.close()
+
+    def current(self, origin) -> Optional[Service]:
+        svc = self.by_name.get(origin.endpoint)
+        return svc if svc is not None and svc.admits(origin) else None
+
+    def close(self):
+        for svc in self.by_name.values():
+            svc.close()

@@ -1,0 +1,128 @@
+"""One worker process of ``serve --workers``: the conversations of the connections the arbiter passes
+it, on the worker's own event loop.  It listens on nothing itself.
+
+Its channel to the arbiter (control.py) brings connections, the config after each reload (applied at
+once, to the connections already open too) and the order to stop; it takes back word of every
+connection that ended (the arbiter keeps the counts: max-connections, balance) and the counters, every
+STATS_INTERVAL seconds and at the end.  The channel closing means the arbiter is gone: the worker then
+drains and exits.  SIGTERM/SIGINT sent to the worker itself (systemd's KillMode=control-group, Ctrl-C
+to the process group) drain it too; a second one exits at once.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+from pfrest import log
+from pfrest.server import control
+from pfrest.server.listener import selected
+from pfrest.server.serving import Conversations
+from pfrest.server.services import Origin, Services
+from pfrest.server.sockets import bind_key
+
+logger = logging.getLogger("pfrest")
+
+STATS_INTERVAL = 1.0   # seconds between counter updates to the arbiter (while anything changed)
+
+
+class Worker:
+    def __init__(self, index, channel, cfg, options, inherited_names):
+        self.index, self.channel, self.options = index, channel, options
+        channel.setblocking(False)
+        self.inherited = frozenset(inherited_names)
+        self.services = Services()
+        self.conversations = Conversations(self.services, on_closed=self._closed)
+        self.stop = None
+        self._apply(cfg)
+
+    def _apply(self, cfg):
+        endpoints = selected(cfg, self.options.names, self.inherited)[0]
+        self.services.apply(endpoints, cfg.user_agent, lambda ep: bind_key(ep, self.inherited))
+        self.conversations.reconsider()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.stop = loop.create_future()
+        self._signals(loop)
+        loop.add_reader(self.channel.fileno(), self._receive)
+        self._send(("ready",))
+        reporter = loop.create_task(self._report())
+        why = await self.stop
+        loop.remove_reader(self.channel.fileno())
+        logger.info("worker %d: %s; letting requests in progress finish (up to %.1f s)", self.index, why,
+                    self.options.drain_timeout)
+        await self.conversations.drain(self.options.drain_timeout)
+        reporter.cancel()
+        self._send(("stats", self.services.stats))
+        return 0
+
+    def _signals(self, loop):
+        signals = []
+
+        def on_stop(signum):
+            if signals:
+                logging.shutdown()
+                os._exit(1)
+            signals.append(signum)
+            self._stopping(signal.Signals(signum).name)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_stop, signum)
+        for signum in (signal.SIGHUP, signal.SIGUSR1):  # the arbiter's business
+            loop.add_signal_handler(signum, lambda: None)
+
+    def _stopping(self, why):
+        if not self.stop.done():
+            self.stop.set_result(why)
+
+    def _receive(self):
+        while True:
+            try:
+                message, fds = control.receive(self.channel)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                message, fds = None, []
+                logger.error("worker %d: channel to the arbiter failed: %s", self.index, exc)
+            if message is None:
+                return self._stopping("the arbiter is gone")
+            self._dispatch(message, fds)
+
+    def _dispatch(self, message, fds):
+        kind = message[0]
+        if kind == "connection":
+            _, key, name, peer, host = message
+            sock = socket.socket(fileno=fds[0])
+            sock.setblocking(False)
+            if self.conversations.take(sock, Origin(name, key, host), peer):
+                sock.close()  # no room: the arbiter counted it, so say it ended
+                self._closed(key)
+        elif kind == "config":
+            _, cfg, generation = message
+            if self.options.log_file and not self.options.use_syslog:
+                log.for_foreground(False, self.options.log_file)  # the arbiter reopened it too
+            if cfg is not None:
+                self._apply(cfg)
+                self._send(("applied", generation))
+        elif kind == "stop":
+            self._stopping("stopping")
+
+    def _closed(self, key):
+        self._send(("closed", key))
+
+    def _send(self, message):
+        try:
+            control.send(self.channel, message)
+        except OSError:
+            pass  # the arbiter is gone; the channel's EOF stops this worker
+
+    async def _report(self):
+        last = None
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            now = {name: s.snapshot() for name, s in self.services.stats.items()}
+            if now != last:
+                self._send(("stats", self.services.stats))
+                last = now
