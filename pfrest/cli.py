@@ -1,7 +1,8 @@
 """Command line: ``pfrest handle|check|query|serve|demo``.  Imports stay lazy so that ``--help`` and
-``check`` cost no more than the config code, and ``handle`` only what a request needs."""
+``check`` cost no more than the config code, and ``handle`` only what a request needs: Postfix starts
+one ``handle`` per connection, so even argparse (0.6 MiB and 9 ms a process) is left out when its
+command line is the plain one that master.cf, xinetd and systemd give (``handle_argv``)."""
 
-import argparse
 import os
 import sys
 
@@ -9,6 +10,7 @@ from pfrest import __version__, config
 
 
 def _parser():
+    import argparse
     parser = argparse.ArgumentParser(
         prog="pfrest", description="Answer Postfix tcp_table, socketmap and policy requests from a REST backend.")
     parser.add_argument("--version", action="version", version=f"pfrest {__version__}")
@@ -52,9 +54,15 @@ def _parser():
     return parser
 
 
+def _invalid(message):
+    """The error argparse shows as is (argparse is loaded: only it calls the checks below)."""
+    import argparse
+    return argparse.ArgumentTypeError(message)
+
+
 def _port_base(text):
     if not text.isdigit() or not (int(text) == 0 or 1 <= int(text) <= 65533):
-        raise argparse.ArgumentTypeError("must be 0 or a port number up to 65533")
+        raise _invalid("must be 0 or a port number up to 65533")
     return int(text)
 
 
@@ -64,14 +72,42 @@ def _seconds(text):
     except ValueError:
         value = -1.0
     if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError("must be a number of seconds, 0..3600")
+        raise _invalid("must be a number of seconds, 0..3600")
     return value
 
 
 def _workers(text):
     if not text.isdigit() or not 1 <= int(text) <= 64:
-        raise argparse.ArgumentTypeError("must be a number of processes, 1..64")
+        raise _invalid("must be a number of processes, 1..64")
     return int(text)
+
+
+class HandleArgs:
+    def __init__(self, name, config_path=config.DEFAULT_PATH, log_file=None):
+        self.command, self.name, self.config, self.log_file = "handle", name, config_path, log_file
+
+
+def handle_argv(argv):
+    """``handle [-c FILE | --config FILE | --config=FILE] [--log-file PATH | --log-file=PATH] NAME``
+    without argparse; None for anything else (help, errors, other orders), which argparse then takes."""
+    if not argv or argv[0] != "handle":
+        return None
+    options, rest = {"-c": None, "--config": None, "--log-file": None}, list(argv[1:])
+    name = None
+    while rest:
+        word = rest.pop(0)
+        key, eq, value = word.partition("=")
+        if key in options and key != "-c" and eq and value:
+            options[key] = value
+        elif word in options and rest and options[word] is None and not rest[0].startswith("-"):
+            options[word] = rest.pop(0)
+        elif name is None and word and not word.startswith("-"):
+            name = word
+        else:
+            return None
+    if name is None or (options["-c"] and options["--config"]):
+        return None
+    return HandleArgs(name, options["-c"] or options["--config"] or config.DEFAULT_PATH, options["--log-file"])
 
 
 def _serve(args) -> int:
@@ -121,5 +157,6 @@ COMMANDS = {"handle": _handle, "check": _check, "query": _query, "serve": _serve
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = handle_argv(argv) or _parser().parse_args(argv)
     return COMMANDS[args.command](args)

@@ -61,7 +61,7 @@ def run(cfg, name, words, mapname=None, out=print, backend=None) -> int:
     endpoint = cfg.endpoint(name)
     request = build_request(endpoint, words, mapname)
     service = Service(endpoint, cfg.user_agent, backend=backend)
-    result, answer, request_id, ms = eventloop.run(ask(service, request))
+    result, answer, request_id, ms = eventloop.run(ask(service, request), fast=False)
     logger.info("%s", requestlog.line(endpoint.name, request_id, service.mode.subject(request), result,
                                       answer, ms))
     method = endpoint.method if endpoint.mode == config.POLICY else "GET"

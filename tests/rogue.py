@@ -198,6 +198,16 @@ response, chunked = _response, _chunked   # the bytes of a response; a chunked b
 CLOSE = object()   # a step of an answer: close the connection here
 
 
+def _wake(sock):
+    """End whatever another thread does with ``sock`` without closing it: a closed descriptor's number
+    is soon reused (by an event loop's own pipes, say), and a thread still holding it would then read
+    or write someone else's file.  The thread that owns the socket closes it."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)   # the plain socket's, even for TLS
+    except OSError:
+        pass
+
+
 class Request(NamedTuple):
     connection: int   # 1 for the first connection accepted, 2 for the next...
     head: bytes
@@ -249,7 +259,7 @@ class Scripted:
         self.port = self.address[1]
         self.url = f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{self.port}"
         self.connections, self.requests, self.ended = 0, [], {}
-        self.accepting, self.parked, self.stopping = threading.Event(), threading.Event(), threading.Event()
+        self.accepting, self.parked, self.stopping = (threading.Event() for _ in range(3))
         self.accepting.set()
         self.mute = False
         self._sockets = []
@@ -269,34 +279,34 @@ class Scripted:
 
     def stop(self):
         self.stopping.set()
-        self.sock.close()
-        for sock in self._sockets:
-            sock.close()
+        for sock in [self.sock] + self._sockets:
+            _wake(sock)
 
     def _accept(self):
-        while not self.stopping.is_set():
-            if not self.accepting.is_set():
-                self.parked.set()
-                self.stopping.wait(0.01)
-                continue
-            try:
-                if not select.select([self.sock], [], [], 0.02)[0]:
+        with self.sock:
+            while not self.stopping.is_set():
+                if not self.accepting.is_set():
+                    self.parked.set()
+                    self.stopping.wait(0.01)
                     continue
-                conn, _ = self.sock.accept()
-            except (OSError, ValueError):
-                return
-            self.connections += 1
-            self._sockets.append(conn)
-            threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True).start()
+                try:
+                    if not select.select([self.sock], [], [], 0.02)[0]:
+                        continue
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    return
+                self.connections += 1
+                self._sockets.append(conn)
+                threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True).start()
 
     def _serve(self, conn, number):
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.mute:
-            self.stopping.wait()
-            return
         try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.mute:
+                self.stopping.wait()
+                return
             if self.tls:
-                conn = self.tls.wrap_socket(conn, server_side=True)
+                conn = self.tls.wrap_socket(conn, server_side=True)   # the same descriptor
                 self._sockets.append(conn)
             self.ended[number] = self._converse(conn, number)
         except OSError:
@@ -355,25 +365,38 @@ class Proxy:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def stop(self):
-        self.sock.close()
-        for sock in self._sockets:
-            sock.close()
+        for sock in [self.sock] + self._sockets:
+            _wake(sock)
 
     def _accept(self):
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            self._sockets.append(client)
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+        with self.sock:
+            while True:
+                try:
+                    client, _ = self.sock.accept()
+                except OSError:
+                    return
+                self._sockets.append(client)
+                threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client):
+        with client:
+            upstream = self._open(client)
+            if upstream is None:
+                return
+            with upstream:
+                self._sockets.append(upstream)
+                back = threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True)
+                back.start()
+                self._pipe(client, upstream, True)
+                back.join()
+
+    def _open(self, client):
+        """The upstream connection for the client's first request (forwarded), or None."""
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = client.recv(65536)
             if not chunk:
-                return
+                return None
             data += chunk
         self.seen += data
         head = data.split(b"\r\n\r\n", 1)[0]
@@ -383,13 +406,11 @@ class Proxy:
             host, port = target.decode().rsplit(":", 1)
             upstream = socket.create_connection((host, int(port)))
             client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        else:
-            url = urlsplit(target.decode())
-            upstream = socket.create_connection((url.hostname, url.port))
-            upstream.sendall(data)
-        self._sockets.append(upstream)
-        threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
-        self._pipe(client, upstream, True)
+            return upstream
+        url = urlsplit(target.decode())
+        upstream = socket.create_connection((url.hostname, url.port))
+        upstream.sendall(data)
+        return upstream
 
     def _pipe(self, source, sink, record):
         try:
@@ -402,11 +423,8 @@ class Proxy:
                 sink.sendall(data)
         except OSError:
             pass
-        for sock in (source, sink):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _wake(source)
+        _wake(sink)
 
 
 # --- a name server that answers each question once ------------------------------------------------
@@ -424,24 +442,30 @@ class Dns:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def stop(self):
-        self.sock.close()
+        _wake(self.sock)   # on Linux this wakes a reader even of an unconnected UDP socket
 
     def _serve(self):
-        while True:
-            try:
-                query, peer = self.sock.recvfrom(512)
-            except OSError:
-                return
-            name, qtype, end = _question(query)
-            if name not in self.names or (name, qtype) in self.answered:
-                self.ignored += 1
-                continue
-            self.answered.add((name, qtype))
-            answers = b""
-            if qtype == 1:   # A
-                answers = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 0, 4) + self.names[name]
-            header = query[:2] + struct.pack(">HHHHH", 0x8180, 1, 1 if answers else 0, 0, 0)
-            self.sock.sendto(header + query[12:end] + answers, peer)
+        with self.sock:
+            while True:
+                try:
+                    query, peer = self.sock.recvfrom(512)
+                    if not query:
+                        return
+                    self._answer(query, peer)
+                except OSError:
+                    return
+
+    def _answer(self, query, peer):
+        name, qtype, end = _question(query)
+        if name not in self.names or (name, qtype) in self.answered:
+            self.ignored += 1
+            return
+        self.answered.add((name, qtype))
+        answers = b""
+        if qtype == 1:   # A
+            answers = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 0, 4) + self.names[name]
+        header = query[:2] + struct.pack(">HHHHH", 0x8180, 1, 1 if answers else 0, 0, 0)
+        self.sock.sendto(header + query[12:end] + answers, peer)
 
 
 def _question(query):

@@ -23,8 +23,7 @@ import uvloop
 import rogue
 from conftest import IN_CI, ROOT, Backend
 from pfrest import config
-from pfrest.backend import MAX_BODY, CachingClient, Client, for_endpoint, new_request_id
-from pfrest.backend import pool
+from pfrest.backend import MAX_BODY, CachingClient, Client, for_endpoint, new_request_id, pool
 from pfrest.backend.response import MAX_HEAD, ResponseReader
 from pfrest.protocol import verdict
 from pfrest.protocol.verdict import Failure, HttpResult
@@ -280,7 +279,9 @@ def test_a_response_split_in_two_at_every_byte_reads_the_same(name):
 
 def test_a_response_dripped_one_byte_per_write_reads_the_same(run, serve):
     """Through a socket: each byte in its own write (TCP_NODELAY), so every boundary occurs."""
-    server = serve(lambda r: [step for byte in SPLIT_RESPONSES[r.key] for step in (bytes([byte]), 0.0005)])
+    def answer(request):
+        return [step for byte in SPLIT_RESPONSES[request.key] for step in (bytes([byte]), 0.0005)]
+    server = serve(answer)
 
     async def scenario():
         client = Client(endpoint(server.url), "UA")
@@ -315,7 +316,7 @@ async def stage_scenario(client, stall_key):
 def check_stage(outcome):
     warm, stalled, elapsed, during, after = outcome
     assert warm == "warm" and during == "slow" and after == ["after-0", "after-1", "after-2"]
-    assert stalled.kind == "timeout" and SHORT_MS / 1000 - 0.05 < elapsed < SHORT_MS / 1000 + 0.2
+    assert stalled.kind == "timeout" and SHORT_MS / 1000 - 0.05 < elapsed < SHORT_MS / 1000 + 0.25
 
 
 def test_deadline_while_connecting(run, serve):
@@ -410,7 +411,7 @@ def test_deadline_while_resolving(serve, tmp_path):
     for kind, (warm, stalled, elapsed, during, after) in out.items():
         assert (warm, stalled, during, after) == ("warm", "timeout", "slow",
                                                   ["after-0", "after-1", "after-2"]), kind
-        assert SHORT_MS / 1000 - 0.05 < elapsed < SHORT_MS / 1000 + 0.2, kind
+        assert SHORT_MS / 1000 - 0.05 < elapsed < SHORT_MS / 1000 + 0.25, kind
     assert dns.ignored >= 2 and "never-sent" not in server.keys()
 
 
@@ -523,7 +524,7 @@ def dropping(serve):
         before = [r.key for r in server.requests if r.connection == request.connection][:-1]
         if before and before[-1].startswith("arm") and not request.key.startswith("arm"):
             return [CLOSE]
-        return found(request.key)
+        return [STALE_AFTER, found("late")] if request.key == "stall" else found(request.key)
     server = serve(answer)
     return server
 
@@ -542,13 +543,14 @@ def test_a_policy_request_is_never_sent_twice(run, serve):
     server = dropping(serve)
 
     async def scenario():
-        client = Client(endpoint(server.url, mode="policy", method="POST"), "UA")
-        return [await policy(client, r) for r in ("arm", "victim", "after")]
-    arm, victim, after = run(scenario())
-    assert arm.status == 200 and victim.kind == "reset" and after.status == 200
-    assert server.keys() == ["arm", "victim", "after"]
+        client = Client(endpoint(server.url, SHORT_MS, mode="policy", method="POST"), "UA")
+        return [await policy(client, r) for r in ("arm", "victim", "stall", "after")]
+    arm, victim, stall, after = run(scenario())
+    assert arm.status == 200 and victim.kind == "reset" and stall.kind == "timeout"
+    assert after.status == 200 and server.keys() == ["arm", "victim", "stall", "after"]
     head, body = server.requests[1].head, server.requests[1].body
-    assert head.startswith(b"POST /api HTTP/1.1\r\n") and body == b"request=smtpd_access_policy&recipient=victim"
+    assert head.startswith(b"POST /api HTTP/1.1\r\n")
+    assert body == b"request=smtpd_access_policy&recipient=victim"
     assert head.endswith(b"\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 44")
 
 
@@ -692,8 +694,9 @@ def test_an_http_target_through_a_proxy_gets_absolute_form_requests(run, serve, 
 
     async def scenario():
         client = Client(endpoint(server.url, proxy=url), "UA")
-        return [value(await ask(client, k)) for k in ("a", "b")]
-    assert run(scenario()) == ["a", "b"]
+        direct = Client(endpoint(server.url), "UA")
+        return [value(await ask(client, k)) for k in ("a", "b")] + [value(await ask(direct, "c"))]
+    assert run(scenario()) == ["a", "b", "c"]
     assert proxy.heads[0].startswith(f"GET {server.url}/api?key=a HTTP/1.1\r\n".encode())
     assert f"GET {server.url}/api?key=b HTTP/1.1\r\n".encode() in proxy.seen   # same connection
     assert b"Proxy-Authorization: Basic dXNlcjpwQHNz\r\n" in proxy.heads[0]   # user:p@ss
@@ -778,7 +781,7 @@ def test_framing_encodings_and_bounds(run, serve, bomb):
     results = run(scenario())
     got = {k: value(r) if isinstance(r, HttpResult) else r.kind for k, (r, _) in results.items()}
     assert got == FRAMING_RESULTS
-    assert results["bomb"][1] < 0.3   # inflating stopped at MAX_BODY: not 50 MB worth of CPU
+    assert results["bomb"][1] < 0.3   # inflating stopped at MAX_BODY: not 20 MB worth of CPU
     assert results["no-store"][0].max_age == -1
 
 
@@ -952,7 +955,8 @@ def test_identical_lookups_in_flight_share_one_request_and_a_cancelled_caller_ca
         return results, shared, inner.calls, callers[0].cancelled()
     results, shared, total, cancelled = run(scenario())
     assert cancelled and shared == 2 and total == 3
-    assert [r.body for r in results[:18]] == [b'["v"]'] * 18 and all(r.status == 503 for r in results[18:])
+    assert [r.body for r in results[:18]] == [b'["v"]'] * 18
+    assert all(r.status == 503 for r in results[18:])
     assert [r.cached for r in results[:18]] == [True] * 18   # none of them sent a request
 
 

@@ -90,3 +90,20 @@ def test_query_seed_endpoints(tmp_path):
     assert "reply: b'action=DEFER_IF_PERMIT Policy service temporarily unavailable (ref " in proc.stdout
     proc = run("query", "-c", str(path), "nope", "k")
     assert proc.returncode != 0 and "no endpoint named 'nope'" in proc.stderr
+
+
+def test_the_plain_handle_command_line_needs_no_argparse():
+    from pfrest.cli import handle_argv
+    for argv, expected in [(["handle", "ep"], ("ep", "/etc/pfrest/pfrest.json", None)),
+                           (["handle", "-c", "/x.json", "ep"], ("ep", "/x.json", None)),
+                           (["handle", "--config=/x.json", "--log-file", "/l", "ep"], ("ep", "/x.json", "/l")),
+                           (["handle", "ep", "--config", "/x.json"], ("ep", "/x.json", None))]:
+        args = handle_argv(argv)
+        assert (args.name, args.config, args.log_file) == expected, argv
+    for argv in (["handle"], ["handle", "-h"], ["handle", "a", "b"], ["handle", "-c"], ["handle", "-x", "ep"],
+                 ["handle", "-c", "a", "--config", "b", "ep"], ["check", "ep"], []):
+        assert handle_argv(argv) is None, argv  # argparse's turn: help, usage errors
+    code = ("import sys; from pfrest.cli import main\n"
+            "try:\n    main(['handle', '-c', '/nonexistent.json', 'ep'])\nexcept SystemExit:\n    pass\n"
+            "assert 'argparse' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=pfrest_env(), cwd=ROOT)

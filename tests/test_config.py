@@ -71,6 +71,11 @@ def test_toml_config_works_the_same(tmp_path):
     ({"method": "POST"}, "endpoints[1].method: not used by mode tcp-lookup"),
     ({"bind-address": "not an address!"}, "endpoints[1].bind-address: must be an IP address or host name"),
     ({"list-separator": "\n"}, "endpoints[1].list-separator: must not contain CR, LF or NUL"),
+    # 660 in JSON is not 0o660: only a string says octal unambiguously
+    ({"bind-path": "/run/x.sock", "bind-mode": 660},
+     "endpoints[1].bind-mode: must be an octal file mode in a string, such as \"0660\""),
+    ({"bind-path": "/run/x.sock", "bind-mode": "0999"},
+     "endpoints[1].bind-mode: must be an octal file mode in a string, such as \"0660\""),
 ])
 def test_errors_name_the_field(change, message):
     second = {"name": "b", "mode": "tcp-lookup", "target": "http://h/"}
@@ -97,6 +102,13 @@ def test_all_problems_reported_and_top_level_checked():
     assert "endpoints[0].target: is required" in found
     assert problems({}) == ["endpoints: is required"]
     assert problems({"endpoints": {}}) == ["endpoints: must be a list"]
+
+
+@pytest.mark.parametrize("agent", ["caf\u00e9 \u2603", "tab\tis fine but not\x01", "a\x7f"])
+def test_user_agent_must_be_a_latin1_header_value(agent):
+    assert problems({"user-agent": agent, "endpoints": []}) == [
+        "user-agent: must be Latin-1 text without control characters (it is sent as an HTTP header)"]
+    assert config.parse({"user-agent": "caf\u00e9/1.0\t(x)", "endpoints": []}).user_agent == "caf\u00e9/1.0\t(x)"
 
 
 def test_unreadable_and_malformed_files(tmp_path):

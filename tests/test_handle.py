@@ -213,3 +213,22 @@ def test_unknown_endpoint_and_bad_config_exit_nonzero(write_config, handle, tmp_
     assert handle(path, "nope", b"get k\n") == b""
     assert handle.returncode != 0
     assert "no endpoint named 'nope'" in handle.log
+
+
+def test_nothing_but_replies_on_stdout_and_stderr_whatever_breaks(backend, write_config, tmp_path):
+    """fd 1 and 2 may be the Postfix socket: a broken config, an unknown endpoint or a log file that
+    cannot be opened must not write a byte there, even with a terminal-like stderr."""
+    import subprocess
+    from conftest import ROOT, pfrest_cmd, pfrest_env
+    backend.answers["k"] = (200, ["v"])
+    good = write_config([endpoint(backend, "tcp-lookup")])
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"endpoints": [{"name": "ep", "mode": "tcp-lookup"}]}')
+    cases = [(["-c", str(broken), "ep"], b"", 78),
+             (["-c", str(tmp_path / "missing.json"), "ep"], b"", 78),
+             (["-c", good, "nope"], b"", 78),
+             (["-c", good, "--log-file", str(tmp_path / "no" / "such" / "dir.log"), "ep"], b"200 v\n", 0)]
+    for args, replies, status in cases:
+        proc = subprocess.run(pfrest_cmd("handle", *args), input=b"get k\n", capture_output=True,
+                              timeout=30, env=pfrest_env(), cwd=ROOT)
+        assert (proc.stdout, proc.stderr, proc.returncode) == (replies, b"", status), args

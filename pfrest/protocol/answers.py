@@ -12,6 +12,7 @@ Every error reply carries the request id (``ref ID``), which is also the backend
 the id in pfrest's log line, so that a deferral in Postfix's log leads to both.
 """
 
+import re
 from typing import NamedTuple, Optional
 
 from pfrest.config import POLICY, SOCKETMAP, TCP
@@ -21,6 +22,7 @@ from pfrest.protocol.verdict import Verdict
 # Actions whose text Postfix shows to the SMTP client: the ones a request id is added to.
 _REFUSALS = ("REJECT", "DEFER", "DEFER_IF_PERMIT", "DEFER_IF_REJECT")
 _CONTROL = {i: f"\\x{i:02x}" for i in list(range(32)) + [127]}
+_CONTROL_BYTES = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 class Answer(NamedTuple):
@@ -38,8 +40,11 @@ class Call(NamedTuple):
 
 def printable(data: bytes, limit: int = 200) -> str:
     """Bytes for a log line: UTF-8 where it is, escapes for the rest, never a line break."""
-    text = data[:limit].decode("utf-8", "backslashreplace").translate(_CONTROL)
-    return text + ("..." if len(data) > limit else "")
+    cut = data[:limit]
+    text = cut.decode("utf-8", "backslashreplace")
+    if _CONTROL_BYTES.search(cut):
+        text = text.translate(_CONTROL)
+    return text + "..." if len(data) > limit else text
 
 
 def with_reference(action: str, request_id: str) -> str:
@@ -152,11 +157,10 @@ class PolicyCheck:
 
     @staticmethod
     def subject(attrs) -> str:
-        first = {}
-        for name, value in attrs:
-            first.setdefault(name, value)
-        return " ".join(f"{n}={printable(first.get(n.encode(), b''))}"
-                        for n in ("client_address", "sender", "recipient"))
+        first = dict(reversed(attrs))  # an attribute sent twice: its first value
+        return (f"client_address={printable(first.get(b'client_address', b''))} "
+                f"sender={printable(first.get(b'sender', b''))} "
+                f"recipient={printable(first.get(b'recipient', b''))}")
 
     def internal_error(self, request_id) -> bytes:
         return policy.reply(with_reference(self.temporary_error_action, request_id))

@@ -25,9 +25,9 @@ class Decoder:
     final Close when the input breaks the protocol or the limits."""
 
     def __init__(self):
-        self._line = bytearray()
+        self._line = b""      # the line being received, without its LF yet
         self._attrs = []
-        self._size = 0
+        self._size = 0        # bytes of the request so far, in complete lines
         self._closed = False
 
     @property
@@ -36,30 +36,35 @@ class Decoder:
 
     def feed(self, data: bytes) -> list:
         items = []
-        while data and not self._closed:
-            end = data.find(b"\n")
-            if end < 0:
-                self._line += data
-                self._size += len(data)
-                problem = self._limits()
-                if problem:
-                    items.append(self._close(problem))
-                break
-            line = bytes(self._line + data[:end]) if self._line else data[:end]
-            self._size += end + 1
-            self._line.clear()
-            data = data[end + 1:]
-            item = self._limits() or self._take(line)
+        if self._closed or not data:
+            return items
+        lines = (self._line + data if self._line else data).split(b"\n")
+        self._line = lines.pop()  # what follows the last LF: part of a line still to come
+        attrs = self._attrs
+        for line in lines:
+            self._size += len(line) + 1
+            if line and self._size <= MAX_REQUEST and len(line) <= MAX_LINE and b"\0" not in line \
+                    and len(attrs) < MAX_ATTRIBUTES and line[-1:] != b"\r":
+                name, sep, value = line.partition(b"=")
+                if sep and name:  # the common case, decided here without a call
+                    attrs.append((name, value))
+                    continue
+            item = self._limits(line) or self._take(line)
+            attrs = self._attrs
             if isinstance(item, str):
                 items.append(self._close(item))
-            elif item is not None:
+                return items
+            if item is not None:
                 items.append(item)
+        problem = self._limits(self._line, len(self._line))
+        if problem:
+            items.append(self._close(problem))
         return items
 
-    def _limits(self):
-        if len(self._line) > MAX_LINE:
+    def _limits(self, line, pending=0):
+        if len(line) > MAX_LINE:
             return f"line over {MAX_LINE} bytes"
-        if self._size > MAX_REQUEST:
+        if self._size + pending > MAX_REQUEST:
             return f"request over {MAX_REQUEST} bytes"
         return None
 
@@ -75,8 +80,6 @@ class Decoder:
             if request[:1] != [REQUEST_TYPE]:
                 return "request attribute missing or not smtpd_access_policy"
             return attrs
-        if len(line) > MAX_LINE:
-            return f"line over {MAX_LINE} bytes"
         if b"\0" in line:  # Postfix's attributes are C strings
             return "NUL in request"
         name, sep, value = line.partition(b"=")

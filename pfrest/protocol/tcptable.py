@@ -17,6 +17,7 @@ HARD_REQUEST_LIMIT = 1 << 20  # no LF within this many bytes: the peer is not Po
 
 # Bytes Postfix sends unquoted: printable ASCII except space and '%'.
 _RAW = frozenset(range(0x21, 0x7F)) - {0x25}
+_RAW_BYTES = bytes(sorted(_RAW))
 _QUOTED = [bytes([b]) if b in _RAW else b"%%%02X" % b for b in range(256)]
 _DIGITS = "0123456789abcdefABCDEF"
 _HEX = {(a + b).encode(): int(a + b, 16) for a in _DIGITS for b in _DIGITS}
@@ -24,6 +25,8 @@ _HEX = {(a + b).encode(): int(a + b, 16) for a in _DIGITS for b in _DIGITS}
 
 def quote(data: bytes) -> bytes:
     """Quote bytes the way Postfix's hex_quote() does."""
+    if not data.translate(None, _RAW_BYTES):  # nothing to quote (the common case), found at C speed
+        return data
     return b"".join(_QUOTED[b] for b in data)
 
 

@@ -69,10 +69,17 @@ def _status(status: int) -> Verdict:
     return Verdict(TEMP, f"unexpected backend status (HTTP {status})", status)
 
 
+_json = json.JSONDecoder()
+
+
 def values(body: bytes):
     """The list of strings in a JSON body, or None when the body is anything else."""
     try:
-        data = json.loads(body)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:  # JSON in UTF-16 or UTF-32 (RFC 4627), which json.loads detects
+            text = body.decode(json.detect_encoding(body), "surrogatepass")
+        data = _json.decode(text)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
@@ -95,7 +102,7 @@ def lookup(result, separator: str = ",") -> Verdict:
         value = separator.join(items).encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates from \ud800 escapes
         return Verdict(TEMP, "invalid backend data: not UTF-8", 200)
-    if any(c in value for c in (b"\r", b"\n", b"\0")):
+    if b"\r" in value or b"\n" in value or b"\0" in value:
         return Verdict(TEMP, "invalid backend data: value holds CR, LF or NUL", 200)
     if not value:  # Postfix treats an empty found value as an error; it means "nothing"
         return Verdict(NOTFOUND, "not found", 200)

@@ -21,7 +21,9 @@ import asyncio
 import logging
 import time
 from collections import deque
+from random import getrandbits
 
+from pfrest import log as logs
 from pfrest.protocol.framing import Close, Reject
 from pfrest.server import requestlog
 
@@ -32,8 +34,8 @@ WRITE_TIMEOUT = 100.0   # seconds a client may leave our replies unread (Postfix
 
 
 def new_request_id() -> str:
-    from pfrest.backend import new_request_id as make  # one definition, with the X-Request-Id it names
-    return make()
+    """16 hex digits naming a request in the log, its reply and the backend's X-Request-Id."""
+    return "%016x" % getrandbits(64)
 
 
 class Conversation(asyncio.Protocol):
@@ -189,8 +191,8 @@ class Conversation(asyncio.Protocol):
         ms = (time.monotonic() - started) * 1000
         service.stats.record(answer.verdict, ms, result)
         if log.isEnabledFor(logging.INFO):
-            log.info("%s", requestlog.line(service.endpoint.name, request_id, service.mode.subject(request),
-                                           result, answer, ms))
+            logs.request(requestlog.line(service.endpoint.name, request_id, service.mode.subject(request),
+                                         result, answer, ms))
         self._write(answer.reply)
 
     def _write(self, reply):

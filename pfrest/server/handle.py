@@ -38,7 +38,7 @@ def run(config_path: str, name: str, log_file=None) -> int:
         for problem in exc.problems:
             logger.error("%s", problem)
         return EX_CONFIG
-    eventloop.run(converse(endpoint, cfg.user_agent))
+    eventloop.run(converse(endpoint, cfg.user_agent), fast=False)
     return 0
 
 
