@@ -11,6 +11,7 @@ requests are never sent twice: a rate-limiting backend must not count a message 
 """
 
 import asyncio
+from collections import deque
 
 from pfrest.backend import route as routes
 from pfrest.backend.connect import open_connection
@@ -22,7 +23,47 @@ from pfrest.protocol.verdict import Failure
 
 REUSABLE_STATUSES = (200, 404)   # the answers a healthy backend gives; after any other, a new connection
 
-_asyncio_timeout = getattr(asyncio, "timeout", None)   # 3.11+: a deadline without a task of its own
+
+class _Deadline:
+    __slots__ = ("when", "task", "expired")
+
+    def __init__(self, when, task):
+        self.when, self.task, self.expired = when, task, False
+
+
+class Deadlines:
+    """The deadlines of one client's calls.  All last request-timeout, so they come due in the order
+    they were set: one timer, for the oldest, cancels each call whose deadline has passed.  The same
+    ending by cancellation as ``asyncio.timeout`` gives, without its timer per call (a third of the
+    client's CPU per request, measured)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self._queue = deque()
+        self._timer = None
+
+    def start(self, loop, task) -> _Deadline:
+        deadline = _Deadline(loop.time() + self.seconds, task)
+        self._queue.append(deadline)
+        if self._timer is None:
+            self._timer = loop.call_at(deadline.when, self._expire, loop)
+        return deadline
+
+    def finish(self, deadline: _Deadline):
+        deadline.task = None
+        queue = self._queue
+        while queue and queue[0].task is None:  # calls end mostly in order: the queue stays short
+            queue.popleft()
+
+    def _expire(self, loop):
+        self._timer, queue, now = None, self._queue, loop.time()
+        while queue and (queue[0].task is None or queue[0].when <= now):
+            deadline = queue.popleft()
+            if deadline.task is not None:
+                deadline.expired = True
+                deadline.task.cancel()
+        if queue:
+            self._timer = loop.call_at(queue[0].when, self._expire, loop)
 
 
 class Client:
@@ -34,6 +75,7 @@ class Client:
         self._timeout = endpoint.timeout
         self._user_agent = user_agent
         self._pool, self._loop = Pool(), None
+        self._deadlines = Deadlines(self._timeout)
         try:
             self._route = routes.for_endpoint(endpoint)
         except UnicodeError as exc:   # a host name IDNA cannot encode: every call fails alike
@@ -56,21 +98,25 @@ class Client:
         self._pool.close()
 
     async def _call(self, build, items, request_id: str, retry: bool):
-        try:
-            request = build(items, request_id)
-            if _asyncio_timeout is None:
-                return await asyncio.wait_for(self._exchange(request, retry), self._timeout)
-            async with _asyncio_timeout(self._timeout):
-                return await self._exchange(request, retry)
-        except asyncio.TimeoutError:
-            return Failure("timeout", f"no complete answer within {self._timeout:g} s")
-        except Exception as exc:   # a failed step (DNS, connect, TLS, proxy) or a bug
-            return failure_for(exc, self._where)
-
-    async def _exchange(self, request: bytes, retry: bool):
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._new_loop(loop)
+        deadline = self._deadlines.start(loop, asyncio.current_task())
+        try:
+            return await self._exchange(loop, build(items, request_id), retry)
+        except asyncio.CancelledError:
+            if not deadline.expired:
+                raise  # the caller's own cancellation
+            uncancel = getattr(deadline.task, "uncancel", None)  # 3.11+: the cancellation was ours
+            if uncancel is not None:
+                uncancel()
+            return Failure("timeout", f"no complete answer within {self._timeout:g} s")
+        except Exception as exc:   # a failed step (DNS, connect, TLS, proxy) or a bug
+            return failure_for(exc, self._where)
+        finally:
+            self._deadlines.finish(deadline)
+
+    async def _exchange(self, loop, request: bytes, retry: bool):
         conn = self._pool.take(loop.time())
         while True:
             fresh = conn is None
@@ -94,6 +140,7 @@ class Client:
         closed = self._pool.closed
         self._pool, self._loop = Pool(), loop
         self._pool.closed = closed
+        self._deadlines = Deadlines(self._timeout)
 
     def _release(self, conn, reader, now: float):
         if reader.keep_alive and reader.result.status in REUSABLE_STATUSES:

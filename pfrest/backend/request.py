@@ -5,6 +5,7 @@ Accept, X-Auth-Token, Proxy-Authorization, Connection) is encoded once; per requ
 form body and X-Request-Id are added, and the whole request is one ``bytes`` for one write.
 """
 
+import re
 from random import getrandbits as _random_bits
 
 FORM_TYPE = b"application/x-www-form-urlencoded"
@@ -13,6 +14,12 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 # same, but a space is "+"); as urllib.parse.quote / quote_plus with safe="", at a third of the cost
 _QUERY = [chr(b) if b in _UNRESERVED else "%%%02X" % b for b in range(256)]
 _FORM = _QUERY[:32] + ["+"] + _QUERY[33:]
+_FORM_UNSAFE = re.compile(rb"[^A-Za-z0-9._~\x00\n-]")
+_FORM_ESCAPES = {bytes([b]): _FORM[b].encode("ascii") for b in range(256)}
+
+
+def _form_escape(match) -> bytes:
+    return _FORM_ESCAPES[match.group()]
 
 
 def new_request_id() -> str:
@@ -27,9 +34,16 @@ def query(params) -> str:
 
 
 def form(pairs) -> bytes:
-    """An application/x-www-form-urlencoded body from (bytes, bytes) pairs, in order, byte-exact."""
-    return "&".join(f"{n.decode('latin-1').translate(_FORM)}={v.decode('latin-1').translate(_FORM)}"
-                    for n, v in pairs).encode("ascii")
+    """An application/x-www-form-urlencoded body from (bytes, bytes) pairs, in order, byte-exact.
+
+    Policy attributes hold neither NUL nor LF (the policy decoder sees to it), so the pairs are joined
+    with those, escaped in one pass over the whole body, and only then turned into ``=`` and ``&``: a
+    policy request's thirty-odd attributes cost one regex pass instead of sixty translations."""
+    joined = b"\n".join(map(b"\0".join, pairs))
+    if joined.count(b"\0") != len(pairs) or joined.count(b"\n") != max(len(pairs) - 1, 0):
+        return "&".join(f"{n.decode('latin-1').translate(_FORM)}={v.decode('latin-1').translate(_FORM)}"
+                        for n, v in pairs).encode("ascii")
+    return _FORM_UNSAFE.sub(_form_escape, joined).replace(b"\0", b"=").replace(b"\n", b"&")
 
 
 def _line(name: str, value: str) -> bytes:
