@@ -582,3 +582,18 @@ def test_cli_help_does_not_import_the_listener():
             "try:\n    cli.main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
             "assert not {'pfrest.server.serving', 'asyncio', 'requests'} & set(sys.modules), sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=pfrest_env(), cwd=ROOT)
+
+
+def test_cached_answers_need_no_backend_request(backend, listening, pfrest_log):
+    """A hit is answered at once (no task, no backend request), byte for byte as the first answer."""
+    backend.answers.update({"k": (200, ["v 1"]), "gone": (404, b"")})
+    listener = listening(ephemeral([endpoint(backend, "socketmap-lookup", **{"cache-ttl": 60,
+                                                                             "cache-negative-ttl": 60})]))
+    with connect(listener.addresses["ep"]) as sock:
+        for _ in range(3):
+            assert ask(sock, netstring.encode(b"m k"), b",") == b"6:OK v 1,"
+            assert ask(sock, netstring.encode(b"m gone"), b",") == b"9:NOTFOUND ,"
+    assert len(backend.requests) == 2
+    assert len(set(re.findall(r"endpoint=ep id=(\w+) map=m key=k status=200 reply=FOUND ms=\S+ cache=hit",
+                              pfrest_log.text))) == 2
+    assert "replies=FOUND:3,NOTFOUND:3" in listener.summary()[0]

@@ -38,14 +38,23 @@ class CachingClient:
     def close(self):
         self.client.close()
 
-    async def lookup(self, params, request_id: str):
+    def peek(self, params):
+        """The cached answer for ``params`` (marked ``cached``), or None: a hit needs no coroutine."""
         key = tuple(params)
         entry = self._entries.get(key)
-        if entry is not None:
-            if entry[0] > self.clock():
-                self._entries.move_to_end(key)
-                return entry[1]._replace(cached=True)
-            del self._entries[key]
+        if entry is None:
+            return None
+        if entry[0] > self.clock():
+            self._entries.move_to_end(key)
+            return entry[1]
+        del self._entries[key]
+        return None
+
+    async def lookup(self, params, request_id: str):
+        hit = self.peek(params)
+        if hit is not None:
+            return hit
+        key = tuple(params)
         flight = self._flights.get(key)
         if flight is None:
             flight = self._flights[key] = asyncio.get_running_loop().create_task(
@@ -75,7 +84,7 @@ class CachingClient:
         ttl = self._lifetime(result)
         if ttl <= 0:
             return
-        self._entries[key] = (self.clock() + ttl, result)
+        self._entries[key] = (self.clock() + ttl, result._replace(cached=True))
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

@@ -87,8 +87,25 @@ def values(body: bytes):
     return data
 
 
+_VERDICTS_OF_CACHED = {}   # (status, body, separator) -> Verdict, for answers served from a cache
+MAX_REMEMBERED = 10000
+
+
 def lookup(result, separator: str = ",") -> Verdict:
-    """The verdict for a tcp-lookup or socketmap-lookup answer."""
+    """The verdict for a tcp-lookup or socketmap-lookup answer.  A cached answer comes again and
+    again: its verdict is worked out once (JSON and all), not on every hit."""
+    if isinstance(result, HttpResult) and result.cached:
+        key = (result.status, result.body, separator)
+        found = _VERDICTS_OF_CACHED.get(key)
+        if found is None:
+            if len(_VERDICTS_OF_CACHED) >= MAX_REMEMBERED:
+                _VERDICTS_OF_CACHED.clear()
+            found = _VERDICTS_OF_CACHED[key] = _lookup(result, separator)
+        return found
+    return _lookup(result, separator)
+
+
+def _lookup(result, separator) -> Verdict:
     if isinstance(result, Failure):
         return _failure(result)
     if result.status == 404:

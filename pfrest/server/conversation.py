@@ -171,7 +171,12 @@ class Conversation(asyncio.Protocol):
 
     def _start(self, service, request):
         # time.monotonic, not loop.time: uvloop's clock ticks in milliseconds
-        self.answering = self.loop.create_task(self._ask(service, request, new_request_id(), time.monotonic()))
+        request_id, started = new_request_id(), time.monotonic()
+        cached = service.answer_cached(request, request_id)
+        if cached is not None:  # no backend request: answered without a task
+            self._finish(service, request, cached[0], cached[1], request_id, started)
+        else:
+            self.answering = self.loop.create_task(self._ask(service, request, request_id, started))
 
     async def _ask(self, service, request, request_id, started):
         try:

@@ -46,6 +46,15 @@ class Service:
         self.backend = backend
         self.stats = Stats() if stats is None else stats
 
+    def answer_cached(self, request, request_id):
+        """(result, Answer) when the backend has the answer at hand (a cache hit), else None."""
+        peek = getattr(self.backend, "peek", None)
+        call = self.mode.call(request) if peek is not None else None
+        if call is None or call.kind != "lookup":
+            return None
+        result = peek(call.params)
+        return None if result is None else (result, self.mode.answer(request, result, request_id))
+
     async def answer(self, request, request_id):
         """(the backend's result or None, the Answer) for one decoded request.  Never raises, but for
         a cancellation: a bug in pfrest must still give Postfix a temporary answer."""
