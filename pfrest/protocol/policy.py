@@ -20,6 +20,21 @@ def reply(action: str) -> bytes:
     return b"action=" + action.encode("utf-8") + b"\n\n"
 
 
+def _whole_request(data: bytes):
+    """The attributes when ``data`` is exactly one plain request, decoded in a few passes (Postfix
+    writes a request at once and waits for the answer); None for anything else, which the general
+    path then takes, limits, CRLF clients and errors included."""
+    if len(data) > MAX_LINE or not data.endswith(b"\n\n") or b"\r" in data or b"\0" in data:
+        return None
+    parts = [line.partition(b"=") for line in data[:-2].split(b"\n")]
+    if len(parts) > MAX_ATTRIBUTES or not all(name and sep for name, sep, _ in parts):
+        return None
+    attrs = [(name, value) for name, _, value in parts]
+    if attrs[0] != (b"request", REQUEST_TYPE) and [v for n, v in attrs if n == b"request"][:1] != [REQUEST_TYPE]:
+        return None
+    return attrs
+
+
 class Decoder:
     """``feed(bytes)`` returns requests (lists of ``(name, value)`` byte pairs, in the order sent) and a
     final Close when the input breaks the protocol or the limits."""
@@ -38,6 +53,10 @@ class Decoder:
         items = []
         if self._closed or not data:
             return items
+        if not self._line and not self._attrs:
+            whole = _whole_request(data)
+            if whole is not None:
+                return [whole]
         lines = (self._line + data if self._line else data).split(b"\n")
         self._line = lines.pop()  # what follows the last LF: part of a line still to come
         attrs = self._attrs
