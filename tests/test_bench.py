@@ -13,12 +13,13 @@ def test_bench_prints_figures():
     out = subprocess.run([sys.executable, f"{ROOT}/bin/pfrest-bench", "--backend", "python", "--clients", "2",
                           "--client-processes", "1", "--duration", "0.5", "--runs", "1", "--modes", "tcp",
                           "--paced-lookups", "200", "--cache-warmup", "0.3", "--spawn-runs", "1",
-                          "--workers", "2"],
+                          "--workers", "2", "--idle", "20"],
                          capture_output=True, text=True, timeout=120, env=pfrest_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     number = r"\s+\d+(\.\d+)?"
-    for label in ("serve tcp uniform", "serve tcp skewed cache", "serve tcp uniform @200/s"):
+    for label in ("serve tcp uniform", "serve tcp skewed cache", "serve tcp uniform @200/s",
+                  "serve tcp uniform +20 idle"):
         assert re.search(re.escape(label) + number * 6, text), text  # rate, p50, p90, p99, max, CPU
     assert re.search(r"direct HTTP lookup uniform" + number * 5, text), text
     # fewer backend requests in the window and from the start, no bad reply

@@ -158,3 +158,31 @@ def test_tls_bad_certificate_is_temporary_and_ca_file_fixes_it(certificate, writ
         assert out == b"200 secure\n"
     finally:
         server.stop()
+
+
+def test_an_interim_answer_never_answers_the_next_key_through_postmap(postmap_conf):
+    """The wrong answer an independent review found in the threaded design: a 103 Early Hints and the
+    final 200 in two writes left the 200 for the next request, another key, to read.  Real postmap,
+    two keys over one connection to `pfrest serve` (in-process), one kept-alive backend connection."""
+    import dataclasses
+    from conftest import ServerThread, postmap
+    from pfrest import config
+    from rogue import Scripted, response
+    hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+
+    def answer(request):
+        found = response(200, b'["%s"]' % request.key.encode(), {"Content-Type": "application/json"})
+        return [hints, 0.2, found] if request.key.startswith("hint") else [found]
+    backend = Scripted(answer)
+    cfg = config.parse({"endpoints": [{"name": "t", "mode": "tcp-lookup", "target": backend.url + "/l",
+                                       "bind-port": 1, "request-timeout": 3000}]})
+    server = ServerThread(dataclasses.replace(cfg, endpoints=(dataclasses.replace(cfg.endpoints[0],
+                                                                                  bind_port=0),)))
+    try:
+        host, port = server.addresses["t"]
+        status, out, err = postmap(postmap_conf, "-", f"tcp:{host}:{port}", stdin="hint1\nnormal2\nhint3\n")
+        assert (status, out) == (0, "hint1\thint1\nnormal2\tnormal2\nhint3\thint3\n"), err
+        assert backend.connections == 1  # the same kept-alive connection for all three
+    finally:
+        server.stop()
+        backend.stop()

@@ -373,7 +373,9 @@ def test_sighup_changed_target_broken_config_and_counters(backend, write_config,
     other = Backend()
     try:
         backend.answers["k"] = (200, ["old"])
-        other.answers["k"] = (200, ["new"])
+        # the rotated token must be what the connection already open sends, too
+        other.answers["k"] = lambda request: (200, ["new"]) if request.headers.get("x-auth-token") == \
+            "n3w-t0ken" else (403, b"")
         path = tmp_path / "t.sock"
         cfg = write_config([unix_endpoint(backend, path, **{"auth-token": "t0ken"})])
         os.chmod(cfg, 0o644)
@@ -383,7 +385,7 @@ def test_sighup_changed_target_broken_config_and_counters(backend, write_config,
         assert "running as root" in proc.log or os.geteuid() != 0
         with connect(str(path)) as kept:
             assert tcp_get(kept, b"k") == b"200 old\n"
-            write_config([unix_endpoint(other, path)])
+            write_config([unix_endpoint(other, path, **{"auth-token": "n3w-t0ken"})])
             mark = proc.mark()
             proc.send(signal.SIGHUP)
             proc.wait_for(r"reloaded ", after=mark)
@@ -407,7 +409,7 @@ def test_sighup_changed_target_broken_config_and_counters(backend, write_config,
         proc.send(signal.SIGTERM)
         assert proc.exit_status() == 0
         assert not path.exists()
-        assert "t0ken" not in proc.log
+        assert "t0ken" not in proc.log and "n3w-t0ken" not in proc.log
     finally:
         other.stop()
 
