@@ -7,7 +7,7 @@ from pfrest import config
 from pfrest.log import redact
 from pfrest.protocol.verdict import Failure
 from pfrest.server import eventloop, requestlog
-from pfrest.server.conversation import new_request_id
+from pfrest.backend.request import new_request_id
 from pfrest.server.services import Service
 
 logger = logging.getLogger("pfrest")

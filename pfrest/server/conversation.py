@@ -21,9 +21,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from random import getrandbits
 
 from pfrest import log as logs
+from pfrest.backend.request import new_request_id
 from pfrest.protocol.framing import Close, Reject
 from pfrest.server import requestlog
 
@@ -31,11 +31,6 @@ log = logging.getLogger("pfrest")
 
 MAX_QUEUED = 64         # decoded items waiting to be answered before reading pauses
 WRITE_TIMEOUT = 100.0   # seconds a client may leave our replies unread (Postfix's own I/O timeout)
-
-
-def new_request_id() -> str:
-    """16 hex digits naming a request in the log, its reply and the backend's X-Request-Id."""
-    return "%016x" % getrandbits(64)
 
 
 class Conversation(asyncio.Protocol):

@@ -81,16 +81,7 @@ class Slot:
             return  # systemd holds the socket; a later configuration may serve it again
         self.sock.close()
         if self.path:
-            remove_socket_file(self.path, self.inode)
-
-
-def remove_socket_file(path, inode):
-    """Remove a unix socket file we made, never a successor's (same path, another inode)."""
-    try:
-        if os.stat(path).st_ino == inode:
-            os.unlink(path)
-    except OSError:
-        pass
+            sockets.remove_socket_file(self.path, self.inode)
 
 
 class Listener:
@@ -310,4 +301,4 @@ class Listener:
                         f" ({total} refused so far)" if total and total > 1 else "")
 
 
-__all__ = ["Listener", "BindError", "Slot", "selected", "connection_room", "remove_socket_file"]
+__all__ = ["Listener", "BindError", "Slot", "selected", "connection_room"]

@@ -12,6 +12,8 @@ import logging
 import os
 import signal
 
+from pfrest.server.sockets import remove_socket_file
+
 log = logging.getLogger("pfrest")
 
 
@@ -56,10 +58,6 @@ def _start_janitor(unix_paths):
         while os.read(read_end, 1):
             pass
         for path, inode in unix_paths:
-            try:
-                if os.stat(path).st_ino == inode:
-                    os.unlink(path)
-            except OSError:
-                pass
+            remove_socket_file(path, inode)
     finally:
         os._exit(0)

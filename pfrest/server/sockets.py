@@ -110,6 +110,15 @@ def open_unix(endpoint) -> socket.socket:
     return sock
 
 
+def remove_socket_file(path, inode):
+    """Remove a unix socket file we made, never a successor's (same path, another inode)."""
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def adopt(fd: int, name: str) -> socket.socket:
     """A listening socket passed by systemd (``Accept=no``)."""
     try:
