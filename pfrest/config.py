@@ -14,7 +14,7 @@ import ipaddress
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -29,6 +29,13 @@ DEFAULT_CACHE_ENTRIES = 10000
 
 TCP, SOCKETMAP, POLICY = "tcp-lookup", "socketmap-lookup", "policy"
 MODES = (TCP, SOCKETMAP, POLICY)
+# log-requests: a line per request; only for temporary and permanent failures, timeouts, stale
+# answers, policy refusals and protocol errors; none (counters and metrics count everything anyway)
+LOG_ALL, LOG_PROBLEMS, LOG_NONE = "all", "problems", "none"
+LOG_REQUESTS = (LOG_ALL, LOG_PROBLEMS, LOG_NONE)
+# Headers pfrest sets itself or that frame the message: `headers` may not set them.
+RESERVED_HEADERS = frozenset("""host content-length content-type transfer-encoding connection keep-alive
+    te trailer upgrade expect proxy-authorization proxy-connection x-request-id""".split())
 
 # Idle limits between requests, chosen above what each Postfix client tolerates (see the protocol
 # reference, R3): policy clients idle up to 300 s, socketmap clients close after 10 s, tcp clients never.
@@ -72,6 +79,26 @@ class Endpoint:
     cache_max_entries: int = DEFAULT_CACHE_ENTRIES
     ca_file: Optional[str] = None
     proxy: Optional[str] = field(default=None, repr=False)
+    targets: Tuple[str, ...] = ()     # every target in order (``target`` is the first); see parse()
+    headers: Tuple[Tuple[str, str], ...] = field(default=(), repr=False)
+    basic_auth: Optional[str] = field(default=None, repr=False)
+    client_cert: Optional[str] = None
+    client_key: Optional[str] = None
+    cache_stale_if_error: float = 0.0
+    log_requests: Optional[str] = None  # None: the top-level log-requests
+
+    def __post_init__(self):
+        if not self.targets:  # an Endpoint made in code with one target
+            object.__setattr__(self, "targets", (self.target,))
+
+    def secrets(self):
+        """What must never show in a log line: token, password, header values."""
+        found = [self.auth_token, self.basic_auth, *(value for _, value in self.headers)]
+        if self.basic_auth:
+            found.append(self.basic_auth.split(":", 1)[1])
+        if self.proxy:
+            found.append(urlsplit(self.proxy).password)
+        return [s for s in found if s]
 
     @property
     def timeout(self) -> float:
@@ -95,6 +122,9 @@ class Config:
     user_agent: str = DEFAULT_USER_AGENT
     user: Optional[str] = None
     path: Optional[str] = None
+    metrics_address: Optional[Tuple[str, int]] = None   # (host, port) of /metrics, /healthz, /readyz
+    metrics_allow_from: Tuple[str, ...] = ()
+    log_requests: str = LOG_ALL
 
     def endpoint(self, name: str) -> Endpoint:
         for ep in self.endpoints:
@@ -176,6 +206,58 @@ def _proxy(v):
     return _url(v) and "must be an http or https proxy URL"
 
 
+def _targets(v):
+    """One URL, or a non-empty list of them: tried in order, a failing one skipped for a while."""
+    if isinstance(v, list):
+        if not v:
+            return "must be a URL or a non-empty list of URLs"
+        for i, item in enumerate(v):
+            problem = _target(item)
+            if problem:
+                return f"item {i}: {problem}"
+        return "the same URL is listed twice" if len(set(v)) != len(v) else None
+    return _target(v)
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+
+
+def _headers(v):
+    if not isinstance(v, dict):
+        return "must be an object of header names and values, e.g. {\"Authorization\": \"Bearer ...\"}"
+    for name, value in v.items():
+        if not _HEADER_NAME.match(name):
+            return f"{name!r} is not a header name"
+        if name.lower() in RESERVED_HEADERS:
+            return f"{name} is set by pfrest itself (or frames the message) and cannot be set here"
+        if not isinstance(value, str) or not value or value != value.strip() \
+                or any(not (" " <= c <= "~") for c in value):
+            return f"the value of {name} must be printable ASCII without leading or trailing white space"
+    lowered = [name.lower() for name in v]
+    return "a header is given twice (names are case-insensitive)" if len(set(lowered)) != len(lowered) else None
+
+
+def _basic_auth(v):
+    problem = _text(v)
+    if problem is None and (":" not in v or not v.split(":", 1)[0] or any(ord(c) < 32 or c == "\x7f" for c in v)):
+        problem = "must be \"user:password\" (no control characters; the user without a colon)"
+    return problem
+
+
+def _log_requests(v):
+    return None if v in LOG_REQUESTS else "must be one of " + ", ".join(LOG_REQUESTS)
+
+
+def _host_port(v):
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) for the metrics listener."""
+    if not isinstance(v, str):
+        return "must be \"HOST:PORT\", e.g. \"127.0.0.1:9100\""
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535 or _address(host.strip("[]") or "?"):
+        return "must be \"HOST:PORT\", e.g. \"127.0.0.1:9100\""
+    return None
+
+
 def _address(v):
     if not isinstance(v, str) or not v:
         return "must be an IP address or host name"
@@ -244,7 +326,7 @@ _LOOKUPS = (TCP, SOCKETMAP)
 ENDPOINT_KEYS = {
     "name": ("name", _name, None),
     "mode": ("mode", _mode, None),
-    "target": ("target", _target, None),
+    "target": ("target", _targets, None),
     "bind-address": ("bind_address", _address, None),
     "bind-port": ("bind_port", _port, None),
     "bind-path": ("bind_path", _abspath, None),
@@ -264,12 +346,21 @@ ENDPOINT_KEYS = {
     "cache-max-entries": ("cache_max_entries", _positive_int, _LOOKUPS),
     "ca-file": ("ca_file", _abspath, None),
     "proxy": ("proxy", _proxy, None),
+    "headers": ("headers", _headers, None),
+    "basic-auth": ("basic_auth", _basic_auth, None),
+    "client-cert": ("client_cert", _abspath, None),
+    "client-key": ("client_key", _abspath, None),
+    "cache-stale-if-error": ("cache_stale_if_error", _seconds, _LOOKUPS),
+    "log-requests": ("log_requests", _log_requests, None),
 }
 REQUIRED_ENDPOINT_KEYS = ("name", "mode", "target")
 TOP_KEYS = {
     "user-agent": _header_text,
     "endpoints": None,  # checked item by item
     "user": _nonempty_text,
+    "metrics-address": _host_port,
+    "metrics-allow-from": _networks,
+    "log-requests": _log_requests,
 }
 
 
@@ -280,8 +371,11 @@ def _convert(key, value):
         return value.upper()
     if key == "allow-from":
         return tuple(str(ipaddress.ip_network(n, strict=False)) for n in value)
-    if key in ("idle-timeout", "partial-request-timeout", "cache-ttl", "cache-negative-ttl"):
+    if key in ("idle-timeout", "partial-request-timeout", "cache-ttl", "cache-negative-ttl",
+               "cache-stale-if-error"):
         return float(value)
+    if key == "headers":
+        return tuple(value.items())
     return value
 
 
@@ -306,8 +400,18 @@ def _endpoint(raw, where, problems):
             problems.append(f"{where}.{key}: not used by mode {mode}")
         else:
             values[attr] = _convert(key, value)
+    if isinstance(values.get("target"), list):  # several targets: the first is ``target``
+        values["targets"] = tuple(values["target"])
+        values["target"] = values["targets"][0]
+    elif "target" in values:
+        values["targets"] = (values["target"],)
     if "bind-path" in raw and ("bind-port" in raw or "bind-address" in raw):
         problems.append(f"{where}.bind-path: give either bind-path or bind-address/bind-port, not both")
+    if "client-key" in raw and "client-cert" not in raw:
+        problems.append(f"{where}.client-key: needs client-cert (the key of that certificate)")
+    if ("client-cert" in raw or "client-key" in raw) and not any(
+            str(t).startswith("https:") for t in values.get("targets", ())):
+        problems.append(f"{where}.client-cert: only an https target can use a client certificate")
     if any(f"{where}.{key}:" in p for p in problems for key in REQUIRED_ENDPOINT_KEYS):
         return None
     try:
@@ -346,9 +450,18 @@ def parse(raw, path=None) -> Config:
             endpoints.append(ep)
     if problems:
         raise ConfigError(problems)
+    log_requests = raw.get("log-requests", LOG_ALL)
+    endpoints = [ep if ep.log_requests else replace(ep, log_requests=log_requests) for ep in endpoints]
+    metrics = raw.get("metrics-address")
+    if metrics:
+        host, _, port = metrics.rpartition(":")
+        metrics = (host.strip("[]"), int(port))
     return Config(endpoints=tuple(endpoints),
                   user_agent=raw.get("user-agent", DEFAULT_USER_AGENT),
-                  user=raw.get("user"), path=path)
+                  user=raw.get("user"), path=path, metrics_address=metrics,
+                  metrics_allow_from=tuple(str(ipaddress.ip_network(n, strict=False))
+                                           for n in raw.get("metrics-allow-from", ())),
+                  log_requests=log_requests)
 
 
 def _no_duplicate_keys(pairs):

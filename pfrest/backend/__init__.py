@@ -17,15 +17,17 @@ sans-I/O), connection, connect, tls and pool (the sockets), client and cache (th
 
 from pfrest.backend.cache import CachingClient
 from pfrest.backend.client import Client
+from pfrest.backend.observer import NOBODY, Observer
 from pfrest.backend.request import new_request_id
 from pfrest.backend.response import MAX_BODY
 from pfrest.config import POLICY
 
-__all__ = ["CachingClient", "Client", "MAX_BODY", "for_endpoint", "new_request_id"]
+__all__ = ["CachingClient", "Client", "MAX_BODY", "Observer", "for_endpoint", "new_request_id"]
 
 
-def for_endpoint(endpoint, user_agent: str):
-    """The client for one endpoint: HTTP, behind a cache when a lookup endpoint configures one."""
+def for_endpoint(endpoint, user_agent: str, observer=NOBODY):
+    """The client for one endpoint: HTTP, behind a cache when a lookup endpoint configures one;
+    ``observer`` (observer.Observer) hears of every exchange and cache event."""
     client = Client(endpoint, user_agent)
     if endpoint.mode != POLICY and (endpoint.cache_ttl > 0 or endpoint.cache_negative_ttl > 0):
         return CachingClient(client, endpoint.cache_ttl, endpoint.cache_negative_ttl,

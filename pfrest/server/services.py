@@ -10,7 +10,6 @@ the next request boundary.
 
 import logging
 from typing import NamedTuple, Optional
-from urllib.parse import urlsplit
 
 from pfrest.log import add_secret
 from pfrest.protocol.answers import Answer, mode_for
@@ -38,13 +37,13 @@ class Service:
         self.mode = mode_for(endpoint)
         self.networks = sockets.networks(endpoint.allow_from)
         # whatever a library puts in an exception text, these never reach a log line
-        add_secret(endpoint.auth_token)
-        add_secret(urlsplit(endpoint.proxy).password if endpoint.proxy else None)
+        for secret in endpoint.secrets():
+            add_secret(secret)
+        self.stats = Stats() if stats is None else stats
         if backend is None:
             from pfrest.backend import for_endpoint  # the HTTP side only where requests are answered
-            backend = for_endpoint(endpoint, user_agent)
+            backend = for_endpoint(endpoint, user_agent, observer=self.stats)
         self.backend = backend
-        self.stats = Stats() if stats is None else stats
 
     def answer_cached(self, request, request_id):
         """(result, Answer) when the backend has the answer at hand (a cache hit), else None."""
