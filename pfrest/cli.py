@@ -1,4 +1,4 @@
-"""Command line: ``pfrest handle|check|query|serve|demo``.  Imports stay lazy so that ``--help`` and
+"""Command line: ``pfrest handle|check|query|serve|stats|demo``.  Imports stay lazy so that ``--help`` and
 ``check`` cost no more than the config code, and ``handle`` only what a request needs: Postfix starts
 one ``handle`` per connection, so even argparse (0.6 MiB and 9 ms a process) is left out when its
 command line is the plain one that master.cf, xinetd and systemd give (``handle_argv``)."""
@@ -13,7 +13,7 @@ def _parser():
     import argparse
     parser = argparse.ArgumentParser(
         prog="pfrest", description="Answer Postfix tcp_table, socketmap and policy requests from a REST backend.")
-    parser.add_argument("--version", action="version", version=f"pfrest {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"pfrest {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -27,7 +27,10 @@ def _parser():
     p.add_argument("name", help="endpoint name")
     p.add_argument("--log-file", metavar="PATH", help="log to this file instead of syslog")
 
-    command("check", "validate the config file; exit 0 when valid")
+    p = command("check", "validate the config file; exit 0 when valid, 78 when not")
+    p.add_argument("--postfix", nargs="?", const="", metavar="DIR",
+                   help="also compare with Postfix's configuration (postconf, or postconf -c DIR); "
+                        "exit 1 on a mismatch")
 
     p = command("serve", "serve every endpoint (or those named) on its socket, in one long-running process")
     p.add_argument("names", nargs="*", metavar="NAME",
@@ -39,6 +42,8 @@ def _parser():
     p.add_argument("--workers", type=_workers, default=1, metavar="N",
                    help="pre-forked processes sharing the sockets; one per CPU core uses them all "
                         "(default 1)")
+
+    command("stats", "print the figures of the running pfrest serve (from its metrics-address)")
 
     p = command("query", "make the real backend call and print the reply Postfix would get")
     p.add_argument("name", help="endpoint name")
@@ -122,16 +127,35 @@ def _demo(args) -> int:
 
 
 def _check(args) -> int:
+    from pfrest import check
     try:
-        cfg = config.load(args.config)
+        cfg = check.load(args.config)
     except config.ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
-        return 1
-    for warning in config.warnings(cfg):
+        return os.EX_CONFIG
+    for warning in check.warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
-    modes = ", ".join(f"{ep.name} ({ep.mode})" for ep in cfg.endpoints) or "no endpoints"
+    modes = ", ".join(f"{ep.name} ({ep.mode})" for ep in cfg.endpoints)
     print(f"{args.config}: valid; {modes}")
-    return 0
+    return 0 if args.postfix is None else _check_postfix(cfg, args.postfix or None)
+
+
+def _check_postfix(cfg, directory) -> int:
+    """Exit 0 when Postfix uses the endpoints as configured, 1 on a mismatch, EX_UNAVAILABLE when
+    postconf cannot tell."""
+    from pfrest import crosscheck, postconf
+    try:
+        postfix = postconf.read(directory)
+    except postconf.PostconfError as exc:
+        print(f"pfrest check --postfix: {exc}", file=sys.stderr)
+        return os.EX_UNAVAILABLE
+    findings = crosscheck.compare(cfg, postfix)
+    for finding in findings:
+        print(f"{finding.kind}: {finding.text}", file=sys.stderr)
+    mismatches = sum(finding.kind == crosscheck.MISMATCH for finding in findings)
+    print(f"Postfix ({directory or 'default configuration'}): "
+          + (f"{mismatches} mismatch(es) with {cfg.path}" if mismatches else f"consistent with {cfg.path}"))
+    return 1 if mismatches else 0
 
 
 def _query(args) -> int:
@@ -142,10 +166,20 @@ def _query(args) -> int:
         return query.run(cfg, args.name, [os.fsencode(w) for w in args.words], args.mapname)
     except config.ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
-        return 1
+        return os.EX_CONFIG
     except ValueError as exc:
         print(f"pfrest query: {exc}", file=sys.stderr)
         return 2
+
+
+def _stats(args) -> int:
+    from pfrest import stats
+    try:
+        cfg = config.load(args.config)
+    except config.ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return os.EX_CONFIG
+    return stats.run(cfg)
 
 
 def _handle(args) -> int:
@@ -153,7 +187,8 @@ def _handle(args) -> int:
     return handle.run(args.config, args.name, args.log_file)
 
 
-COMMANDS = {"handle": _handle, "check": _check, "query": _query, "serve": _serve, "demo": _demo}
+COMMANDS = {"handle": _handle, "check": _check, "query": _query, "serve": _serve, "demo": _demo,
+            "stats": _stats}
 
 
 def main(argv=None) -> int:

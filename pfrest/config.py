@@ -407,6 +407,9 @@ def _endpoint(raw, where, problems):
         values["targets"] = (values["target"],)
     if "bind-path" in raw and ("bind-port" in raw or "bind-address" in raw):
         problems.append(f"{where}.bind-path: give either bind-path or bind-address/bind-port, not both")
+    if "basic_auth" in values and any(name.lower() == "authorization"
+                                      for name, _ in values.get("headers", ())):
+        problems.append(f"{where}.basic-auth: conflicts with headers' Authorization")
     if "client-key" in raw and "client-cert" not in raw:
         problems.append(f"{where}.client-key: needs client-cert (the key of that certificate)")
     if ("client-cert" in raw or "client-key" in raw) and not any(
@@ -437,6 +440,8 @@ def parse(raw, path=None) -> Config:
         problems.append("endpoints: is required")
     elif not isinstance(items, list):
         problems.append("endpoints: must be a list")
+    elif not items:  # nothing to serve or handle: a config that can only be a mistake
+        problems.append("endpoints: must list at least one endpoint")
     else:
         seen = {}
         for i, item in enumerate(items):
@@ -517,6 +522,9 @@ def warnings(config: Config) -> List[str]:
                 and not is_loopback(ep.bind_address):
             found.append(f"endpoints[{i}] ({ep.name}): listens on {ep.bind_address}, beyond loopback, "
                          "without allow-from: any host that reaches it can query it")
+    if config.metrics_address and not config.metrics_allow_from and not is_loopback(config.metrics_address[0]):
+        found.append(f"metrics-address: listens on {config.metrics_address[0]}, beyond loopback, without "
+                     "metrics-allow-from: any host that reaches it can read the metrics")
     if config.path and any(ep.auth_token for ep in config.endpoints):
         try:
             mode = os.stat(config.path).st_mode

@@ -5,7 +5,10 @@ nothing but protocol replies may ever be written there.  Logs go to syslog (faci
 ``pfrest`` with the pid, like other Postfix helpers), or to ``--log-file``.  Where no syslog socket
 exists, libc drops the messages and handling goes on unharmed.
 
-Foreground mode (serve, demo, query): stderr, or syslog on request.
+Foreground mode (serve, demo, query): stderr, or syslog on request.  Under systemd, when stderr is
+the journal's stream (``JOURNAL_STREAM``), each line starts with its syslog priority (``<3>`` error ...
+``<7>`` debug, sd-daemon(3)), so that ``journalctl -p err`` finds pfrest's errors, and without a time
+stamp, which journald adds.
 
 Secrets (auth tokens, proxy passwords) registered with ``add_secret`` are replaced by ``(redacted)`` in
 every line written, tracebacks included, whatever code produced the text.
@@ -22,6 +25,10 @@ import time
 
 FORMAT_FILE = "%(asctime)s pfrest[%(process)d]: %(levelname)s: %(message)s"
 FORMAT_STDERR = "%(asctime)s pfrest: %(levelname)s: %(message)s"
+FORMAT_JOURNAL = "%(levelname)s: %(message)s"
+# sd-daemon(3) line prefixes: the syslog priority of each line written to the journal's stream
+JOURNAL_PRIORITY = {logging.DEBUG: "<7>", logging.INFO: "<6>", logging.WARNING: "<4>", logging.ERROR: "<3>",
+                    logging.CRITICAL: "<2>"}
 _PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "fatal: "}
 MIN_SECRET = 4  # shorter "secrets" would only garble the log (and are no secrets)
 PIPE_BUF = 4096  # a write to a pipe up to this size is never interleaved with another process's
@@ -97,9 +104,10 @@ class LineHandler(logging.Handler):
     in one write (in pieces of at most PIPE_BUF, cut at line ends, so that the lines of several worker
     processes sharing a pipe never interleave), right after the turn.  Without a running loop, at once."""
 
-    def __init__(self, stream, fmt, owns_stream=False):
+    def __init__(self, stream, fmt, owns_stream=False, journal=False):
         super().__init__()
         self.stream, self.owns_stream = stream, owns_stream
+        self.journal = journal     # prefix every line with its priority (JOURNAL_PRIORITY)
         self.setFormatter(RedactingFormatter(fmt))
         self.timestamped, self.with_pid = "%(asctime)s" in fmt, "%(process)d" in fmt
         self.pending, self.scheduled = [], False
@@ -116,7 +124,11 @@ class LineHandler(logging.Handler):
 
     def emit(self, record):
         try:
-            self._add(self.format(record))
+            text = self.format(record)
+            if self.journal:  # a traceback's lines too: journald makes an entry of every line
+                priority = JOURNAL_PRIORITY.get(record.levelno, JOURNAL_PRIORITY[logging.INFO])
+                text = "\n".join(priority + line for line in text.split("\n"))
+            self._add(text)
         except Exception:
             self.handleError(record)
 
@@ -129,7 +141,8 @@ class LineHandler(logging.Handler):
             if second != self._second:
                 self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             head = f"{self._stamp},{int((now - second) * 1000):03d} "
-        self._add(redact(head + self._tag() + message))
+        priority = JOURNAL_PRIORITY[logging.INFO] if self.journal else ""
+        self._add(redact(priority + head + self._tag() + message))
 
     def _add(self, text):
         self.pending.append(text + "\n")
@@ -214,7 +227,17 @@ def for_foreground(use_syslog=False, log_file=None, level=logging.INFO):
     elif log_file:
         handler = _file_handler(log_file)
     else:
-        # journald adds its own time stamps
-        handler = LineHandler(sys.stderr, "%(levelname)s: %(message)s" if os.environ.get("JOURNAL_STREAM")
-                              else FORMAT_STDERR)
+        journal = stderr_is_journal()
+        handler = LineHandler(sys.stderr, FORMAT_JOURNAL if journal else FORMAT_STDERR, journal=journal)
     _install(handler, level)
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is the stream systemd connected to the journal: JOURNAL_STREAM holds its device
+    and inode (systemd.exec(5)); a stderr redirected elsewhere (``2>file`` in ExecStart) is not."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (AttributeError, ValueError, OSError):  # no stderr, no descriptor, no JOURNAL_STREAM
+        return False

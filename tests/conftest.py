@@ -109,12 +109,30 @@ def handle(tmp_path):
     return run
 
 
-@pytest.fixture(scope="session")
-def pfrest_for_nobody():
-    """A `pfrest` console script that user nobody can run, for spawn(8) and xinetd (postfix_instance.py)."""
+def need_package(name="pfrest"):
+    """Skip when the Debian package is not installed, but never in CI: .ci/run builds and installs it."""
+    try:
+        status = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", name], capture_output=True,
+                                text=True, timeout=30).stdout
+    except FileNotFoundError:
+        status = "no dpkg"
+    if status != "installed":
+        if IN_CI:
+            pytest.fail(f"the package {name} is not installed; .ci/run must build and install it")
+        pytest.skip(f"the package {name} is not installed (README: Install)")
+
+
+@pytest.fixture(scope="session", params=["checkout", "package"])
+def installation(request):
+    """The deployment tests run on the repository's files (with a `pfrest` that user nobody can run, for
+    spawn(8) and xinetd), and again on those the Debian package installed (postfix_instance.Installation)."""
     import postfix_instance
-    with postfix_instance.installed_for_nobody() as script:
-        yield script
+    if request.param == "package":
+        need_package()
+        yield postfix_instance.Installation.package()
+    else:
+        with postfix_instance.installed_for_nobody() as script:
+            yield postfix_instance.Installation.checkout(script)
 
 
 @pytest.fixture(scope="session")

@@ -231,17 +231,17 @@ _ACCOUNT = [(r"(?m)^(\s*user\s*=\s*)pfrest$", r"\1nobody"),     # xinetd
             (r'"user": "pfrest"', '"user": "nobody"')]            # pfrest.json
 
 
-def substitute(text, script=None, config=None, ports=None, spool=None):
+def substitute(text, script=None, config=None, ports=None, spool=None, account=True):
     """A shipped file with only what differs on a test machine replaced: the paths of the pfrest program
     and its config, the ports ({mode: port} for the shipped 9001, 9002, 9003), the queue directory, and
-    the account (no "pfrest" account exists here: nobody/nogroup)."""
+    (``account``) the account, where no "pfrest" account exists: nobody/nogroup."""
     for mode, port in (ports or {}).items():
         text = re.sub(rf"(?<!\d){SHIPPED_PORTS[mode]}(?!\d)", str(port), text)
     for shipped_path, path in (("/usr/local/bin/pfrest", script), ("/etc/pfrest/pfrest.json", config),
                                ("/var/spool/postfix", spool)):
         if path is not None:
             text = text.replace(shipped_path, str(path))
-    for pattern, replacement in _ACCOUNT:
+    for pattern, replacement in _ACCOUNT if account else ():
         text = re.sub(pattern, replacement, text)
     return text
 
@@ -250,6 +250,58 @@ def shipped_config(backend_url, **substitutions):
     """pfrest.json.example with its targets pointed at a test backend, substituted as substitute() does."""
     text = shipped("pfrest.json.example").replace("https://rest.example.com", backend_url)
     return substitute(text, **substitutions)
+
+
+# Where the Debian package installs the repository's files (debian/rules)
+EXAMPLES = "/usr/share/doc/pfrest/examples"
+PACKAGED = (("systemd/", "/lib/systemd/system/"), ("xinetd.d/", f"{EXAMPLES}/xinetd.d/"), ("", f"{EXAMPLES}/"))
+
+
+def packaged_path(relpath):
+    """Where the package installed the repository file ``relpath`` ("systemd/pfrest.service", ...)."""
+    prefix, directory = next((p, d) for p, d in PACKAGED if relpath.startswith(p))
+    return directory + relpath[len(prefix):]
+
+
+class Installation:
+    """What the deployment tests deploy: the shipped files, the pfrest command they name, the account.
+
+    ``checkout(script)``: the repository's files; pfrest copied where nobody can run it (install_pfrest)
+    and nobody for the account pfrest, which need not exist.  ``package()``: the files where the Debian
+    package installed them, unchanged: /usr/sbin/pfrest, and the account pfrest that it created."""
+
+    def __init__(self, name, command, locate, user):
+        self.name, self.command, self.locate, self.user = name, command, locate, user
+
+    @classmethod
+    def checkout(cls, script):
+        return cls("checkout", script, lambda relpath: Path(ROOT) / relpath, NOBODY)
+
+    @classmethod
+    def package(cls):
+        return cls("package", "/usr/sbin/pfrest", packaged_path, "pfrest")
+
+    def shipped(self, relpath):
+        return Path(self.locate(relpath)).read_text()
+
+    def substitute(self, text, config=None, ports=None, spool=None):
+        return substitute(text, self.command, config, ports, spool, account=self.user == NOBODY)
+
+    def config(self, backend_url, **substitutions):
+        """pfrest.json.example with its targets pointed at a test backend, substituted."""
+        text = self.shipped("pfrest.json.example").replace("https://rest.example.com", backend_url)
+        return self.substitute(text, **substitutions)
+
+
+def sandbox(service):
+    """setpriv options for what of a service unit's sandbox it can apply (``service``: unit_settings()):
+    CapabilityBoundingSet= and NoNewPrivileges=, so that the process gets only the capabilities the
+    unit grants it.  systemd-socket-activate applies none of the unit's settings itself."""
+    caps = " ".join(service.get("CapabilityBoundingSet", [])).lower().replace("cap_", "").split()
+    options = ["--bounding-set=" + ",".join(["-all"] + ["+" + c for c in caps])]
+    if service.get("NoNewPrivileges") == ["yes"]:
+        options.append("--no-new-privs")
+    return [need_binary("setpriv"), *options]
 
 
 class RoutedBackend(Backend):

@@ -5,9 +5,10 @@ plays the behaviour of that name from BEHAVIOURS: a raw socket, so it can do wha
 server library would (reset mid-answer, drip bytes, lie about lengths).
 
 Also here, for the event-loop client's tests: ``Scripted``, a raw keep-alive server whose answers a
-test writes step by step (several requests per connection, connections counted); ``Proxy``, a forward
-proxy that records what it sees; ``Dns``, a name server that answers each question once only; and
-``fill_backlog``, which makes a listening socket drop further SYNs.
+test writes step by step (several requests per connection, connections counted), and ``restarted``,
+one started again where a stopped one listened; ``Proxy``, a forward proxy that records what it sees;
+``Dns``, a name server that answers each question once only; and ``fill_backlog``, which makes a
+listening socket drop further SYNs.
 """
 
 import gzip
@@ -250,10 +251,12 @@ class Scripted:
     but never read from or written to (a TLS server that never answers the handshake).
     """
 
-    def __init__(self, answer, host="127.0.0.1", backlog=64, tls=None):
+    def __init__(self, answer, host="127.0.0.1", backlog=64, tls=None, port=0, restartable=False):
         self.answer, self.tls = answer, tls
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.bind((host, 0))
+        if restartable:   # its connections' sockets lingering after stop() do not keep the port: restarted()
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
         self.sock.listen(backlog)
         self.address = self.sock.getsockname()[:2]
         self.port = self.address[1]
@@ -331,6 +334,20 @@ class Scripted:
                     conn.sendall(step)
                 elif self.stopping.wait(step):
                     return "stopped"
+
+
+def restarted(server, answer=None, seconds=2.0):
+    """A new Scripted server on the address of ``server``, made ``restartable`` and stopped (its accept
+    thread closes the listening socket within a select timeout: until then the port is taken)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return Scripted(answer or server.answer, host=server.address[0], tls=server.tls,
+                            port=server.port, restartable=True)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def fill_backlog(address, attempts=16):

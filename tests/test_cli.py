@@ -18,6 +18,7 @@ def test_help_and_version():
         proc = run(*args)
         assert proc.returncode == 0 and "usage: pfrest" in proc.stdout
     assert run("--version").stdout.startswith("pfrest ")
+    assert run("-V").stdout == run("--version").stdout
 
 
 def test_check_and_help_do_not_import_the_request_path(tmp_path):
@@ -46,11 +47,11 @@ def test_check_invalid_config_names_fields(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(doc))
     proc = run("check", "-c", str(path))
-    assert proc.returncode != 0
+    assert proc.returncode == 78  # EX_CONFIG, as serve, handle and query
     assert "endpoints[1].target: must be an http or https URL" in proc.stderr
     assert "endpoints[1].bind-port: must be 1..65535" in proc.stderr
     proc = run("check", "-c", str(tmp_path / "none.json"))
-    assert proc.returncode != 0 and "cannot read" in proc.stderr
+    assert proc.returncode == 78 and "cannot read" in proc.stderr
 
 
 def test_query_each_mode_prints_exact_reply(backend, write_config):
@@ -62,17 +63,19 @@ def test_query_each_mode_prints_exact_reply(backend, write_config):
     path = write_config(eps)
     proc = run("query", "-c", path, "t", "user@example.com")
     assert proc.returncode == 0
-    assert "reply: b'200 a@x,b@y\\n'" in proc.stdout
-    assert "http: 200" in proc.stdout and "time: " in proc.stdout
+    assert 'reply: "200 a@x,b@y\\n"' in proc.stdout and "value: a@x,b@y\n" in proc.stdout
+    assert "backend: HTTP 200" in proc.stdout and "time: " in proc.stdout
     assert "tok-SECRET" not in proc.stdout + proc.stderr and "redacted" in proc.stdout
     proc = run("query", "-c", path, "--map", "virtual", "s", "user@example.com")
-    assert "reply: b'10:OK a@x,b@y,'" in proc.stdout
+    assert 'reply: "10:OK a@x,b@y,"' in proc.stdout
     assert backend.requests[-1].raw_query == "name=virtual&key=user%40example.com"
     proc = run("query", "-c", path, "s", "nobody")
-    assert "reply: b'9:NOTFOUND ,'" in proc.stdout and "http: 404" in proc.stdout
+    assert proc.returncode == 1  # as postmap -q
+    assert 'reply: "9:NOTFOUND ,"' in proc.stdout and "backend: HTTP 404" in proc.stdout
     assert backend.requests[-1].raw_query == "name=s&key=nobody"
     proc = run("query", "-c", path, "p", "recipient=blocked@example.com", "sender=x@y", "extra=1")
-    assert "reply: b'action=REJECT blocked\\n\\n'" in proc.stdout
+    assert proc.returncode == 0  # an action that is not a deferral
+    assert 'reply: "action=REJECT blocked\\n\\n"' in proc.stdout
     form = backend.requests[-1].form()
     assert form[0] == ("request", "smtpd_access_policy")
     assert ("sender", "x@y") in form and form[-1] == ("extra", "1")
@@ -84,12 +87,12 @@ def test_query_seed_endpoints(tmp_path):
     path = tmp_path / "pfrest.json"
     path.write_text(json.dumps(SEED))
     proc = run("query", "-c", str(path), "domain-lookup", "example.com")
-    assert proc.returncode == 0 and "reply: b'400 " in proc.stdout
+    assert proc.returncode == 75 and 'reply: "400 ' in proc.stdout
     assert "test123" not in proc.stdout + proc.stderr
     proc = run("query", "-c", str(path), "pol", "sender=a@b")
-    assert "reply: b'action=DEFER_IF_PERMIT Policy service temporarily unavailable (ref " in proc.stdout
+    assert 'reply: "action=DEFER_IF_PERMIT Policy service temporarily unavailable (ref ' in proc.stdout
     proc = run("query", "-c", str(path), "nope", "k")
-    assert proc.returncode != 0 and "no endpoint named 'nope'" in proc.stderr
+    assert proc.returncode == 78 and "no endpoint named 'nope'" in proc.stderr
 
 
 def test_the_plain_handle_command_line_needs_no_argparse():

@@ -45,7 +45,7 @@ def test_defaults():
         (2000, "127.0.0.1", None, ",", "GET")
     assert ep.temporary_error_action.startswith("DEFER_IF_PERMIT ")
     assert ep.permanent_error_action.startswith("DEFER_IF_PERMIT ")
-    assert config.parse({"endpoints": []}).endpoints == ()
+    assert problems({"endpoints": []}) == ["endpoints: must list at least one endpoint"]
 
 
 def test_toml_config_works_the_same(tmp_path):
@@ -104,11 +104,15 @@ def test_all_problems_reported_and_top_level_checked():
     assert problems({"endpoints": {}}) == ["endpoints: must be a list"]
 
 
+ONE_ENDPOINT = [{"name": "a", "mode": "policy", "target": "http://h/p"}]
+
+
 @pytest.mark.parametrize("agent", ["caf\u00e9 \u2603", "tab\tis fine but not\x01", "a\x7f"])
 def test_user_agent_must_be_a_latin1_header_value(agent):
-    assert problems({"user-agent": agent, "endpoints": []}) == [
+    assert problems({"user-agent": agent, "endpoints": ONE_ENDPOINT}) == [
         "user-agent: must be Latin-1 text without control characters (it is sent as an HTTP header)"]
-    assert config.parse({"user-agent": "caf\u00e9/1.0\t(x)", "endpoints": []}).user_agent == "caf\u00e9/1.0\t(x)"
+    assert config.parse({"user-agent": "caf\u00e9/1.0\t(x)", "endpoints": ONE_ENDPOINT}).user_agent == \
+        "caf\u00e9/1.0\t(x)"
 
 
 def test_unreadable_and_malformed_files(tmp_path):

@@ -3,13 +3,15 @@
 - xinetd.d/pfrest-* under a real `xinetd -dontfork -f FILE`;
 - systemd/pfrest-*.socket + pfrest-*@.service (Accept=yes) under `systemd-socket-activate --inetd
   --accept`, with the units' own ListenStream= and ExecStart= (systemd is not PID 1 in a container);
-  the User=/Group= and SocketUser=/SocketMode= settings, which that tool does not apply, are applied by
-  the test (setpriv, chown/chmod);
+  the User=/Group=, CapabilityBoundingSet=, NoNewPrivileges= and SocketUser=/SocketMode= settings,
+  which that tool does not apply, are applied by the test (setpriv, chown/chmod); test_package.py runs
+  the installed units under systemd itself, their whole sandbox applied;
 - `systemd-analyze verify` on the shipped units.
 
-Only ports, paths and the account (nobody instead of pfrest) are substituted. Lookups go through real
-`postmap -q` with the tables the files' main.cf comments give; policy through a real smtpd that uses
-the file's check_policy_service line.
+Only ports, paths and the account (nobody instead of pfrest, in the repository's files) are substituted.
+Lookups go through real `postmap -q` with the tables the files' main.cf comments give; policy through a
+real smtpd that uses the file's check_policy_service line.  Each test runs on the repository's files and
+on those the Debian package installed, running /usr/sbin/pfrest as pfrest (conftest.py: installation).
 """
 
 import grp
@@ -25,18 +27,19 @@ import pytest
 
 from conftest import ROOT, need_binary
 from postfix_instance import (PostfixInstance, RoutedBackend, check_policy_transaction, commented_main_cf,
-                              free_port, remove_tree, shipped, shipped_config, stop_process, substitute,
-                              unit_settings, wait_path, wait_port, world_tmpdir)
+                              free_port, remove_tree, sandbox, stop_process, unit_settings, wait_path,
+                              wait_port, world_tmpdir)
 
 MODES = ("tcp", "socketmap", "policy")
 UNITS = sorted(f"systemd/{name}" for name in os.listdir(os.path.join(ROOT, "systemd")))
 
 
-def start_xinetd(root, script, config, procs):
+def start_xinetd(root, installation, config, procs):
     need_binary("xinetd")
     ports = {mode: free_port() for mode in MODES}
     conf = root / "xinetd.conf"
-    text = "".join(substitute(shipped(f"xinetd.d/pfrest-{mode}"), script, config, ports) for mode in MODES)
+    text = "".join(installation.substitute(installation.shipped(f"xinetd.d/pfrest-{mode}"), config, ports)
+                   for mode in MODES)
     conf.write_text(text)
     main = commented_main_cf(text)
     procs.append(subprocess.Popen([need_binary("xinetd"), "-dontfork", "-f", str(conf),
@@ -47,22 +50,26 @@ def start_xinetd(root, script, config, procs):
     return types.SimpleNamespace(name="xinetd", ports=ports, main=main, text=text)
 
 
-def start_socket_activate(root, script, config, spool, procs):
-    """systemd-socket-activate per shipped socket unit, running its @.service's ExecStart=."""
+def start_socket_activate(root, installation, config, spool, procs):
+    """systemd-socket-activate per shipped socket unit, running its @.service's ExecStart= with the
+    unit's account, capabilities and NoNewPrivileges= (the rest of its sandbox: test_package.py)."""
     need_binary("systemd-socket-activate")
-    setpriv = need_binary("setpriv")
     ports = {"tcp": free_port()}
     main, log = {}, open(root / "socket-activate.log", "ab")
+
+    def unit(name):
+        return installation.substitute(installation.shipped(f"systemd/{name}"), config, ports, spool)
+
     for mode in MODES:
-        socket_unit = substitute(shipped(f"systemd/pfrest-{mode}.socket"), script, config, ports, spool)
+        socket_unit = unit(f"pfrest-{mode}.socket")
         sock = unit_settings(socket_unit)
         main.update(commented_main_cf(socket_unit))
-        service = unit_settings(substitute(shipped(f"systemd/pfrest-{mode}@.service"), script, config,
-                                           ports, spool))
+        service = unit_settings(unit(f"pfrest-{mode}@.service"))
         (listen,) = sock["ListenStream"]
         (exec_start,) = service["ExecStart"]
         (user,), (group,) = service["User"], service["Group"]
-        argv = [setpriv, f"--reuid={user}", f"--regid={group}", "--clear-groups", *shlex.split(exec_start)]
+        argv = [*sandbox(service), f"--reuid={user}", f"--regid={group}", "--init-groups",
+                *shlex.split(exec_start)]
         procs.append(subprocess.Popen(
             [need_binary("systemd-socket-activate"), "--inetd", "--accept", "-l", listen, *argv],
             stdout=log, stderr=log, env={"PATH": "/usr/bin:/bin"}))
@@ -77,7 +84,7 @@ def start_socket_activate(root, script, config, spool, procs):
 
 
 @pytest.fixture(scope="module")
-def launchers(pfrest_for_nobody):
+def launchers(installation):
     root = world_tmpdir("pfrest-launch-")
     backend = RoutedBackend()
     instance = PostfixInstance(root)
@@ -85,18 +92,18 @@ def launchers(pfrest_for_nobody):
     s = types.SimpleNamespace(backend=backend, instance=instance)
     try:
         config = root / "pfrest.json"
-        config.write_text(shipped_config(backend.url))
-        config.chmod(0o644)  # read by the handlers, which run as nobody
-        s.xinetd = start_xinetd(root, pfrest_for_nobody, config, procs)
+        config.write_text(installation.config(backend.url))
+        config.chmod(0o644)  # read by the handlers, which run as the files' account
+        s.xinetd = start_xinetd(root, installation, config, procs)
         # the unix sockets of the systemd units live in the queue directory, made by `postfix start`;
         # the smtpd's policy restriction is the file's main.cf line, as an -o override per launcher
-        systemd_main = commented_main_cf(shipped("systemd/pfrest-policy.socket"))
+        systemd_main = commented_main_cf(installation.shipped("systemd/pfrest-policy.socket"))
         s.xinetd.smtp = instance.add_smtpd(
             "xinetd", smtpd_recipient_restrictions=s.xinetd.main["smtpd_recipient_restrictions"])
         smtp_systemd = instance.add_smtpd(
             "systemd", smtpd_recipient_restrictions=systemd_main["smtpd_recipient_restrictions"])
         instance.start()
-        s.systemd = start_socket_activate(root, pfrest_for_nobody, config, instance.spool, procs)
+        s.systemd = start_socket_activate(root, installation, config, instance.spool, procs)
         s.systemd.smtp = smtp_systemd
         yield s
     finally:
@@ -159,7 +166,8 @@ def test_xinetd_takes_a_burst_above_its_default_rate(launchers):
             c.close()
 
 
-def test_shipped_limits():
+def test_shipped_limits(installation):
+    shipped = installation.shipped
     for mode in MODES:
         xinetd = shipped(f"xinetd.d/pfrest-{mode}")
         settings = dict(re.findall(r"(?m)^\s+(\w+)\s+=\s*(.*?)\s*$", xinetd))
@@ -176,7 +184,7 @@ def test_shipped_limits():
         assert service["ExecStart"][0].split()[1:4] == ["handle", "-c", "/etc/pfrest/pfrest.json"]
 
 
-def test_systemd_analyze_verify(tmp_path, pfrest_for_nobody):
+def test_systemd_analyze_verify(tmp_path, installation):
     """systemd's own parser accepts the shipped units: no unknown keys, no bad values."""
     analyze = need_binary("systemd-analyze")
     assert len(UNITS) == 8 and "systemd/pfrest.service" in UNITS and "systemd/pfrest.socket" in UNITS
@@ -184,7 +192,7 @@ def test_systemd_analyze_verify(tmp_path, pfrest_for_nobody):
     for unit in UNITS:
         path = tmp_path / os.path.basename(unit)
         # the command must exist for verify; nothing else is changed
-        path.write_text(shipped(unit).replace("/usr/local/bin/pfrest", pfrest_for_nobody))
+        path.write_text(installation.shipped(unit).replace("/usr/local/bin/pfrest", installation.command))
         paths.append(str(path))
     proc = subprocess.run([analyze, "verify", "--man=no", *paths], capture_output=True, text=True,
                           timeout=60, cwd=tmp_path)

@@ -2,8 +2,11 @@
 instance, with its main.cf lines applied: spawn(8) runs `pfrest handle` for every connection.
 
 Policy through a real smtpd and SMTP client, tcp and socketmap through `postmap -q`, and a whole message
-whose recipient the socketmap alias table rewrites in cleanup(8)."""
+whose recipient the socketmap alias table rewrites in cleanup(8).  Each test runs on the repository's
+master.cf.example and on the one the Debian package installed, running /usr/sbin/pfrest as pfrest
+(conftest.py: installation)."""
 
+import pwd
 import re
 import subprocess
 import time
@@ -13,24 +16,24 @@ from pathlib import Path
 import pytest
 
 from postfix_instance import (PostfixInstance, RoutedBackend, check_policy_transaction, commented_main_cf,
-                              free_port, master_entries, processes_with, remove_tree, shipped,
-                              shipped_config, substitute, world_tmpdir)
+                              free_port, master_entries, processes_with, remove_tree, world_tmpdir)
 
 
 @pytest.fixture(scope="module")
-def spawned(pfrest_for_nobody):
-    """A private Postfix whose master.cf and main.cf carry what master.cf.example says."""
+def spawned(installation):
+    """A private Postfix whose master.cf and main.cf carry what master.cf.example says (the repository's,
+    or the one the package installed, with /usr/sbin/pfrest)."""
     root = world_tmpdir("pfrest-spawn-")
     backend = RoutedBackend()
     instance = PostfixInstance(root)
     d = types.SimpleNamespace()
-    d.backend, d.instance, d.tcp_port = backend, instance, free_port()
+    d.backend, d.instance, d.tcp_port, d.installation = backend, instance, free_port(), installation
     try:
         d.config = root / "pfrest.json"
-        d.config.write_text(shipped_config(backend.url))
-        d.config.chmod(0o644)  # read by the handlers, which run as nobody
-        substituted = substitute(shipped("master.cf.example"), script=pfrest_for_nobody, config=d.config,
-                                 ports={"tcp": d.tcp_port})
+        d.config.write_text(installation.config(backend.url))
+        d.config.chmod(0o644)  # read by the handlers, which run as master.cf's user=
+        substituted = installation.substitute(installation.shipped("master.cf.example"), config=d.config,
+                                              ports={"tcp": d.tcp_port})
         instance.services += master_entries(substituted)
         d.main_lines = commented_main_cf(substituted)
         instance.main.update(d.main_lines)
@@ -60,7 +63,8 @@ def test_shipped_lines_are_what_postfix_expects(deployment):
                                         "check_policy_service unix:private/pfrest-policy",
         f"127.0.0.1:{port}_time_limit": "3600s", "pfrest-aliases_time_limit": "3600s",
         "pfrest-policy_time_limit": "3600s"}
-    services = [line.split() for line in master_entries(shipped("master.cf.example")).splitlines()
+    shipped = deployment.installation.shipped("master.cf.example")
+    services = [line.split() for line in master_entries(shipped).splitlines()
                 if not line[0].isspace()]
     assert [s[:3] for s in services] == [["127.0.0.1:9001", "inet", "n"], ["pfrest-aliases", "unix", "-"],
                                          ["pfrest-policy", "unix", "-"]]
@@ -74,14 +78,18 @@ def test_shipped_lines_are_what_postfix_expects(deployment):
 
 
 def test_policy_through_smtpd_and_spawn(deployment):
-    check_policy_transaction(deployment.backend, deployment.smtp_port)
-    # the handler spawn(8) started for smtpd's policy connection runs as nobody, not as root
+    # the backend timeout case tests pfrest rather than the files: on the repository's only
+    check_policy_transaction(deployment.backend, deployment.smtp_port,
+                             slow=deployment.installation.name == "checkout")
+    # the handler spawn(8) started for smtpd's policy connection runs as user= (nobody, or the package's
+    # pfrest), not as root
     # (spawn itself, whose command line holds argv=..., runs as root)
     handlers = [pid for pid in processes_with(str(deployment.config))
                 if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] != b"spawn"]
     assert len(handlers) >= 3  # smtpd's policy, trivial-rewrite's tcp and smtpd's socketmap connections
+    uid = pwd.getpwnam(deployment.installation.user).pw_uid
     for pid in handlers:
-        assert Path(f"/proc/{pid}").stat().st_uid == 65534, Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert Path(f"/proc/{pid}").stat().st_uid == uid, Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def test_tcp_lookup_through_spawn(deployment):

@@ -95,7 +95,7 @@ def test_query_never_shows_the_token(backend, write_config, capsys):
                           "proxy": f"http://user:{TOKEN}x@127.0.0.1:9"}])
     cfg = config.load(path)
     lines = []
-    assert query.run(cfg, "t", [b"echo"], out=lines.append) == 0  # through the (refusing) proxy
+    assert query.run(cfg, "t", [b"echo"], out=lines.append) == 75  # through the (refusing) proxy: EX_TEMPFAIL
     assert "auth-token: (set, redacted)" in lines
 
     class Leaky:  # whatever an HTTP library might quote in its exception text
@@ -105,7 +105,7 @@ def test_query_never_shows_the_token(backend, write_config, capsys):
         def close(self):
             pass
     query.run(cfg, "t", [b"k"], out=lines.append, backend=Leaky())
-    assert "http: failed (internal): header X-Auth-Token: (redacted) refused" in lines
+    assert "backend: internal error in pfrest: header X-Auth-Token: (redacted) refused" in lines
     assert not any(TOKEN in line for line in lines)
     assert TOKEN not in capsys.readouterr().err
 

@@ -5,10 +5,13 @@
     result = await backend.policy([(b"recipient", b"x@example.com")], new_request_id())
     backend.close()
 
+Several targets fail over (client), a cache may answer stale when the backend fails (cache).
+
 Deliberate choices, as before the move to asyncio:
 - no redirects, no proxies or CA bundles from the environment, no .netrc: spawn(8) and systemd give a
   clean environment, and an admin must never see behaviour change because of one.  ``proxy`` and
-  ``ca-file`` are config keys, so the auth token only ever goes to the configured target;
+  ``ca-file`` are config keys, so the auth token only ever goes to the configured target (as do
+  ``headers``, ``basic-auth`` and the ``client-cert``: a proxy's CONNECT carries none of them);
 - the whole exchange is bounded by ``request-timeout``; bodies are read up to MAX_BODY and no further.
 
 Modules: route and request (what to send where, pure), response and tunnel (reading answers,
@@ -28,8 +31,9 @@ __all__ = ["CachingClient", "Client", "MAX_BODY", "Observer", "for_endpoint", "n
 def for_endpoint(endpoint, user_agent: str, observer=NOBODY):
     """The client for one endpoint: HTTP, behind a cache when a lookup endpoint configures one;
     ``observer`` (observer.Observer) hears of every exchange and cache event."""
-    client = Client(endpoint, user_agent)
+    client = Client(endpoint, user_agent, observer)
     if endpoint.mode != POLICY and (endpoint.cache_ttl > 0 or endpoint.cache_negative_ttl > 0):
         return CachingClient(client, endpoint.cache_ttl, endpoint.cache_negative_ttl,
-                             endpoint.cache_max_entries, endpoint.list_separator)
+                             endpoint.cache_max_entries, endpoint.list_separator,
+                             stale_if_error=endpoint.cache_stale_if_error, observer=observer)
     return client

@@ -6,30 +6,44 @@ most backend requests.  Rules:
   and anything that is not a clean found/not-found are never cached, so a flapping backend cannot pin
   a temporary failure (or a wrong answer) in place;
 - the backend may shorten that with ``Cache-Control: max-age=N`` or forbid it with ``no-store``;
-- at most ``cache-max-entries`` entries, least recently used evicted first;
+- stale answers (RFC 5861 stale-if-error): an entry is kept ``cache-stale-if-error`` seconds past its
+  lifetime (the backend's ``Cache-Control: stale-if-error=N`` overrides that per answer; no-store and
+  no-cache forbid it, as they forbid keeping the answer at all).  In that window it is no hit: the
+  backend is asked, and only when it fails temporarily (any Failure, or a 5xx) is the entry the answer,
+  marked ``stale``.  Any other answer replaces the entry, or removes it when it is not to be kept;
+- at most ``cache-max-entries`` entries, stale ones included, least recently used evicted first;
 - identical lookups in flight at the same time share one backend request: the first miss starts it as
   a task of its own and every caller awaits it shielded, so a caller that gives up (its Postfix client
   left, its own deadline) never cancels the answer the others wait for;
 - policy requests are never cached (each one is about one message).
+
+The observer hears, per lookup, "hit" (answered without a backend request of its own: a fresh entry,
+or another caller's request in flight) or "miss", then "stale" for each stale answer given, and
+"eviction" for each entry dropped to stay within cache-max-entries.
 """
 
 import asyncio
 import time
 from collections import OrderedDict
 
+from pfrest.backend.observer import NOBODY
 from pfrest.protocol import verdict
+
+SERVER_ERRORS = range(500, 600)   # with any Failure: the backend failed temporarily
 
 
 class CachingClient:
     """Wraps a Client; same interface (``lookup``, ``policy``, ``close``)."""
 
     def __init__(self, client, ttl: float, negative_ttl: float, max_entries: int, separator=",",
-                 clock=time.monotonic):
+                 clock=time.monotonic, stale_if_error: float = 0.0, observer=NOBODY):
         self.client = client
         self.ttl, self.negative_ttl, self.max_entries = ttl, negative_ttl, max_entries
+        self.stale_if_error = stale_if_error
         self.separator = separator
         self.clock = clock
-        self._entries = OrderedDict()   # key -> (expires, result)
+        self.observer = observer
+        self._entries = OrderedDict()   # key -> (fresh until, usable stale until, result)
         self._flights = {}              # key -> the task asking the backend
 
     async def policy(self, pairs, request_id: str):
@@ -39,15 +53,19 @@ class CachingClient:
         self.client.close()
 
     def peek(self, params):
-        """The cached answer for ``params`` (marked ``cached``), or None: a hit needs no coroutine."""
+        """The fresh cached answer for ``params`` (marked ``cached``), or None: a hit needs no
+        coroutine.  An expired entry stays while it may still serve as a stale answer."""
         key = tuple(params)
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry[0] > self.clock():
+        now = self.clock()
+        if entry[0] > now:
             self._entries.move_to_end(key)
-            return entry[1]
-        del self._entries[key]
+            self.observer.cache("hit")
+            return entry[2]
+        if entry[1] <= now:
+            del self._entries[key]
         return None
 
     async def lookup(self, params, request_id: str):
@@ -57,37 +75,66 @@ class CachingClient:
         key = tuple(params)
         flight = self._flights.get(key)
         if flight is None:
+            self.observer.cache("miss")
             flight = self._flights[key] = asyncio.get_running_loop().create_task(
                 self._fetch(key, params, request_id))
             return await asyncio.shield(flight)
+        self.observer.cache("hit")
         result = await asyncio.shield(flight)
-        return result._replace(cached=True) if isinstance(result, verdict.HttpResult) else result
+        if not isinstance(result, verdict.HttpResult):
+            return result
+        if result.stale:
+            self.observer.cache("stale")
+        return result._replace(cached=True)
 
     async def _fetch(self, key, params, request_id):
         try:
             result = await self.client.lookup(params, request_id)
+            if _failed(result):
+                return self._stale(key) or result
             self._store(key, result)
             return result
         finally:
             del self._flights[key]
 
-    def _lifetime(self, result) -> float:
+    def _stale(self, key):
+        """The entry for ``key`` marked stale, if it is still within its stale window; else None."""
+        entry = self._entries.get(key)
+        if entry is None or entry[1] <= self.clock():
+            return None
+        self.observer.cache("stale")
+        return entry[2]._replace(stale=True)
+
+    def _lifetimes(self, result):
+        """(fresh, stale) seconds to keep ``result``: (0, 0) for what is never kept."""
         if not isinstance(result, verdict.HttpResult) or result.max_age == -1:
-            return 0
+            return 0, 0
         kind = verdict.lookup(result, self.separator).kind
         ttl = self.ttl if kind == verdict.FOUND else self.negative_ttl if kind == verdict.NOTFOUND else 0
+        if ttl <= 0:
+            return 0, 0
         if result.max_age is not None:
             ttl = min(ttl, result.max_age)
-        return ttl
+        return ttl, self.stale_if_error if result.stale_if_error is None else result.stale_if_error
 
     def _store(self, key, result):
-        ttl = self._lifetime(result)
-        if ttl <= 0:
+        """Keep ``result`` for its lifetimes, or forget what was kept for ``key``: the backend's last
+        word is never to be contradicted by an older stale answer."""
+        ttl, stale = self._lifetimes(result)
+        if ttl <= 0 and stale <= 0:
+            self._entries.pop(key, None)
             return
-        self._entries[key] = (self.clock() + ttl, result._replace(cached=True))
+        expires = self.clock() + ttl
+        self._entries[key] = (expires, expires + stale, result._replace(cached=True))
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+            self.observer.cache("eviction")
 
     def __len__(self):
         return len(self._entries)
+
+
+def _failed(result) -> bool:
+    """The backend failed temporarily: the case for a stale answer."""
+    return not isinstance(result, verdict.HttpResult) or result.status in SERVER_ERRORS

@@ -8,34 +8,62 @@ Calls return an HttpResult or a Failure and never raise; only a cancellation fro
 A lookup whose reused connection ends before any byte of an answer (the backend closed it while idle
 as the request went out) is sent once more on a new connection, within the same deadline.  Policy
 requests are never sent twice: a rate-limiting backend must not count a message twice.
+
+Several targets (``target`` as a list), each with its own route, request template and connections:
+- a target is *down* after a failure of the connection itself (DOWN_KINDS: refused, reset, timeout,
+  DNS, TLS), for BACKOFF_FIRST seconds, doubling up to BACKOFF_MAX while retries fail, until a
+  success.  An HTTP answer, a 5xx too, is an answer: it goes to Postfix as it is (and to the cache's
+  stale answers), and so does a malformed one;
+- a call asks the targets in order, skipping those in back-off; one request at a time retries a
+  target whose back-off ran out, the others go on elsewhere meanwhile.  When every other target has
+  failed, those in back-off are asked too: a call never fails only because all are in back-off;
+- a lookup moves on to the next target after a DOWN_KINDS failure; a policy request only when it was
+  never sent, i.e. the failure came before its first byte was written (DNS, connect, TLS handshake,
+  proxy CONNECT): once written, its outcome is final, whatever it is;
+- all within the one deadline.  An attempt with another target still left gets ATTEMPT_SHARE of the
+  time left (a policy request: for connecting only), so that a target that drops SYNs or never
+  answers costs a wait, not the call.
+Every attempt is told to the observer: ``exchange(url, "ok" or the Failure kind, seconds)``.  A call
+cancelled by its caller is not an outcome of the target, and is not told.
 """
 
 import asyncio
 from collections import deque
 
 from pfrest.backend import route as routes
+from pfrest.backend import tls
 from pfrest.backend.connect import open_connection
 from pfrest.backend.errors import Failed, failure_for
+from pfrest.backend.observer import NOBODY
 from pfrest.backend.pool import Pool
 from pfrest.backend.request import Template
 from pfrest.backend.response import ResponseReader
-from pfrest.protocol.verdict import Failure
+from pfrest.protocol.verdict import Failure, HttpResult
 
 REUSABLE_STATUSES = (200, 404)   # the answers a healthy backend gives; after any other, a new connection
+# Failures of the connection to a target, not of its answer: they mark it down, and a lookup moves on.
+DOWN_KINDS = frozenset(("refused", "reset", "timeout", "dns", "tls"))
+BACKOFF_FIRST = 5.0    # seconds a target is skipped after it failed
+BACKOFF_MAX = 60.0     # the back-off doubles while retries fail, up to this
+ATTEMPT_SHARE = 0.5    # of the time left, for an attempt while another target is left to try
 
 
 class _Deadline:
-    __slots__ = ("when", "task", "expired")
+    __slots__ = ("when", "task", "expired", "queue")
 
-    def __init__(self, when, task):
-        self.when, self.task, self.expired = when, task, False
+    def __init__(self, when, task, queue):
+        self.when, self.task, self.expired, self.queue = when, task, False, queue
+
+    def disarm(self):
+        """It cancels nothing from now on (as a cutoff, see _Cutoff)."""
+        self.queue.finish(self)
 
 
 class Deadlines:
     """The deadlines of one client's calls.  All last request-timeout, so they come due in the order
     they were set: one timer, for the oldest, cancels each call whose deadline has passed.  The same
     ending by cancellation as ``asyncio.timeout`` gives, without its timer per call (a third of the
-    client's CPU per request, measured)."""
+    client's CPU per request, measured).  Also the cutoffs of first attempts (Client._cutoff)."""
 
     def __init__(self, seconds):
         self.seconds = seconds
@@ -43,7 +71,7 @@ class Deadlines:
         self._timer = None
 
     def start(self, loop, task) -> _Deadline:
-        deadline = _Deadline(loop.time() + self.seconds, task)
+        deadline = _Deadline(loop.time() + self.seconds, task, self)
         self._queue.append(deadline)
         if self._timer is None:
             self._timer = loop.call_at(deadline.when, self._expire, loop)
@@ -66,91 +94,253 @@ class Deadlines:
             self._timer = loop.call_at(queue[0].when, self._expire, loop)
 
 
+class _Cutoff:
+    """Ends one attempt, not the call, when another target is left to try: its timer cancels the
+    call's task, and the attempt becomes a timeout of that target.  If the call's deadline came
+    first, that one counts.  For an attempt after the first (the first attempts of all calls share
+    a FIFO queue instead, see Client._cutoff)."""
+    __slots__ = ("expired", "_deadline", "_timer")
+
+    def __init__(self, loop, seconds: float, deadline: _Deadline):
+        self.expired, self._deadline = False, deadline
+        self._timer = loop.call_later(seconds, self._fire)
+
+    def _fire(self):
+        deadline = self._deadline
+        if deadline is not None and not deadline.expired and deadline.task is not None:
+            self.expired = True
+            deadline.task.cancel()
+
+    def disarm(self):
+        """From now on it never cancels, even had its timer come due in this very turn of the loop."""
+        self._deadline = None
+        self._timer.cancel()
+
+
+def _uncancel(task):
+    """A cancellation that was pfrest's own (a deadline, a cutoff) is taken back (3.11+), so that the
+    task does not count it as pending."""
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
+
+
+class _Target:
+    """One URL of the endpoint's ``target`` list: its route, request template, idle connections and
+    health (up, or down until ``down_until``)."""
+    __slots__ = ("url", "route", "template", "where", "pool", "down_until", "backoff", "probing")
+
+    def __init__(self, url: str, endpoint, user_agent: str):
+        self.url, self.pool = url, Pool()
+        self.down_until, self.backoff, self.probing = 0.0, 0.0, False   # 0: up
+        try:
+            self.route = routes.for_target(url, endpoint.proxy)
+        except UnicodeError as exc:   # a host name IDNA cannot encode: every call to it fails alike
+            self.route, self.where = None, endpoint.name
+            self.template = _Unusable(Failure("dns", f"host name cannot be encoded: {exc}"))
+        else:
+            self.where = self.route.first_hop.authority   # for failure details: no secrets in it
+            self.template = Template(endpoint, user_agent, self.route)
+
+    def usable(self, now: float) -> bool:
+        """Up, or its back-off has run out and no other request retries it yet (this one does)."""
+        if not self.down_until:
+            return True
+        if self.probing or now < self.down_until:
+            return False
+        self.probing = True
+        return True
+
+    def succeeded(self):
+        self.down_until, self.backoff, self.probing = 0.0, 0.0, False
+
+    def failed(self, now: float):
+        """Down for BACKOFF_FIRST, or twice as long as before when a retry after the back-off failed;
+        failures of requests under way while it is already down change nothing."""
+        self.probing = False
+        if not self.down_until:
+            self.backoff = BACKOFF_FIRST
+        elif now >= self.down_until:
+            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+        else:
+            return
+        self.down_until = now + self.backoff
+
+
 class Client:
-    """Talks to one endpoint's target; one per endpoint and process.  Built outside the loop if need
+    """Talks to one endpoint's targets; one per endpoint and process.  Built outside the loop if need
     be: the running loop is looked up at each call."""
 
-    def __init__(self, endpoint, user_agent: str):
+    def __init__(self, endpoint, user_agent: str, observer=NOBODY):
         self.endpoint = endpoint
         self._timeout = endpoint.timeout
         self._user_agent = user_agent
-        self._pool, self._loop = Pool(), None
+        self._observer = observer
+        self._files = tls.Files.of(endpoint)
+        self._targets = tuple(_Target(url, endpoint, user_agent) for url in endpoint.targets)
+        self._loop = None
         self._deadlines = Deadlines(self._timeout)
-        try:
-            self._route = routes.for_endpoint(endpoint)
-        except UnicodeError as exc:   # a host name IDNA cannot encode: every call fails alike
-            self._route, self._where = None, endpoint.name
-            self._template = _Unusable(Failure("dns", f"host name cannot be encoded: {exc}"))
-        else:
-            self._where = self._route.first_hop.authority   # for failure details: no secrets in it
-            self._template = Template(endpoint, user_agent, self._route)
+        self._first_cutoffs = Deadlines(self._timeout * ATTEMPT_SHARE)
 
     async def lookup(self, params, request_id: str):
         """GET target?name=value&... for (str, bytes) params; HttpResult or Failure."""
-        return await self._call(self._template.lookup, params, request_id, retry=True)
+        return await self._call(True, params, request_id)
 
     async def policy(self, pairs, request_id: str):
         """The policy attributes as a form body, sent exactly once; HttpResult or Failure."""
-        return await self._call(self._template.policy, pairs, request_id, retry=False)
+        return await self._call(False, pairs, request_id)
 
     def close(self):
         """Idempotent: idle connections close now, busy ones when their exchange ends."""
-        self._pool.close()
+        for target in self._targets:
+            target.pool.close()
 
-    async def _call(self, build, items, request_id: str, retry: bool):
+    async def _call(self, idempotent: bool, items, request_id: str):
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._new_loop(loop)
         deadline = self._deadlines.start(loop, asyncio.current_task())
         try:
-            return await self._exchange(loop, build(items, request_id), retry)
+            if len(self._targets) == 1:   # the common case, without failover's bookkeeping
+                result, _ = await self._attempt(loop, deadline, self._targets[0], idempotent, items,
+                                                request_id, None)
+                return result
+            return await self._failover(loop, deadline, idempotent, items, request_id)
         except asyncio.CancelledError:
             if not deadline.expired:
                 raise  # the caller's own cancellation
-            uncancel = getattr(deadline.task, "uncancel", None)  # 3.11+: the cancellation was ours
-            if uncancel is not None:
-                uncancel()
+            _uncancel(deadline.task)
             return Failure("timeout", f"no complete answer within {self._timeout:g} s")
-        except Exception as exc:   # a failed step (DNS, connect, TLS, proxy) or a bug
-            return failure_for(exc, self._where)
+        except Exception as exc:   # a bug: still a Failure, never an exception for the caller
+            return failure_for(exc, self.endpoint.name)
         finally:
             self._deadlines.finish(deadline)
 
-    async def _exchange(self, loop, request: bytes, retry: bool):
-        conn = self._pool.take(loop.time())
-        while True:
-            fresh = conn is None
-            if fresh:
-                conn = await open_connection(loop, self._route, self.endpoint.ca_file,
-                                             self._user_agent)
-            reader = ResponseReader()
-            try:
-                await conn.exchange(request, reader)
-            except BaseException:   # cancelled: the deadline, or the caller
-                conn.abort()
+    async def _failover(self, loop, deadline, idempotent: bool, items, request_id: str):
+        """The first result that must not move on to the next target (see the module's notes), or
+        the last target's."""
+        last = len(self._targets)
+        for tried, target in enumerate(self._candidates(loop), 1):
+            cutoff = None if tried == last else self._cutoff(loop, deadline, tried)
+            result, move_on = await self._attempt(loop, deadline, target, idempotent, items,
+                                                  request_id, cutoff)
+            if not move_on:
+                return result
+        return result
+
+    def _cutoff(self, loop, deadline, tried: int):
+        """When an attempt with another target left gives up: after ATTEMPT_SHARE of the time left.
+        The first attempts of all calls start with the call, so theirs come due in that order, as
+        deadlines do: one queue and its one timer, not a timer per request."""
+        if tried == 1:
+            return self._first_cutoffs.start(loop, deadline.task)
+        return _Cutoff(loop, (deadline.when - loop.time()) * ATTEMPT_SHARE, deadline)
+
+    def _candidates(self, loop):
+        """The usable targets in order, then those in back-off.  Lazy: a target due for a retry is
+        claimed only when it is about to be asked."""
+        waiting = []
+        for target in self._targets:
+            if target.usable(loop.time()):
+                yield target
+            else:
+                waiting.append(target)
+        yield from waiting
+
+    async def _attempt(self, loop, deadline, target, idempotent: bool, items, request_id: str,
+                       cutoff):
+        """One target asked: (result, whether the next target may be asked); the outcome is told to
+        the observer and to the target's health.  (One coroutine, not two: this is every request's
+        path.)  Until the request is written, only building it (an unusable target) and
+        open_connection raise; after, only a cancellation."""
+        started = loop.time()
+        try:
+            build = target.template.lookup if idempotent else target.template.policy
+            request, conn = build(items, request_id), target.pool.take(started)
+            while True:
+                fresh = conn is None
+                if fresh:
+                    conn = await open_connection(loop, target.route, self._files, self._user_agent)
+                if cutoff is not None and not idempotent:
+                    cutoff.disarm()   # once written, a policy request waits out the rest of the deadline
+                reader = ResponseReader()
+                try:
+                    await conn.exchange(request, reader)
+                except BaseException:   # cancelled: the deadline, a cutoff, or the caller
+                    conn.abort()
+                    raise
+                ended = loop.time()
+                self._release(target.pool, conn, reader, ended)
+                if fresh or not (idempotent and reader.unanswered):
+                    break
+                conn = None   # a reused connection the backend had closed: once more on a new one
+        except asyncio.CancelledError:
+            result = self._cut_off(loop, target, deadline, cutoff, started)
+            if result is None:
                 raise
-            self._release(conn, reader, loop.time())
-            if fresh or not (retry and reader.unanswered):
-                return reader.result
-            conn = None   # a reused connection the backend had closed: once more on a new one
+            move_on, held, ended = True, True, loop.time()
+        except Exception as exc:   # raised before any byte of the request was written
+            result, move_on, held, ended = failure_for(exc, target.where), True, True, loop.time()
+        else:
+            result = reader.result
+            held = fresh or not reader.unanswered   # a reused connection closed while idle: no sign
+            move_on = idempotent and held and result.__class__ is Failure and result.kind in DOWN_KINDS
+        finally:
+            if cutoff is not None:
+                cutoff.disarm()
+        outcome = "ok" if result.__class__ is HttpResult else result.kind
+        self._observer.exchange(target.url, outcome, ended - started)
+        if target.down_until or outcome in DOWN_KINDS:
+            self._health(target, outcome, ended, held)
+        return result, move_on
+
+    def _cut_off(self, loop, target, deadline, cutoff, started: float):
+        """The Failure of an attempt its cutoff ended, or None for a cancellation that ends the call:
+        the deadline's (a timeout of this target too) or the caller's."""
+        target.probing = False
+        if cutoff is not None and cutoff.expired:
+            _uncancel(deadline.task)
+            if not deadline.expired:
+                return Failure("timeout", f"{target.where}: no answer in its share of the "
+                                          "request-timeout; the next target is asked")
+        if deadline.expired:
+            ended = loop.time()
+            self._observer.exchange(target.url, "timeout", ended - started)
+            target.failed(ended)
+        return None
+
+    @staticmethod
+    def _health(target, outcome: str, ended: float, held: bool):
+        """Down after a failure of its connection (``held`` against it: not the race with a backend
+        closing an idle one), up after anything else."""
+        if outcome not in DOWN_KINDS:
+            target.succeeded()
+        elif held:
+            target.failed(ended)
+        else:
+            target.probing = False
 
     def _new_loop(self, loop):
         """Connections pooled on another loop (a previous asyncio.run, or the parent of a forked
         worker) are forgotten, never touched: their transports belong to that loop."""
-        closed = self._pool.closed
-        self._pool, self._loop = Pool(), loop
-        self._pool.closed = closed
+        for target in self._targets:
+            closed = target.pool.closed
+            target.pool = Pool()
+            target.pool.closed = closed
+        self._loop = loop
         self._deadlines = Deadlines(self._timeout)
+        self._first_cutoffs = Deadlines(self._timeout * ATTEMPT_SHARE)
 
-    def _release(self, conn, reader, now: float):
+    @staticmethod
+    def _release(pool, conn, reader, now: float):
         if reader.keep_alive and reader.result.status in REUSABLE_STATUSES:
-            self._pool.put(conn, now)
+            pool.put(conn, now)
         else:
             conn.abort()
 
 
 class _Unusable:
-    """Stands in for the request template of an endpoint whose target cannot be used."""
+    """Stands in for the request template of a target that cannot be used."""
 
     def __init__(self, failure: Failure):
         self.failure = failure

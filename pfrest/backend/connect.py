@@ -21,8 +21,9 @@ from pfrest.backend.tunnel import TunnelReply
 ATTEMPT_DELAY = 0.25   # seconds; RFC 8305's recommended Connection Attempt Delay
 
 
-async def open_connection(loop, route, ca_file, user_agent: str) -> Connection:
-    """A live Connection to the route's target (through its proxy, TLS done), or an exception."""
+async def open_connection(loop, route, files: tls.Files, user_agent: str) -> Connection:
+    """A live Connection to the route's target (through its proxy, TLS done), or an exception.
+    Nothing of a request has been written when it raises."""
     hop = route.first_hop
     sock = await first_connected(loop, await addresses(loop, hop.host, hop.port))
     try:
@@ -33,10 +34,10 @@ async def open_connection(loop, route, ca_file, user_agent: str) -> Connection:
         raise
     try:
         if hop.tls:
-            await _start_tls(loop, conn, ca_file, hop.host)
+            await _start_tls(loop, conn, files if route.proxy is None else files.for_proxy(), hop.host)
         if route.tunnel:
             await _tunnel(conn, connect_request(route, user_agent))
-            await _start_tls(loop, conn, ca_file, route.target.host)
+            await _start_tls(loop, conn, files, route.target.host)
     except BaseException:
         conn.abort()
         raise
@@ -123,8 +124,8 @@ def _discard(task):
         task.result().close()
 
 
-async def _start_tls(loop, conn, ca_file, server_name: str):
-    conn.transport = await loop.start_tls(conn.transport, conn, tls.context(ca_file),
+async def _start_tls(loop, conn, files: tls.Files, server_name: str):
+    conn.transport = await loop.start_tls(conn.transport, conn, tls.context(files),
                                           server_hostname=server_name)
 
 

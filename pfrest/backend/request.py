@@ -1,12 +1,16 @@
 """The bytes of each backend request, built from a per-endpoint template.  Pure, no I/O.
 
 Everything that is the same for every request to an endpoint (request line prefix, Host, User-Agent,
-Accept, X-Auth-Token, Proxy-Authorization, Connection) is encoded once; per request only the query or
-form body and X-Request-Id are added, and the whole request is one ``bytes`` for one write.
+Accept, X-Auth-Token, Proxy-Authorization, Connection, then Authorization from ``basic-auth`` and the
+endpoint's own ``headers``) is encoded once; per request only the query or form body and X-Request-Id
+are added, and the whole request is one ``bytes`` for one write.  The CONNECT request to a proxy is
+built apart (``connect_request``) and carries none of the endpoint's headers.
 """
 
 import re
 from random import getrandbits as _random_bits
+
+from pfrest.backend.route import basic
 
 FORM_TYPE = b"application/x-www-form-urlencoded"
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -50,9 +54,20 @@ def _line(name: str, value: str) -> bytes:
     return f"{name}: {value}\r\n".encode("utf-8")
 
 
+def _endpoint_headers(endpoint) -> bytes:
+    """Authorization from ``basic-auth``, then ``headers`` as configured (config has refused names
+    pfrest sets itself, and an Authorization header next to basic-auth)."""
+    lines = b""
+    if endpoint.basic_auth:
+        lines += _line("Authorization", basic(*endpoint.basic_auth.split(":", 1)))
+    for name, value in endpoint.headers:
+        lines += _line(name, value)
+    return lines
+
+
 class Template:
     """Builds lookup and policy requests for one endpoint along ``route`` (see route.py)."""
-    __slots__ = ("_lookup_start", "_lookup_rest", "_policy_head")
+    __slots__ = ("_lookup_start", "_lookup_rest", "_lookup_end", "_policy_head", "_policy_rest")
 
     def __init__(self, endpoint, user_agent: str, route):
         target = route.request_target.encode("ascii")
@@ -63,20 +78,22 @@ class Template:
         if route.proxy_authorization and not route.tunnel:  # a tunnelled request never shows it
             head += _line("Proxy-Authorization", route.proxy_authorization)
         head += b"Connection: keep-alive\r\nX-Request-Id: "
+        after_id = b"\r\n" + _endpoint_headers(endpoint)
         self._lookup_start = b"GET " + target + (b"&" if b"?" in target else b"?")
         self._lookup_rest = b" HTTP/1.1\r\n" + head
+        self._lookup_end = after_id + b"\r\n"
         self._policy_head = endpoint.method.encode("ascii") + b" " + target + b" HTTP/1.1\r\n" + head
+        self._policy_rest = after_id + b"Content-Type: " + FORM_TYPE + b"\r\nContent-Length: "
 
     def lookup(self, params, request_id: str) -> bytes:
         """GET target?name=value&... for (str, bytes) params."""
         return b"".join((self._lookup_start, query(params).encode("ascii"), self._lookup_rest,
-                         request_id.encode("ascii"), b"\r\n\r\n"))
+                         request_id.encode("ascii"), self._lookup_end))
 
     def policy(self, pairs, request_id: str) -> bytes:
         """The policy attributes as a form body, with the endpoint's method (GET too, as before)."""
         body = form(pairs)
-        return b"".join((self._policy_head, request_id.encode("ascii"),
-                         b"\r\nContent-Type: ", FORM_TYPE, b"\r\nContent-Length: ",
+        return b"".join((self._policy_head, request_id.encode("ascii"), self._policy_rest,
                          b"%d\r\n\r\n" % len(body), body))
 
 

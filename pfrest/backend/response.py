@@ -27,6 +27,7 @@ NO_BODY_STATUSES = (204, 304)
 _KEPT = frozenset((b"content-length", b"transfer-encoding", b"content-encoding", b"cache-control",
                    b"location"))
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)", re.I)
+_STALE_IF_ERROR = re.compile(r"(?:^|,)\s*stale-if-error\s*=\s*\"?(\d+)", re.I)
 _NO_STORE = re.compile(r"(?:^|,)\s*(?:no-store|no-cache|private)\b", re.I)
 
 
@@ -40,7 +41,17 @@ def max_age(cache_control):
         return None
     if _NO_STORE.search(cache_control):
         return -1
-    match = _MAX_AGE.search(cache_control)
+    return _seconds(_MAX_AGE, cache_control)
+
+
+def stale_if_error(cache_control):
+    """Seconds from Cache-Control stale-if-error (RFC 5861), None when absent.  no-store/no-cache
+    forbid keeping the answer at all, and so this too (max_age says -1)."""
+    return _seconds(_STALE_IF_ERROR, cache_control)
+
+
+def _seconds(directive, cache_control):
+    match = directive.search(cache_control)
     return int(match.group(1)) if match else None
 
 
@@ -193,9 +204,13 @@ class ResponseReader:
         if self._inflater is not None and not self._inflater.eof:
             self._fail("protocol", "compressed body is truncated")
             return
-        cache_control, location = self._cache_control, self._location
-        self.result = HttpResult(
-            self._status, b"".join(self._chunks),
-            None if location is None else location.decode("latin-1"),
-            None if cache_control is None else max_age(cache_control.decode("latin-1")))
+        cache_control, location, body = self._cache_control, self._location, b"".join(self._chunks)
+        if location is not None:
+            location = location.decode("latin-1")
+        if cache_control is None:   # most answers
+            self.result = HttpResult(self._status, body, location)
+        else:
+            text = cache_control.decode("latin-1")
+            self.result = HttpResult(self._status, body, location, max_age(text),
+                                     stale_if_error=stale_if_error(text))
         self.done, self.keep_alive = True, keep_alive and not self._until_eof

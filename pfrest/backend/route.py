@@ -56,15 +56,21 @@ class Route(NamedTuple):
 
 
 def for_endpoint(endpoint) -> Route:
-    """The route for ``endpoint`` (config validation guarantees http(s) URLs with a host)."""
-    url = urlsplit(endpoint.target)
+    """The route to ``endpoint``'s first target."""
+    return for_target(endpoint.target, endpoint.proxy)
+
+
+def for_target(target: str, proxy_url: Optional[str]) -> Route:
+    """The route to ``target`` (config validation guarantees http(s) URLs with a host), through
+    ``proxy_url`` when set."""
+    url = urlsplit(target)
     path = quote(url.path or "/", safe=_PATH_SAFE)
     if url.query:
         path += "?" + quote(url.query, safe=_PATH_SAFE)
-    if not endpoint.proxy:
+    if not proxy_url:
         return Route(_origin(url), path)
-    proxy = urlsplit(endpoint.proxy)
-    return Route(_origin(url), path, _origin(proxy), _basic(proxy))
+    proxy = urlsplit(proxy_url)
+    return Route(_origin(url), path, _origin(proxy), _proxy_authorization(proxy))
 
 
 def _origin(url) -> Origin:
@@ -80,8 +86,13 @@ def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _basic(url) -> Optional[str]:
+def basic(username: str, password: str) -> str:
+    """``Basic base64(user:password)``: RFC 7617, in UTF-8."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode("utf-8")).decode("ascii")
+
+
+def _proxy_authorization(url) -> Optional[str]:
+    """From the proxy URL's percent-encoded ``user:password@``, if any."""
     if url.username is None:
         return None
-    credentials = f"{unquote(url.username)}:{unquote(url.password or '')}".encode("utf-8")
-    return "Basic " + base64.b64encode(credentials).decode("ascii")
+    return basic(unquote(url.username), unquote(url.password or ""))

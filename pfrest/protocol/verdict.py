@@ -28,6 +28,8 @@ class HttpResult(NamedTuple):
     location: Optional[str] = None       # for 3xx, only to log it
     max_age: Optional[int] = None        # Cache-Control max-age, None when absent; -1 for no-store
     cached: bool = False                 # answered from pfrest's cache, not by a new request
+    stale_if_error: Optional[int] = None  # Cache-Control stale-if-error (RFC 5861), None when absent
+    stale: bool = False                  # a cached answer past its lifetime, served as the backend failed
 
 
 class Failure(NamedTuple):

@@ -10,8 +10,9 @@ reload is the single-process reload: the arbiter opens and closes the sockets th
 drops, and sends the config to every worker, which applies it at once to the connections it has.
 
 A worker that dies is replaced, after RESTART_DELAY, by a fork of the arbiter: with the arbiter's
-current config, never the startup one.  The workers send their counters, which the arbiter adds up
-(SIGUSR1, and at exit).  The arbiter alone talks to systemd (the main PID).
+current config, never the startup one.  The workers send their counters every second and at exit,
+which the arbiter adds up (SIGUSR1, at exit, and the metrics address, which it serves: monitor.py);
+the counters of a worker that ended are kept.  The arbiter alone talks to systemd (the main PID).
 
 The arbiter runs a plain selector loop, not asyncio: it forks while running, and a child must start
 its own event loop from a clean slate.
@@ -27,10 +28,10 @@ import time
 from collections import Counter
 
 from pfrest import config
-from pfrest.server import control, daemon, eventloop, privileges, systemd
+from pfrest.server import control, daemon, eventloop, health, monitor, privileges, systemd
 from pfrest.server.listener import Listener, connection_room
 from pfrest.server.sockets import BindError
-from pfrest.server.stats import Stats
+from pfrest.server.stats import Figures, added
 
 logger = logging.getLogger("pfrest")
 
@@ -68,6 +69,11 @@ class Arbiter:
         self.stop_signals = 0
         self.generation = 0          # counts reloads: workers confirm each one
         self.confirming = None       # the generation whose confirmations are awaited
+        self.reloads = Counter()     # "ok" / "failed" -> count
+        self.restarts = 0            # workers replaced after they died
+        self.monitor = monitor.for_config(cfg, self)
+        self.probes = {}             # probe number -> (names, done): readiness probes out with a worker
+        self.probe_number = 0
 
     # --- the process ------------------------------------------------------------------------------
 
@@ -75,6 +81,8 @@ class Arbiter:
         to_stderr_too = self.options.use_syslog or bool(self.options.log_file)
         try:
             self.listener.bind()
+            if self.monitor is not None:
+                self.monitor.bind()
             privileges.drop(self.listener.cfg.user, self.listener.unix_paths())
         except config.ConfigError as exc:
             return daemon.fatal(exc.problems, daemon.EX_CONFIG, to_stderr_too)
@@ -89,6 +97,8 @@ class Arbiter:
         while not all(w.ready for w in self.workers.values()) and time.monotonic() < deadline:
             self._turn(deadline - time.monotonic())
         self.listener.start(self, self._pass)
+        if self.monitor is not None:
+            self.monitor.start(self)
         count = len(self.listener.addresses)
         systemd.notify(f"READY=1\nSTATUS=serving {count} endpoint(s) with {len(self.workers)} workers")
         logger.info("ready: serving %d endpoint(s), %d workers, pid %d", count, len(self.workers), os.getpid())
@@ -115,6 +125,9 @@ class Arbiter:
 
     def watch(self, sock, callback, *args):
         self.selector.register(sock, selectors.EVENT_READ, (callback, args))
+
+    def watch_writable(self, sock, callback, *args):
+        self.selector.register(sock, selectors.EVENT_WRITE, (callback, args))
 
     def unwatch(self, sock):
         try:
@@ -168,10 +181,11 @@ class Arbiter:
     def _reload(self):
         """The listener takes the new config here (sockets opened and closed); every worker gets it to
         apply to its connections, and confirms; "reloaded" is logged (and systemd told) once all have."""
-        cfg = daemon.reload(self.listener.reload, self.options)
+        cfg = daemon.reload(self.listener.reload, self.options, self.reloads)
         if cfg is None:
             self._broadcast(("config", None, self.generation))  # still: reopen the log file
             return
+        monitor.reconfigure(self.monitor, cfg)
         self.generation += 1
         self.confirming = self.generation
         self._broadcast(("config", cfg, self.generation))
@@ -195,6 +209,8 @@ class Arbiter:
         systemd.notify("STOPPING=1")
         logger.info("%s: stopping %d workers", name, len(self.workers))
         self.listener.close()
+        if self.monitor is not None:
+            self.monitor.close()
         self._broadcast(("stop",))
 
     # --- workers ------------------------------------------------------------------------------------
@@ -224,8 +240,9 @@ class Arbiter:
             signal.signal(signum, signal.SIG_DFL)
         self.selector.close()
         for sock in [self.wake, self._wake_writer, *(w.channel for w in self.workers.values()),
-                     *(slot.sock for slot in self.listener.slots.values()), *self.listener.inherited.values()]:
-            sock.close()
+                     *(slot.sock for slot in self.listener.slots.values()), *self.listener.inherited.values(),
+                     *(self.monitor.httpd.all_sockets() if self.monitor is not None else ())]:
+            sock.close()  # a metrics client's connection too: it must end when the arbiter closes it
         os.environ.pop("NOTIFY_SOCKET", None)  # systemd listens to the main PID only
         status = 1
         try:
@@ -261,6 +278,8 @@ class Arbiter:
                 self.listener.closed(message[1])
             elif kind == "stats":
                 handle.stats = message[1]
+            elif kind == "probed":
+                self._probed(message[1], message[2])
 
     def _reap(self):
         while True:
@@ -278,10 +297,13 @@ class Arbiter:
             handle.channel.close()
             for key, count in handle.open.items():
                 self.listener.closed(key, count)
-            _add(self.ended_stats, handle.stats)
+            for stats in handle.stats.values():
+                stats.cache_entries = 0   # its cache is gone; its counts stay
+            self.ended_stats = added(self.ended_stats, handle.stats)
             if self.confirming:
                 self._confirmed(self.confirming)
             if not self.stopping:
+                self.restarts += 1
                 logger.error("worker %d (pid %d) ended with status %s; replacing it in %.0f s", handle.index,
                              pid, os.waitstatus_to_exitcode(status), RESTART_DELAY)
                 self.later(RESTART_DELAY, self._fork, handle.index)
@@ -316,24 +338,33 @@ class Arbiter:
         handle.open[slot.key] += 1
         return None
 
-    def summary(self):
-        """Counter lines for the whole service: the arbiter's, the ended workers' and the workers'."""
-        totals = {}
-        for part in (self.stats, self.ended_stats, *(w.stats for w in self.workers.values())):
-            _add(totals, part)
-        names = {slot.endpoint.name: slot.key for slot in self.listener.slots.values()}
-        lines = []
-        for name in dict.fromkeys([*names, *totals]):
-            open_now = sum(w.open[names[name]] for w in self.workers.values()) if name in names else 0
-            lines.append(f"endpoint={name} {totals.get(name, Stats()).summary(open_now)}")
+    def figures(self):
+        """The whole service's: the arbiter's counters, the ended workers' and the workers' last reports."""
+        totals = added(self.stats, self.ended_stats, *(w.stats for w in self.workers.values()))
         workers = sorted(self.workers.values(), key=lambda w: w.index)
-        lines.append("workers connections=" + (",".join(str(w.connections) for w in workers) or "-"))
-        return lines
+        connections = {slot.endpoint.name: sum(w.open[slot.key] for w in workers)
+                       for slot in self.listener.slots.values()}
+        return Figures(totals, connections, self.reloads, tuple(w.connections for w in workers), self.restarts)
 
+    def summary(self):
+        """Counter lines for the whole service."""
+        return self.figures().lines()
 
-def _add(totals, stats):
-    for name, s in stats.items():
-        totals.setdefault(name, Stats()).merge(s)
+    def probe(self, names, done):
+        """Readiness: a worker probes these endpoints' backends (it has the event loop and the clients);
+        ``done(results)`` when it answers, or with every probe failed after health.probe_wait."""
+        ready = sorted((w for w in self.workers.values() if w.ready), key=lambda w: w.connections)
+        self.probe_number += 1
+        self.probes[self.probe_number] = (names, done)
+        if not ready or not self._send(ready[0], ("probe", self.probe_number, names)):
+            return self._probed(self.probe_number, {name: "no worker process to probe from" for name in names})
+        wait = health.probe_wait(ep for ep in self.listener.cfg.endpoints if ep.name in names)
+        self.later(wait, self._probed, self.probe_number, None)
+
+    def _probed(self, number, results):
+        names, done = self.probes.pop(number, (None, None))
+        if done is not None:
+            done(results if results is not None else {name: "the worker did not answer in time" for name in names})
 
 
 def _kill(pid, signum):

@@ -6,9 +6,10 @@ Pickle is safe here: both ends are the same program, forked from one process, an
 reachable by nobody else.
 
 Arbiter -> worker: ``("connection", key, endpoint, peer, host)`` + fd, ``("config", cfg or None,
-generation)`` (None: the reload failed, only reopen the log file), ``("stop",)``.
+generation)`` (None: the reload failed, only reopen the log file), ``("probe", number, [endpoint])``
+(readiness, health.py), ``("stop",)``.
 Worker -> arbiter: ``("ready",)``, ``("applied", generation)``, ``("closed", key)``,
-``("stats", {endpoint: Stats})``.
+``("stats", {endpoint: Stats})``, ``("probed", number, {endpoint: None or why not})``.
 """
 
 import pickle

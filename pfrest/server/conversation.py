@@ -123,10 +123,6 @@ class Conversation(asyncio.Protocol):
         if self._service() is None:
             self.close_when_idle()
 
-    @property
-    def idle(self) -> bool:
-        return self.answering is None and not self.items and not self.decoder.pending
-
     # --- answering --------------------------------------------------------------------------------
 
     def _pump(self):
@@ -188,9 +184,10 @@ class Conversation(asyncio.Protocol):
             self._pump()
 
     def _finish(self, service, request, result, answer, request_id, started):
-        ms = (time.monotonic() - started) * 1000
-        service.stats.record(answer.verdict, ms, result)
-        if log.isEnabledFor(logging.INFO):
+        now = time.monotonic()
+        ms = (now - started) * 1000
+        reply = service.stats.record(answer.verdict, ms, result, answer.action, now)
+        if (service.log_all or service.worth_logging(reply, result)) and log.isEnabledFor(logging.INFO):
             logs.request(requestlog.line(service.endpoint.name, request_id, service.mode.subject(request),
                                          result, answer, ms))
         self._write(answer.reply)

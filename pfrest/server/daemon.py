@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 
-from pfrest import config, log
+from pfrest import check, config, log
 from pfrest.server import eventloop, privileges, systemd
 from pfrest.server.listener import FD_RESERVE
 from pfrest.server.sockets import BindError
@@ -43,10 +43,10 @@ def run(options) -> int:
     log.for_foreground(options.use_syslog, options.log_file)
     to_stderr_too = options.use_syslog or bool(options.log_file)
     try:
-        cfg = config.load(options.config_path)
+        cfg = check.load(options.config_path)   # refused as `pfrest check` refuses it
     except config.ConfigError as exc:
         return fatal(exc.problems, EX_CONFIG, to_stderr_too)
-    for warning in config.warnings(cfg):
+    for warning in check.warnings(cfg):
         logger.warning("%s", warning)
     raise_fd_limit(cfg)
     preload()
@@ -78,7 +78,7 @@ async def serve(server, options) -> int:
         signum = await events.get()
         if signum in STOP_SIGNALS:
             break
-        if signum == signal.SIGHUP and reload(server.reload, options):
+        if signum == signal.SIGHUP and reload(server.reload, options, server.reloads):
             reloaded(options)
         elif signum == signal.SIGUSR1:
             log_counters(server.summary())
@@ -136,9 +136,10 @@ def log_counters(lines):
         logger.info("stats %s", line)
 
 
-def reload(apply, options):
+def reload(apply, options, reloads):
     """SIGHUP: reopen the log file, re-read the config and ``apply(cfg)`` it; on any problem keep the
-    old one (and say so).  Returns the new Config, or None; ``reloaded()`` completes a success."""
+    old one (and say so).  Returns the new Config, or None; ``reloaded()`` completes a success.
+    ``reloads`` (a Counter) counts the outcome: "ok" or "failed"."""
     systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     if options.log_file and not options.use_syslog:
         try:
@@ -146,7 +147,7 @@ def reload(apply, options):
         except OSError as exc:
             logger.error("cannot reopen %s, logging on to the old file: %s", options.log_file, exc.strerror)
     try:
-        cfg = config.load(options.config_path)
+        cfg = check.load(options.config_path)
         apply(cfg)
     except config.ConfigError as exc:
         logger.error("reload: keeping the old configuration; %s is not valid:", options.config_path)
@@ -155,9 +156,11 @@ def reload(apply, options):
     except (BindError, OSError) as exc:
         logger.error("reload: keeping the old configuration: %s", exc)
     else:
-        for warning in config.warnings(cfg):
+        for warning in check.warnings(cfg):
             logger.warning("%s", warning)
+        reloads["ok"] += 1
         return cfg
+    reloads["failed"] += 1
     systemd.notify("READY=1")
     return None
 

@@ -10,6 +10,7 @@ a broken config included, go to syslog (facility mail) or ``--log-file``, and th
 import asyncio
 import logging
 import os
+import time
 
 from pfrest import config, log
 from pfrest.server import eventloop, stdio
@@ -47,10 +48,13 @@ async def converse(endpoint, user_agent):
     services = Services()
     services.apply([endpoint], user_agent)
     ended = asyncio.get_running_loop().create_future()
-    conversation = Conversation(services, Origin(endpoint.name), peer_name(),
-                                on_end=lambda conv: ended.set_result(None))
+    peer, started = peer_name(), time.monotonic()
+    conversation = Conversation(services, Origin(endpoint.name), peer, on_end=lambda conv: ended.set_result(None))
     try:
         await stdio.attach(conversation)
         await ended
     finally:
         services.close()
+    # the one line of a connection that log-requests may have kept quiet: what it did, in sum
+    logger.info("endpoint=%s peer=%s connection ended: %s connected=%.1fs", endpoint.name, peer,
+                services.stats[endpoint.name].requests_summary(), time.monotonic() - started)

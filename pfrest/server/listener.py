@@ -199,7 +199,7 @@ class Listener:
 
     def _update(self, slot, ep):
         old, slot.endpoint, slot.networks = slot.endpoint, ep, sockets.networks(ep.allow_from)
-        self.stats.setdefault(ep.name, Stats())
+        self.stats.setdefault(ep.name, Stats()).mode = ep.mode
         if old is None:
             log.info("endpoint=%s mode=%s listening on %s%s", ep.name, ep.mode, self._where(slot),
                      " (from systemd)" if slot.inherited else "")

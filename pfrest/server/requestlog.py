@@ -15,6 +15,8 @@ def line(endpoint_name, request_id, subject, result, answer, ms) -> str:
     extra = ""
     if isinstance(result, Failure):
         extra = f" error={result.kind}: {result.detail}"[:MAX_DETAIL]
+    elif getattr(result, "stale", False):   # a cached answer past its lifetime: the backend failed
+        extra = " cache=stale"
     elif getattr(result, "cached", False):
         extra = " cache=hit"
     elif getattr(result, "location", None) and 300 <= result.status < 400:

@@ -11,11 +11,12 @@ the next request boundary.
 import logging
 from typing import NamedTuple, Optional
 
+from pfrest.config import LOG_ALL, LOG_PROBLEMS
 from pfrest.log import add_secret
 from pfrest.protocol.answers import Answer, mode_for
 from pfrest.protocol.verdict import TEMP, Verdict
 from pfrest.server import sockets
-from pfrest.server.stats import Stats
+from pfrest.server.stats import PROBLEMS, Stats
 
 log = logging.getLogger("pfrest")
 
@@ -40,6 +41,9 @@ class Service:
         for secret in endpoint.secrets():
             add_secret(secret)
         self.stats = Stats() if stats is None else stats
+        self.stats.mode = endpoint.mode
+        level = endpoint.log_requests or LOG_ALL   # None: an Endpoint made in code
+        self.log_all, self.log_problems = level == LOG_ALL, level == LOG_PROBLEMS
         if backend is None:
             from pfrest.backend import for_endpoint  # the HTTP side only where requests are answered
             backend = for_endpoint(endpoint, user_agent, observer=self.stats)
@@ -67,6 +71,11 @@ class Service:
             log.exception("endpoint=%s id=%s internal error; answering with a temporary error",
                           self.endpoint.name, request_id)
             return result, Answer(self.mode.internal_error(request_id), Verdict(TEMP, "internal error"))
+
+    def worth_logging(self, reply, result) -> bool:
+        """Under ``log-requests: problems``, whether a request gets its log line: failures, policy
+        refusals (``reply``: its class, see stats.reply_class) and stale answers do."""
+        return self.log_problems and (reply in PROBLEMS or getattr(result, "stale", False))
 
     def same(self, endpoint, user_agent, key) -> bool:
         return (self.endpoint, self.user_agent, self.key) == (endpoint, user_agent, key)
@@ -106,6 +115,12 @@ class Services:
         self.generation += 1
         for svc in retired:
             svc.close()
+
+    def measure(self):
+        """Set the gauges of every endpoint's Stats to now (cache entries), for a report or a scrape."""
+        for name, stats in self.stats.items():
+            svc = self.by_name.get(name)
+            stats.cache_entries = len(svc.backend) if svc is not None and hasattr(svc.backend, "__len__") else 0
 
     def current(self, origin) -> Optional[Service]:
         svc = self.by_name.get(origin.endpoint)

@@ -8,6 +8,7 @@ Programmatic use (the demo, tests), inside a running event loop::
     server.addresses                  # {"name": ("127.0.0.1", 40123), "other": "/run/pfrest.sock"}
     server.reload(new_cfg)            # raises ConfigError or BindError and then keeps the old setup
     server.summary()                  # one counters line per endpoint
+    server.figures()                  # the counters as stats.Figures (/metrics, when metrics-address is set)
     await server.stop(drain_timeout)  # stop accepting, let requests finish, cut the rest
 
 Config files may not say ``bind-port: 0`` (an admin never means it), but the Server binds whatever the
@@ -17,10 +18,13 @@ Endpoint says: for an ephemeral port use ``dataclasses.replace(endpoint, bind_po
 import asyncio
 import logging
 import socket
+from collections import Counter
 
+from pfrest.server import health, monitor
 from pfrest.server.conversation import Conversation
 from pfrest.server.listener import Listener, connection_room
 from pfrest.server.services import Origin, Services
+from pfrest.server.stats import Figures
 
 log = logging.getLogger("pfrest")
 
@@ -28,7 +32,7 @@ DRAIN_TIMEOUT = 10.0   # seconds that requests in progress get to finish on stop
 
 
 class LoopWatcher:
-    """The Listener's readiness callbacks and timer on an asyncio event loop."""
+    """The Listener's (and the metrics address's) readiness callbacks and timer on an asyncio event loop."""
 
     def __init__(self, loop):
         self.loop = loop
@@ -36,8 +40,12 @@ class LoopWatcher:
     def watch(self, sock, callback, *args):
         self.loop.add_reader(sock.fileno(), callback, *args)
 
+    def watch_writable(self, sock, callback, *args):
+        self.loop.add_writer(sock.fileno(), callback, *args)
+
     def unwatch(self, sock):
         self.loop.remove_reader(sock.fileno())
+        self.loop.remove_writer(sock.fileno())
 
     def later(self, seconds, callback, *args):
         self.loop.call_later(seconds, callback, *args)
@@ -119,15 +127,23 @@ class Server:
         self.services = Services()
         self.listener = Listener(cfg, names, inherited, stats=self.services.stats)
         self.conversations = Conversations(self.services, on_closed=self.listener.closed)
+        self.reloads = Counter()         # "ok" / "failed" -> count (daemon.reload counts them)
+        self.monitor = monitor.for_config(cfg, self)
+        self.probing = set()             # readiness probes running
 
     def bind(self):
         self.listener.bind()
+        if self.monitor is not None:
+            self.monitor.bind()
         return self
 
     def start(self):
         self.bind()
         self._apply(self.listener.cfg)
-        self.listener.start(LoopWatcher(asyncio.get_running_loop()), self._take)
+        watcher = LoopWatcher(asyncio.get_running_loop())
+        self.listener.start(watcher, self._take)
+        if self.monitor is not None:
+            self.monitor.start(watcher)
         return self
 
     def _take(self, slot, sock, peer, host):
@@ -142,6 +158,7 @@ class Server:
         self.listener.reload(cfg)
         self._apply(cfg)
         self.conversations.reconsider()
+        monitor.reconfigure(self.monitor, cfg)
 
     @property
     def addresses(self):
@@ -153,13 +170,31 @@ class Server:
     def connection_count(self):
         return len(self.conversations.open)
 
+    def figures(self):
+        """The counters now, as stats.Figures (the lines of ``summary``, ``/metrics``)."""
+        self.services.measure()
+        open_now = {name: self.conversations.count(name) for name in self.services.by_name}
+        return Figures(self.services.stats, open_now, self.reloads)
+
     def summary(self):
-        """One counters line per endpoint served."""
-        return [f"endpoint={name} {self.services.stats[name].summary(self.conversations.count(name))}"
-                for name in self.services.by_name]
+        """One counters line per endpoint."""
+        return self.figures().lines()
+
+    def probe(self, names, done):
+        """Probe these endpoints' backends (health.probe_all), then ``done(results)``."""
+        task = asyncio.get_running_loop().create_task(health.probe_all(self.services, names))
+        self.probing.add(task)
+
+        def finished(task):
+            self.probing.discard(task)
+            if not task.cancelled():
+                done(task.result())
+        task.add_done_callback(finished)
 
     async def stop(self, drain_timeout=DRAIN_TIMEOUT):
         """Stop accepting, close idle connections, give requests in progress up to ``drain_timeout``
         seconds to be answered, then cut what is left.  Returns how many connections were cut."""
         self.listener.close()
+        if self.monitor is not None:
+            self.monitor.close()
         return await self.conversations.drain(drain_timeout)

@@ -2,11 +2,12 @@
 it, on the worker's own event loop.  It listens on nothing itself.
 
 Its channel to the arbiter (control.py) brings connections, the config after each reload (applied at
-once, to the connections already open too) and the order to stop; it takes back word of every
-connection that ended (the arbiter keeps the counts: max-connections, balance) and the counters, every
-STATS_INTERVAL seconds and at the end.  The channel closing means the arbiter is gone: the worker then
-drains and exits.  SIGTERM/SIGINT sent to the worker itself (systemd's KillMode=control-group, Ctrl-C
-to the process group) drain it too; a second one exits at once.
+once, to the connections already open too), readiness probes to run (health.py) and the order to stop;
+it takes back word of every connection that ended (the arbiter keeps the counts: max-connections,
+balance), the probes' results and the counters, every STATS_INTERVAL seconds and at the end.  The
+channel closing means the arbiter is gone: the worker then drains and exits.  SIGTERM/SIGINT sent to
+the worker itself (systemd's KillMode=control-group, Ctrl-C to the process group) drain it too; a
+second one exits at once.
 """
 
 import asyncio
@@ -16,7 +17,7 @@ import signal
 import socket
 
 from pfrest import log
-from pfrest.server import control
+from pfrest.server import control, health
 from pfrest.server.listener import selected
 from pfrest.server.serving import Conversations
 from pfrest.server.services import Origin, Services
@@ -35,6 +36,7 @@ class Worker:
         self.services = Services()
         self.conversations = Conversations(self.services, on_closed=self._closed)
         self.stop = None
+        self.probing = set()   # readiness probes running
         self._apply(cfg)
 
     def _apply(self, cfg):
@@ -55,7 +57,7 @@ class Worker:
                     self.options.drain_timeout)
         await self.conversations.drain(self.options.drain_timeout)
         reporter.cancel()
-        self._send(("stats", self.services.stats))
+        self._send(("stats", self.services.stats))   # the last word: the arbiter keeps these counts
         return 0
 
     def _signals(self, loop):
@@ -106,8 +108,15 @@ class Worker:
             if cfg is not None:
                 self._apply(cfg)
                 self._send(("applied", generation))
+        elif kind == "probe":
+            task = asyncio.get_running_loop().create_task(self._probe(message[1], message[2]))
+            self.probing.add(task)
+            task.add_done_callback(self.probing.discard)
         elif kind == "stop":
             self._stopping("stopping")
+
+    async def _probe(self, number, names):
+        self._send(("probed", number, await health.probe_all(self.services, names)))
 
     def _closed(self, key):
         self._send(("closed", key))
@@ -122,6 +131,7 @@ class Worker:
         last = None
         while True:
             await asyncio.sleep(STATS_INTERVAL)
+            self.services.measure()
             now = {name: s.snapshot() for name, s in self.services.stats.items()}
             if now != last:
                 self._send(("stats", self.services.stats))

@@ -1,0 +1,91 @@
+"""``pfrest stats -c FILE``: the figures of a running ``pfrest serve`` as a table, for admins without
+Prometheus.  It reads them where Prometheus would, ``/metrics`` on the config's ``metrics-address``
+(the whole service's, workers added up), and turns the text back into figures (server.metrics.read),
+so the table and the metrics can never disagree.
+"""
+
+import http.client
+import os
+import sys
+
+from pfrest.server.sockets import show
+from pfrest.server.stats import BUCKETS_MS, percentile
+
+FETCH_TIMEOUT = 5.0   # seconds: the metrics address answers at once or not at all
+# a wildcard listening address is reached on loopback
+WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def run(cfg) -> int:
+    if cfg.metrics_address is None:
+        print(f"pfrest stats: {cfg.path} sets no metrics-address, where pfrest serve would show its "
+              "figures (e.g. \"metrics-address\": \"127.0.0.1:9100\")", file=sys.stderr)
+        return os.EX_UNAVAILABLE
+    host, port = cfg.metrics_address
+    url = f"http://{show((WILDCARDS.get(host, host), port))}/metrics"
+    try:
+        text = fetch(WILDCARDS.get(host, host), port)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        print(f"pfrest stats: no figures from {url}: {exc or type(exc).__name__} (is pfrest serve running "
+              "with this config, and does metrics-allow-from let this host in?)", file=sys.stderr)
+        return os.EX_UNAVAILABLE
+    from pfrest.server import metrics  # prometheus-client, for this command only
+    print(table(metrics.read(text), url))
+    return 0
+
+
+def fetch(host, port) -> str:
+    conn = http.client.HTTPConnection(host, port, timeout=FETCH_TIMEOUT)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise ValueError(f"HTTP {response.status} {response.reason}")
+        return body.decode("utf-8")
+    finally:
+        conn.close()
+
+
+def _ms(value):
+    return "-" if value is None else f"{value:g}"
+
+
+def _counts(counter, lower=False):
+    return ", ".join(f"{k.lower() if lower else k} {v}" for k, v in sorted(counter.items())) or "-"
+
+
+def _columns(rows):
+    """Rows of cells as aligned text: numbers (and "-") to the right, words to the left."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    numeric = [all(row[i].replace(".", "").isdigit() or row[i] == "-" for row in rows[1:])
+               for i in range(len(widths))]
+    return "\n".join("  ".join(cell.rjust(w) if num else cell.ljust(w)
+                               for cell, w, num in zip(row, widths, numeric)).rstrip() for row in rows)
+
+
+def table(figures, url) -> str:
+    """The figures as the admin reads them: a line about the service, then requests and backend tables."""
+    reloads = f"reloads {figures.reloads.get('ok', 0)} ok, {figures.reloads.get('failed', 0)} failed"
+    head = f"{url}: "
+    if figures.workers is not None:
+        head += (f"{len(figures.workers)} workers (connections {','.join(map(str, figures.workers)) or '-'}; "
+                 f"{figures.restarts} replaced), ")
+    names = sorted(figures.endpoints)
+    requests = [["endpoint", "mode", "open", "accepted", "refused", "requests", "replies", "p50 ms", "p99 ms"]]
+    backend = [["endpoint", "exchanges", "errors", "p50 ms", "p99 ms", "cache hits", "misses", "stale",
+                "evictions", "entries"]]
+    for name in names:
+        s = figures.endpoints[name]
+        requests.append([name, s.mode or "-", str(figures.connections.get(name, "-")), str(s.accepted),
+                         _counts(s.refused), str(s.requests), _counts(s.replies, lower=True),
+                         _ms(s.percentile(0.5)), _ms(s.percentile(0.99))])
+        outcomes = {}
+        for (_, outcome), count in s.exchanges.items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+        cache = [str(s.cache_events.get(event, 0)) for event in ("hit", "miss", "stale", "eviction")]
+        backend.append([name, _counts(outcomes), _counts(s.errors),
+                        _ms(percentile(s.exchange_latency, BUCKETS_MS, 0.5)),
+                        _ms(percentile(s.exchange_latency, BUCKETS_MS, 0.99)),
+                        *(cache + [str(s.cache_entries)] if s.cache_events or s.cache_entries else ["-"] * 5)])
+    return f"{head}{reloads}\n\n{_columns(requests)}\n\n{_columns(backend)}"

@@ -1,0 +1,113 @@
+"""The man pages as bin/pfrest-manpages writes them (as the package build runs it), rendered by groff:
+every command and option of the argument parser is in pfrest(8); the README's config tables list
+exactly the keys config.py accepts, and pfrest.json(5) says for each key what those tables say."""
+
+import argparse
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, need_binary
+from pfrest import cli, config
+
+GENERATOR = f"{ROOT}/bin/pfrest-manpages"
+
+
+def render(troff):
+    """A page as man shows it, in plain text: groff with every warning on (lintian runs the same check),
+    no bold or underline, lines long enough that no paragraph wraps."""
+    proc = subprocess.run([need_binary("groff"), "-man", "-Tutf8", "-ww", "-P-cbou", "-rLL=5000n"], input=troff,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return proc.stdout
+
+
+def words(text):
+    return " ".join(text.split())
+
+
+def sections(page):
+    """{SECTION HEADING: text} of a rendered page."""
+    parts = re.split(r"(?m)^([A-Z][A-Z -]+)$", page)
+    return {heading: body for heading, body in zip(parts[1::2], parts[2::2])}
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    out = tmp_path_factory.mktemp("man")
+    subprocess.run([sys.executable, GENERATOR, str(out)], check=True, timeout=60)
+    return {"pfrest.8": render((out / "man8" / "pfrest.8").read_text()),
+            "pfrest.json.5": render((out / "man5" / "pfrest.json.5").read_text())}
+
+
+@pytest.fixture(scope="module")
+def generator():
+    import importlib.machinery
+    import importlib.util
+    loader = importlib.machinery.SourceFileLoader("pfrest_manpages", GENERATOR)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def readme_rows(generator):
+    with open(f"{ROOT}/README.md", encoding="utf-8") as f:
+        return generator.readme_key_tables(f.read())
+
+
+def test_readme_tables_list_exactly_the_keys_config_accepts(readme_rows):
+    top, endpoint = readme_rows
+    for rows, keys in ((top, config.TOP_KEYS), (endpoint, config.ENDPOINT_KEYS)):
+        listed = [row["key"].strip("`") for row in rows]
+        assert sorted(listed) == sorted(set(listed)), "a key is listed twice"
+        assert set(listed) - set(keys) == set(), "the README lists keys config.py does not accept"
+        assert set(keys) - set(listed) == set(), "config.py accepts keys the README (and so the man page) lacks"
+
+
+def test_config_page_says_what_the_readme_tables_say(pages, readme_rows, generator):
+    page = sections(pages["pfrest.json.5"])
+    for heading, rows in zip(("TOP-LEVEL KEYS", "ENDPOINT KEYS"), readme_rows):
+        text = words(page[heading])
+        for row in rows:
+            facts = [generator.plain(row["type"])]
+            default = generator.plain(row["default"])
+            facts.append("required" if default == "required" else f"default: {default}")
+            if "modes" in row:
+                facts.append("modes: " + generator.plain(row["modes"]))
+            entry = words(f"{row['key'].strip('`')} ({'; '.join(facts)}) {generator.plain(row['meaning'])}")
+            assert entry in text, f"{heading}: {entry!r} not in\n{text}"
+    with open(f"{ROOT}/pfrest.json.example", encoding="utf-8") as f:
+        assert words(f.read()) in words(page["EXAMPLE"])
+
+
+def commands(parser):
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def has_entry(text, option):
+    """An option's entry: its tag line starts with the option, or names it after another ("-c, --config")."""
+    return re.search(rf"(?m)^       (?:.*, )?{re.escape(option)}(?![\w-])", text)
+
+
+def test_every_command_and_option_is_in_pfrest_8(pages):
+    page = sections(pages["pfrest.8"])
+    parser = cli._parser()
+    # the COMMANDS section, one subsection per command ("   NAME" lines)
+    parts = re.split(r"(?m)^   (\S+)$", page["COMMANDS"])
+    described = dict(zip(parts[1::2], parts[2::2]))
+    assert list(described) == list(commands(parser))
+    for name, sub in commands(parser).items():
+        assert f"pfrest {name} " in page["SYNOPSIS"]
+        for action in sub._actions:
+            for option in action.option_strings or [action.metavar or action.dest]:
+                assert has_entry(described[name], option), (name, option)
+            if action.help:
+                help_text = sub._get_formatter()._expand_help(action)
+                assert words(help_text) in words(described[name]), (name, help_text)
+    for action in parser._actions:
+        for option in action.option_strings:
+            assert has_entry(page["OPTIONS"], option), option
