@@ -109,25 +109,31 @@ def handle(tmp_path):
     return run
 
 
-def need_package(name="pfrest"):
-    """Skip when the Debian package is not installed, but never in CI: .ci/run builds and installs it."""
+def package_installed(name="pfrest"):
     try:
         status = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", name], capture_output=True,
                                 text=True, timeout=30).stdout
     except FileNotFoundError:
         status = "no dpkg"
-    if status != "installed":
+    return status == "installed"
+
+
+def need_package(name="pfrest"):
+    """Skip when the Debian package is not installed, but never in CI: .ci/run builds and installs it."""
+    if not package_installed(name):
         if IN_CI:
             pytest.fail(f"the package {name} is not installed; .ci/run must build and install it")
         pytest.skip(f"the package {name} is not installed (README: Install)")
 
 
-@pytest.fixture(scope="session", params=["checkout", "package"])
-def installation(request):
-    """The deployment tests run on the repository's files (with a `pfrest` that user nobody can run, for
-    spawn(8) and xinetd), and again on those the Debian package installed (postfix_instance.Installation)."""
+@pytest.fixture(scope="session")
+def installation():
+    """What the deployment tests run: the files the Debian package installed, where it is (always in CI,
+    which builds and installs it), else the repository's files with a `pfrest` that user nobody can run
+    (for spawn(8) and xinetd).  The package's files are the repository's with the installed paths, so
+    one of the two is enough for a run (postfix_instance.Installation)."""
     import postfix_instance
-    if request.param == "package":
+    if IN_CI or package_installed():
         need_package()
         yield postfix_instance.Installation.package()
     else:

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 
 def test_soak_smoke():
-    proc = subprocess.run([sys.executable, f"{ROOT}/bin/pfrest-soak", "--seconds", "5", "--seed", "5"],
+    proc = subprocess.run([sys.executable, f"{ROOT}/bin/pfrest-soak", "--seconds", "3", "--seed", "5"],
                           capture_output=True, text=True, timeout=90, cwd=ROOT)
     out = proc.stdout
     assert proc.returncode == 0 and out.rstrip().endswith("result:                 PASS"), out + proc.stderr
