@@ -34,6 +34,12 @@ def _response(status, body=b"", headers=None, reason="X"):
 FOUND = json.dumps(["ok"]).encode()
 
 
+def _once(status, body=b"", headers=None):
+    """A response of the Rogue server, which answers one request per connection and then closes it:
+    it says so (``Connection: close``), as RFC 9112 asks of a server that does not keep connections."""
+    return _response(status, body, dict(headers or {}, Connection="close"))
+
+
 def _chunked(body, size=1000):
     out = b""
     for i in range(0, len(body), size):
@@ -53,29 +59,29 @@ def _send_until_cut(conn, data):
 
 
 FIXED = {  # key -> the whole answer; the other behaviours are the do_* methods below
-    "unknown": _response(404),
-    "found": _response(200, FOUND, {"Content-Type": "application/json"}),
-    "policy-ok": _response(200, b"DUNNO"),
-    "redirect-same": _response(307, b"", {"Location": "/found?key=found"}),
-    "no-content": _response(204),
-    "partial": _response(206, FOUND),
-    "teapot": _response(418, b"short and stout"),
-    "status-600": _response(600, FOUND),
-    "status-99": _response(99, FOUND),
-    "gzip": _response(200, gzip.compress(FOUND), {"Content-Encoding": "gzip"}),
-    "bad-gzip": _response(200, b"not gzip at all", {"Content-Encoding": "gzip"}),
-    "chunked": _response(200, _chunked(FOUND, 3), {"Transfer-Encoding": "chunked"}),
-    "text-plain": _response(200, FOUND, {"Content-Type": "text/plain"}),
-    "html": _response(200, b"<html>Internal error</html>", {"Content-Type": "text/html"}),
-    "object": _response(200, b'{"value": "x"}'),
-    "nested": _response(200, b'[["a", "b"]]'),
-    "numbers": _response(200, b"[1, 2.5, null, true]"),
-    "deep": _response(200, b"[" * 100000 + b"]" * 100000),
-    "bad-utf8": _response(200, b'["\xff\xfe"]'),
-    "surrogate": _response(200, b'["\\ud800"]'),
-    "crlf": _response(200, b'["a\\r\\nb"]'),
-    "nul": _response(200, b'["a\\u0000b"]'),
-    "lf-action": _response(200, b"DUNNO\n\naction=OK"),
+    "unknown": _once(404),
+    "found": _once(200, FOUND, {"Content-Type": "application/json"}),
+    "policy-ok": _once(200, b"DUNNO"),
+    "redirect-same": _once(307, b"", {"Location": "/found?key=found"}),
+    "no-content": _once(204),
+    "partial": _once(206, FOUND),
+    "teapot": _once(418, b"short and stout"),
+    "status-600": _once(600, FOUND),
+    "status-99": _once(99, FOUND),
+    "gzip": _once(200, gzip.compress(FOUND), {"Content-Encoding": "gzip"}),
+    "bad-gzip": _once(200, b"not gzip at all", {"Content-Encoding": "gzip"}),
+    "chunked": _once(200, _chunked(FOUND, 3), {"Transfer-Encoding": "chunked"}),
+    "text-plain": _once(200, FOUND, {"Content-Type": "text/plain"}),
+    "html": _once(200, b"<html>Internal error</html>", {"Content-Type": "text/html"}),
+    "object": _once(200, b'{"value": "x"}'),
+    "nested": _once(200, b'[["a", "b"]]'),
+    "numbers": _once(200, b"[1, 2.5, null, true]"),
+    "deep": _once(200, b"[" * 100000 + b"]" * 100000),
+    "bad-utf8": _once(200, b'["\xff\xfe"]'),
+    "surrogate": _once(200, b'["\\ud800"]'),
+    "crlf": _once(200, b'["a\\r\\nb"]'),
+    "nul": _once(200, b'["a\\u0000b"]'),
+    "lf-action": _once(200, b"DUNNO\n\naction=OK"),
 }
 
 
@@ -171,7 +177,7 @@ class Rogue:
             pass
 
     def do_interim(self, conn):
-        conn.sendall(b"HTTP/1.1 102 Processing\r\n\r\n" + _response(200, FOUND))
+        conn.sendall(b"HTTP/1.1 102 Processing\r\n\r\n" + _once(200, FOUND))
 
     def do_garbage(self, conn):
         conn.sendall(b"SMTP/1.0 hello\r\n\r\n")

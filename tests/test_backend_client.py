@@ -24,6 +24,7 @@ import rogue
 from conftest import IN_CI, ROOT, Backend
 from pfrest import config
 from pfrest.backend import MAX_BODY, CachingClient, Client, for_endpoint, new_request_id, pool
+from pfrest.backend.connection import Connection
 from pfrest.backend.response import MAX_HEAD, ResponseReader
 from pfrest.protocol import verdict
 from pfrest.protocol.verdict import Failure, HttpResult
@@ -566,6 +567,31 @@ def test_a_backend_closing_idle_connections_costs_no_lookup(run, serve):
             await asyncio.sleep(0.001 * (i % 3))
         return answers
     assert run(scenario()) == [f"k{i}" for i in range(20)]
+
+
+def test_a_connection_with_unread_bytes_or_eof_is_not_taken_for_a_request_never_sent_twice(run):
+    """A policy request is not sent again on a new connection when a reused one turns out closed, so
+    the pool looks at the socket itself for it: the backend's FIN may be there before the event loop
+    has read it (the next request of a conversation follows at once)."""
+    import socket
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        taken = []
+        for arrives in (None, b"", b"stray"):
+            ours, theirs = socket.socketpair()
+            _, conn = await loop.create_connection(lambda: Connection(loop), sock=ours)
+            idle = pool.Pool()
+            idle.put(conn, loop.time())
+            if arrives == b"":  # the backend's FIN, and no turn of the loop before the next take
+                theirs.shutdown(socket.SHUT_WR)
+            elif arrives:
+                theirs.sendall(arrives)
+            taken.append(idle.take(loop.time(), quiet=True) is conn)
+            conn.abort()
+            theirs.close()
+        return taken
+    assert run(scenario()) == [True, False, False]
 
 
 def test_a_client_moves_to_a_new_loop_without_its_connections(run, serve):

@@ -256,7 +256,7 @@ class Client:
         started = loop.time()
         try:
             build = target.template.lookup if idempotent else target.template.policy
-            request, conn = build(items, request_id), target.pool.take(started)
+            request, conn = build(items, request_id), target.pool.take(started, quiet=not idempotent)
             while True:
                 fresh = conn is None
                 if fresh:

@@ -7,6 +7,7 @@ a well-behaved backend says nothing unasked, and stale bytes must never be read 
 """
 
 import asyncio
+import select
 
 from pfrest.backend.errors import failure_for
 
@@ -31,6 +32,16 @@ class Connection(asyncio.Protocol):
             return self._settle()
         self.transport.write(request)
         return self._done
+
+    def quiet(self) -> bool:
+        """Nothing waits to be read on the socket (one poll, no wait): it can carry a request."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            return not select.select([sock.fileno()], [], [], 0)[0]
+        except (OSError, ValueError):
+            return False
 
     def abort(self):
         """Close at once, dropping anything not yet sent: a late request must never go out."""

@@ -21,14 +21,21 @@ class Pool:
         self._idle = deque()   # oldest on the left, most recently used on the right
         self.closed = False
 
-    def take(self, now: float):
-        """The most recently used live connection, or None."""
+    def take(self, now: float, quiet: bool = False):
+        """The most recently used live connection, or None.  ``quiet``: also make sure, with a look at
+        the socket, that nothing arrived on it that the event loop has not read yet, such as the FIN of
+        a backend that closes after every answer: for a request that must never be sent twice (a
+        policy request is not sent again on a new connection when a reused one turns out closed)."""
         self._expire(now)
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if not conn.dead:   # else the server closed it while idle: it is gone already
-                return conn
+            if conn.dead:   # the server closed it while idle: it is gone already
+                continue
+            if quiet and not conn.quiet():
+                conn.abort()
+                continue
+            return conn
         return None
 
     def put(self, conn, now: float):
