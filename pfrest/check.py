@@ -11,10 +11,12 @@ first https connection, after the drop too.
 Permissions are judged from mode bits, owner and group membership, as the kernel does without ACLs.
 """
 
+import importlib.util
 import os
 import socket
 import stat
 from typing import List, NamedTuple, Optional
+from urllib.parse import parse_qsl, urlsplit
 
 from pfrest import addresses, config
 
@@ -43,6 +45,10 @@ def refusals(cfg: config.Config) -> List[str]:
     problems = _shared_sockets(cfg)
     if cfg.user and account(cfg.user) is None:
         problems.append(f"user: no such user {cfg.user!r}")
+    shared = [i for i, ep in enumerate(cfg.endpoints) if ep.cache_url]
+    if shared and importlib.util.find_spec("redis") is None:
+        problems.append(f"endpoints[{shared[0]}].cache-url: needs the Python package redis (Debian: "
+                        "python3-redis), which is not installed")
     return problems
 
 
@@ -60,6 +66,11 @@ def warnings(cfg: config.Config) -> List[str]:
             problem = path and _unreadable(path, user)
             if problem:
                 found.append(f"endpoints[{i}].{key}: {problem}; connections to {ep.target} will fail")
+        for name, path in parse_qsl(urlsplit(ep.cache_url or "").query):
+            problem = name in config.CACHE_URL_FILES and _unreadable(path, user)
+            if problem:
+                found.append(f"endpoints[{i}].cache-url: {name}: {problem}; the shared cache will be "
+                             "skipped (lookups go to the backend)")
     return found
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``pfrest handle|check|query|serve|stats|demo``.  Imports stay lazy so that ``--help`` and
+"""Command line: ``pfrest handle|check|query|serve|stats|cache|demo``.  Imports stay lazy so that ``--help`` and
 ``check`` cost no more than the config code, and ``handle`` only what a request needs: Postfix starts
 one ``handle`` per connection, so even argparse (0.6 MiB and 9 ms a process) is left out when its
 command line is the plain one that master.cf, xinetd and systemd give (``handle_argv``)."""
@@ -51,6 +51,15 @@ def _parser():
                    help="the lookup key, or policy attributes (the usual ones are filled in)")
     p.add_argument("--map", dest="mapname", metavar="MAPNAME",
                    help="socketmap map name sent to the backend (default: the endpoint name)")
+
+    p = command("cache", "drop cached answers: from the shared cache (cache-url) and every pfrest using it, or "
+                         "else from the local pfrest serve (its control-socket)")
+    p.add_argument("action", choices=("drop", "flush"), metavar="ACTION",
+                   help="drop: the answers to the KEYs; flush: every answer of the endpoint")
+    p.add_argument("name", metavar="ENDPOINT", help="endpoint name")
+    p.add_argument("keys", nargs="*", metavar="KEY", help="drop: the lookup keys, as Postfix sends them")
+    p.add_argument("--map", dest="mapname", metavar="MAPNAME",
+                   help="socketmap: the map name the keys are looked up in (default: the endpoint name)")
 
     text = "the three modes on loopback with a built-in REST backend, and the commands to try (no config)"
     p = sub.add_parser("demo", help=text, description=text)
@@ -182,13 +191,23 @@ def _stats(args) -> int:
     return stats.run(cfg)
 
 
+def _cache(args) -> int:
+    from pfrest import cachecmd
+    try:
+        cfg = config.load(args.config)
+        return cachecmd.run(cfg, args.action, args.name, [os.fsencode(k) for k in args.keys], args.mapname)
+    except config.ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return os.EX_CONFIG
+
+
 def _handle(args) -> int:
     from pfrest.server import handle
     return handle.run(args.config, args.name, args.log_file)
 
 
 COMMANDS = {"handle": _handle, "check": _check, "query": _query, "serve": _serve, "demo": _demo,
-            "stats": _stats}
+            "stats": _stats, "cache": _cache}
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pfrest.protocol import actions
 
@@ -26,6 +26,17 @@ DEFAULT_TIMEOUT_MS = 2000
 DEFAULT_BIND_ADDRESS = "127.0.0.1"
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_CACHE_ENTRIES = 10000
+# With a shared cache (cache-url): how long each process keeps an answer itself, so that a change made
+# fleet-wide shows everywhere within seconds; and the bound on every call to the shared store, in
+# milliseconds (a store on the same site answers within one)
+DEFAULT_CACHE_LOCAL_TTL = 5.0
+DEFAULT_CACHE_TIMEOUT_MS = 5
+# Where `pfrest serve` takes `pfrest cache` commands unless control-socket says otherwise
+DEFAULT_CONTROL_SOCKET = "/run/pfrest/control.sock"
+# cache-url: redis:// and rediss:// (TLS) name a host, unix:// a socket path; the query may say these
+# (redis-py reads them: the database, and for rediss:// the CA and client certificate files)
+CACHE_SCHEMES = ("redis", "rediss", "unix")
+CACHE_URL_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 TCP, SOCKETMAP, POLICY = "tcp-lookup", "socketmap-lookup", "policy"
 MODES = (TCP, SOCKETMAP, POLICY)
@@ -86,6 +97,9 @@ class Endpoint:
     client_key: Optional[str] = None
     cache_stale_if_error: float = 0.0
     log_requests: Optional[str] = None  # None: the top-level log-requests
+    cache_url: Optional[str] = field(default=None, repr=False)   # may hold a password
+    cache_local_ttl: float = DEFAULT_CACHE_LOCAL_TTL
+    cache_timeout: int = DEFAULT_CACHE_TIMEOUT_MS
 
     def __post_init__(self):
         if not self.targets:  # an Endpoint made in code with one target
@@ -96,8 +110,10 @@ class Endpoint:
         found = [self.auth_token, self.basic_auth, *(value for _, value in self.headers)]
         if self.basic_auth:
             found.append(self.basic_auth.split(":", 1)[1])
-        if self.proxy:
-            found.append(urlsplit(self.proxy).password)
+        for url in (self.proxy, self.cache_url):
+            password = url and urlsplit(url).password
+            if password:
+                found += [password, unquote(password)]   # as written, and as the library sends it
         return [s for s in found if s]
 
     @property
@@ -116,6 +132,12 @@ class Endpoint:
             else PARTIAL_REQUEST_TIMEOUT
 
 
+    @property
+    def caches(self) -> bool:
+        """Whether it keeps answers: a lookup endpoint with a cache-ttl or cache-negative-ttl."""
+        return self.mode != POLICY and (self.cache_ttl > 0 or self.cache_negative_ttl > 0)
+
+
 @dataclass(frozen=True)
 class Config:
     endpoints: Tuple[Endpoint, ...]
@@ -125,6 +147,7 @@ class Config:
     metrics_address: Optional[Tuple[str, int]] = None   # (host, port) of /metrics, /healthz, /readyz
     metrics_allow_from: Tuple[str, ...] = ()
     log_requests: str = LOG_ALL
+    control_socket: Optional[str] = None   # None: DEFAULT_CONTROL_SOCKET, if it can be had
 
     def endpoint(self, name: str) -> Endpoint:
         for ep in self.endpoints:
@@ -271,6 +294,41 @@ def _address(v):
     return "must be an IP address or host name"
 
 
+def _cache_url(v):
+    """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` the same over TLS, or
+    ``unix://[[user]:password@]/path/to.sock[?db=N]``; the query may name the database (``db``) and, for
+    rediss://, the TLS files (CACHE_URL_FILES, absolute paths)."""
+    usage = "must be a redis://, rediss:// or unix:// URL"
+    if not isinstance(v, str) or _text(v) or " " in v:
+        return usage
+    try:
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+        query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        return usage
+    if parts.scheme not in CACHE_SCHEMES or parts.fragment:
+        return usage
+    if parts.scheme == "unix":
+        if parts.hostname or not parts.path.startswith("/"):
+            return "a unix:// URL names an absolute socket path: unix:///run/redis/redis.sock"
+    elif not parts.hostname:
+        return f"a {parts.scheme}:// URL names a host: {parts.scheme}://HOST[:PORT][/DB]"
+    elif parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        return "the path of a redis:// URL is the database number: redis://HOST[:PORT]/DB"
+    for name, value in query:
+        if name == "db":
+            if not value.isdigit():
+                return "db must be a database number"
+        elif name in CACHE_URL_FILES and parts.scheme == "rediss":
+            if not os.path.isabs(value):
+                return f"{name} must be an absolute path"
+        else:
+            known = "db" + (", " + ", ".join(CACHE_URL_FILES) if parts.scheme == "rediss" else "")
+            return f"{name!r} is not a setting pfrest takes in a {parts.scheme}:// URL (it takes {known})"
+    return None
+
+
 def _port(v):
     return None if _is_int(v) and 1 <= v <= 65535 else "must be 1..65535"
 
@@ -307,6 +365,10 @@ def _networks(v):
         except (TypeError, ValueError):
             return f"item {i} ({net!r}) is not a network such as \"127.0.0.0/8\""
     return None
+
+
+def _cache_timeout_ms(v):
+    return None if _is_int(v) and 1 <= v <= 10000 else "must be an integer 1..10000 (milliseconds)"
 
 
 def _positive_int(v):
@@ -352,6 +414,9 @@ ENDPOINT_KEYS = {
     "client-key": ("client_key", _abspath, None),
     "cache-stale-if-error": ("cache_stale_if_error", _seconds, _LOOKUPS),
     "log-requests": ("log_requests", _log_requests, None),
+    "cache-url": ("cache_url", _cache_url, _LOOKUPS),
+    "cache-local-ttl": ("cache_local_ttl", _seconds, _LOOKUPS),
+    "cache-timeout": ("cache_timeout", _cache_timeout_ms, _LOOKUPS),
 }
 REQUIRED_ENDPOINT_KEYS = ("name", "mode", "target")
 TOP_KEYS = {
@@ -361,6 +426,7 @@ TOP_KEYS = {
     "metrics-address": _host_port,
     "metrics-allow-from": _networks,
     "log-requests": _log_requests,
+    "control-socket": _abspath,
 }
 
 
@@ -372,7 +438,7 @@ def _convert(key, value):
     if key == "allow-from":
         return tuple(str(ipaddress.ip_network(n, strict=False)) for n in value)
     if key in ("idle-timeout", "partial-request-timeout", "cache-ttl", "cache-negative-ttl",
-               "cache-stale-if-error"):
+               "cache-stale-if-error", "cache-local-ttl"):
         return float(value)
     if key == "headers":
         return tuple(value.items())
@@ -415,6 +481,11 @@ def _endpoint(raw, where, problems):
     if ("client-cert" in raw or "client-key" in raw) and not any(
             str(t).startswith("https:") for t in values.get("targets", ())):
         problems.append(f"{where}.client-cert: only an https target can use a client certificate")
+    for key in ("cache-local-ttl", "cache-timeout"):
+        if key in raw and "cache-url" not in raw:
+            problems.append(f"{where}.{key}: needs cache-url (it is about the shared cache)")
+    if "cache_url" in values and not (values.get("cache_ttl") or values.get("cache_negative_ttl")):
+        problems.append(f"{where}.cache-url: needs cache-ttl or cache-negative-ttl (nothing is cached without)")
     if any(f"{where}.{key}:" in p for p in problems for key in REQUIRED_ENDPOINT_KEYS):
         return None
     try:
@@ -466,7 +537,7 @@ def parse(raw, path=None) -> Config:
                   user=raw.get("user"), path=path, metrics_address=metrics,
                   metrics_allow_from=tuple(str(ipaddress.ip_network(n, strict=False))
                                            for n in raw.get("metrics-allow-from", ())),
-                  log_requests=log_requests)
+                  log_requests=log_requests, control_socket=raw.get("control-socket"))
 
 
 def _no_duplicate_keys(pairs):

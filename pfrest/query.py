@@ -27,6 +27,7 @@ from pfrest.protocol import verdict
 from pfrest.protocol.answers import printable
 from pfrest.protocol.verdict import Failure, HttpResult
 from pfrest.server import eventloop
+from pfrest.backend.client import Client
 from pfrest.backend.request import new_request_id
 from pfrest.server.services import Service
 
@@ -90,7 +91,8 @@ def run(cfg, name, words, mapname=None, out=print, backend=None) -> int:
     client (a test's).  Returns the exit status."""
     endpoint = cfg.endpoint(name)
     request = build_request(endpoint, words, mapname)
-    service = Service(endpoint, cfg.user_agent, backend=backend)
+    # the backend itself, past any cache: the answer as it is now
+    service = Service(endpoint, cfg.user_agent, backend=backend or Client(endpoint, cfg.user_agent))
     result, answer, request_id, ms = eventloop.run(ask(service, request), fast=False)
     status = status_class(endpoint, answer)
     method = endpoint.method if endpoint.mode == config.POLICY else "GET"
@@ -132,7 +134,7 @@ def defers(action: str) -> bool:
 def backend_words(result, endpoint) -> str:
     if result is None:
         return "no request made"
-    if isinstance(result, HttpResult):   # never from a cache: each query starts with an empty one
+    if isinstance(result, HttpResult):   # never from a cache: a query asks the backend itself
         return f"HTTP {result.status}"
     return failure_words(result, endpoint)
 

@@ -74,7 +74,8 @@ def table(figures, url) -> str:
     names = sorted(figures.endpoints)
     requests = [["endpoint", "mode", "open", "accepted", "refused", "requests", "replies", "p50 ms", "p99 ms"]]
     backend = [["endpoint", "exchanges", "errors", "p50 ms", "p99 ms", "cache hits", "misses", "stale",
-                "evictions", "entries"]]
+                "evictions", "entries", "dropped"]]
+    shared = [["endpoint", "shared cache", "hits", "misses", "errors", "skipped"]]
     for name in names:
         s = figures.endpoints[name]
         requests.append([name, s.mode or "-", str(figures.connections.get(name, "-")), str(s.accepted),
@@ -87,5 +88,10 @@ def table(figures, url) -> str:
         backend.append([name, _counts(outcomes), _counts(s.errors),
                         _ms(percentile(s.exchange_latency, BUCKETS_MS, 0.5)),
                         _ms(percentile(s.exchange_latency, BUCKETS_MS, 0.99)),
-                        *(cache + [str(s.cache_entries)] if s.cache_events or s.cache_entries else ["-"] * 5)])
-    return f"{head}{reloads}\n\n{_columns(requests)}\n\n{_columns(backend)}"
+                        *(cache + [str(s.cache_entries), str(s.cache_events.get("drop", 0))]
+                          if s.cache_events or s.cache_entries else ["-"] * 6)])
+        if s.shared_up is not None or s.shared_events:
+            shared.append([name, {True: "used", False: "SKIPPED", None: "-"}[s.shared_up],
+                           *(str(s.shared_events.get(event, 0)) for event in ("hit", "miss", "error", "skip"))])
+    tables = [requests, backend] + ([shared] if len(shared) > 1 else [])
+    return f"{head}{reloads}\n\n" + "\n\n".join(_columns(rows) for rows in tables)

@@ -71,6 +71,23 @@ def backend():
     b.stop()
 
 
+@pytest.fixture(scope="module")
+def module_backend():
+    """One backend for a whole module (starting and stopping one takes longer than many tests)."""
+    b = Backend()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def reset_backend(module_backend):
+    """The module's backend, as a new one would be: no answers, no requests seen, 404 by default."""
+    module_backend.answers.clear()
+    module_backend.requests.clear()
+    module_backend.default = (404, b"")
+    return module_backend
+
+
 @pytest.fixture
 def write_config(tmp_path):
     """write_config(endpoints, **top) -> path of a JSON config file."""

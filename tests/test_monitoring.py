@@ -224,7 +224,7 @@ def test_pfrest_stats_prints_the_same_figures(service, tmp_path):
         assert re.search(rf"^{row}$", proc.stdout, re.M), (row, proc.stdout)
     cache = [count(f"pfrest_cache_{event}_total", endpoint="t") for event in ("hits", "misses")]
     row = (rf"t\s+ok {count('pfrest_backend_exchanges_total', endpoint='t')}\s+-\s+[\d.]+\s+[\d.]+\s+"
-           rf"{cache[0]}\s+{cache[1]}\s+0\s+0\s+{count('pfrest_cache_entries', endpoint='t')}")
+           rf"{cache[0]}\s+{cache[1]}\s+0\s+0\s+{count('pfrest_cache_entries', endpoint='t')}\s+0")
     assert re.search(rf"^{row}$", proc.stdout, re.M), (row, proc.stdout)
     assert re.search(r"/metrics: 2 workers \(connections 0,0; 0 replaced\), reloads 0 ok, 0 failed$", proc.stdout,
                      re.M), proc.stdout

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, Backend, need_binary, pfrest_cmd, pfrest_env
+from conftest import ROOT, need_binary, pfrest_cmd, pfrest_env
 from pfrest import config, query
 from postfix_instance import free_port
 from rogue import Rogue, Scripted, response
@@ -16,19 +16,9 @@ from rogue import Rogue, Scripted, response
 PYTHON_WORDS = re.compile(r"\w+(Error|Exception)\b|Errno|Traceback|_ssl\.c")
 
 
-@pytest.fixture(scope="module")
-def served():
-    """One backend for the module (stopping one takes half a second)."""
-    b = Backend()
-    yield b
-    b.stop()
-
-
 @pytest.fixture
-def backend(served):
-    served.answers.clear()
-    served.requests.clear()
-    return served
+def backend(reset_backend):
+    return reset_backend
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@
     result = await backend.policy([(b"recipient", b"x@example.com")], new_request_id())
     backend.close()
 
-Several targets fail over (client), a cache may answer stale when the backend fails (cache).
+Several targets fail over (client), a cache may answer stale when the backend fails (cache), and a
+shared cache on Redis or Valkey (shared; only loaded for an endpoint with ``cache-url``) sits behind the
+process's own.
 
 Deliberate choices, as before the move to asyncio:
 - no redirects, no proxies or CA bundles from the environment, no .netrc: spawn(8) and systemd give a
@@ -15,7 +17,9 @@ Deliberate choices, as before the move to asyncio:
 - the whole exchange is bounded by ``request-timeout``; bodies are read up to MAX_BODY and no further.
 
 Modules: route and request (what to send where, pure), response and tunnel (reading answers,
-sans-I/O), connection, connect, tls and pool (the sockets), client and cache (the interface).
+sans-I/O), connection, connect, tls and pool (the sockets), deadline and backoff (time limits and
+health), client and cache (the interface); for the shared cache sharedformat (its keys, entries and
+messages, pure), redisclient, shared and invalidation.
 """
 
 from pfrest.backend.cache import CachingClient
@@ -23,7 +27,6 @@ from pfrest.backend.client import Client
 from pfrest.backend.observer import NOBODY, Observer
 from pfrest.backend.request import new_request_id
 from pfrest.backend.response import MAX_BODY
-from pfrest.config import POLICY
 
 __all__ = ["CachingClient", "Client", "MAX_BODY", "Observer", "for_endpoint", "new_request_id"]
 
@@ -32,8 +35,12 @@ def for_endpoint(endpoint, user_agent: str, observer=NOBODY):
     """The client for one endpoint: HTTP, behind a cache when a lookup endpoint configures one;
     ``observer`` (observer.Observer) hears of every exchange and cache event."""
     client = Client(endpoint, user_agent, observer)
-    if endpoint.mode != POLICY and (endpoint.cache_ttl > 0 or endpoint.cache_negative_ttl > 0):
-        return CachingClient(client, endpoint.cache_ttl, endpoint.cache_negative_ttl,
-                             endpoint.cache_max_entries, endpoint.list_separator,
-                             stale_if_error=endpoint.cache_stale_if_error, observer=observer)
-    return client
+    if not endpoint.caches:
+        return client
+    shared = None
+    if endpoint.cache_url:
+        from pfrest.backend.shared import SharedStore   # redis-py: only where a shared cache is used
+        shared = SharedStore(endpoint, observer)
+    return CachingClient(client, endpoint.cache_ttl, endpoint.cache_negative_ttl, endpoint.cache_max_entries,
+                         endpoint.list_separator, stale_if_error=endpoint.cache_stale_if_error,
+                         observer=observer, shared=shared, local_ttl=endpoint.cache_local_ttl)

@@ -17,9 +17,23 @@ most backend requests.  Rules:
   left, its own deadline) never cancels the answer the others wait for;
 - policy requests are never cached (each one is about one message).
 
+With a shared cache (``cache-url``, shared.py) there are two levels: this one in front, keeping each
+answer ``cache-local-ttl`` seconds at most (so that a change shows fleet-wide within seconds), the
+shared store behind it.  A local miss asks the store first (within the same shared flight, so that
+concurrent misses of one process still make one request), and the backend only when the store has no
+fresh entry, is skipped or fails; the backend's answer then goes to both levels, with its lifetimes.
+While the backend fails, an entry of either level within its stale window is the stale answer, so a
+host can answer with what another host fetched.  ``peek`` stays what it was: the local level only.
+
+Invalidations (``pfrest cache``, through the shared store's channel or a serve's control socket)
+drop answers here with ``invalidate``; a fetch begun before an invalidation keeps its answer to the
+callers that waited for it but stores it nowhere (``generation``), since it may predate the change.
+
 The observer hears, per lookup, "hit" (answered without a backend request of its own: a fresh entry,
-or another caller's request in flight) or "miss", then "stale" for each stale answer given, and
-"eviction" for each entry dropped to stay within cache-max-entries.
+or another caller's request in flight) or "miss", then "stale" for each stale answer given,
+"eviction" for each entry dropped to stay within cache-max-entries and "drop" for each one dropped
+by an invalidation; with a shared store, per local miss, ``shared("hit")`` (a fresh entry there) or
+``shared("miss")``.
 """
 
 import asyncio
@@ -36,7 +50,8 @@ class CachingClient:
     """Wraps a Client; same interface (``lookup``, ``policy``, ``close``)."""
 
     def __init__(self, client, ttl: float, negative_ttl: float, max_entries: int, separator=",",
-                 clock=time.monotonic, stale_if_error: float = 0.0, observer=NOBODY):
+                 clock=time.monotonic, stale_if_error: float = 0.0, observer=NOBODY, shared=None,
+                 local_ttl: float = 0.0):
         self.client = client
         self.ttl, self.negative_ttl, self.max_entries = ttl, negative_ttl, max_entries
         self.stale_if_error = stale_if_error
@@ -45,12 +60,37 @@ class CachingClient:
         self.observer = observer
         self._entries = OrderedDict()   # key -> (fresh until, usable stale until, result)
         self._flights = {}              # key -> the task asking the backend
+        self.shared = shared            # the shared store behind (shared.SharedStore), or None
+        self.local_ttl = local_ttl      # with it: the most seconds an answer is kept here
+        self.generation = 0             # counts invalidations
+        if shared is not None:
+            shared.start(self.invalidate)
 
     async def policy(self, pairs, request_id: str):
         return await self.client.policy(pairs, request_id)
 
     def close(self):
+        """The client's ``close``; with a shared store, the task closing its connections (to await
+        at exit, so that they close before the event loop does)."""
         self.client.close()
+        return None if self.shared is None else self.shared.close()
+
+    @property
+    def shared_up(self):
+        """None without a shared store; else whether it is used now (not skipped)."""
+        return None if self.shared is None else self.shared.up
+
+    def invalidate(self, lookups) -> int:
+        """Forget the answers to ``lookups`` (params), or every answer for None; returns how many went."""
+        self.generation += 1
+        if lookups is None:
+            dropped = len(self._entries)
+            self._entries.clear()
+        else:
+            dropped = sum(self._entries.pop(tuple(params), None) is not None for params in lookups)
+        for _ in range(dropped):
+            self.observer.cache("drop")
+        return dropped
 
     def peek(self, params):
         """The fresh cached answer for ``params`` (marked ``cached``), or None: a hit needs no
@@ -89,10 +129,24 @@ class CachingClient:
 
     async def _fetch(self, key, params, request_id):
         try:
+            generation, shared, rkey, entry = self.generation, self.shared, None, None
+            if shared is not None:
+                rkey = shared.key(params)
+                waiting = shared.get(rkey)
+                if waiting is not None:
+                    entry = await waiting
+                    now = shared.now_ms()
+                    if entry is not None and entry.fresh_until > now:
+                        self.observer.shared("hit")
+                        if generation == self.generation:
+                            self._keep(key, entry, now)
+                        return entry.result
+                    self.observer.shared("miss")
             result = await self.client.lookup(params, request_id)
             if _failed(result):
-                return self._stale(key) or result
-            self._store(key, result)
+                return self._stale(key) or self._stale_shared(entry) or result
+            if generation == self.generation:
+                self._store(key, result, rkey)
             return result
         finally:
             del self._flights[key]
@@ -104,6 +158,14 @@ class CachingClient:
             return None
         self.observer.cache("stale")
         return entry[2]._replace(stale=True)
+
+    def _stale_shared(self, entry):
+        """The shared store's entry (as got before asking the backend) marked stale, if it is still
+        within its stale window; else None."""
+        if entry is None or entry.stale_until <= self.shared.now_ms():
+            return None
+        self.observer.cache("stale")
+        return entry.result._replace(stale=True)
 
     def _lifetimes(self, result):
         """(fresh, stale) seconds to keep ``result``: (0, 0) for what is never kept."""
@@ -117,15 +179,29 @@ class CachingClient:
             ttl = min(ttl, result.max_age)
         return ttl, self.stale_if_error if result.stale_if_error is None else result.stale_if_error
 
-    def _store(self, key, result):
-        """Keep ``result`` for its lifetimes, or forget what was kept for ``key``: the backend's last
-        word is never to be contradicted by an older stale answer."""
+    def _store(self, key, result, rkey=None):
+        """Keep ``result`` for its lifetimes (here at most cache-local-ttl with a shared store, and there
+        too, as ``rkey``), or forget what was kept for ``key``: the backend's last word is never to be
+        contradicted by an older stale answer."""
         ttl, stale = self._lifetimes(result)
+        if rkey is not None:
+            self.shared.put(rkey, result, ttl, stale)
         if ttl <= 0 and stale <= 0:
             self._entries.pop(key, None)
             return
-        expires = self.clock() + ttl
-        self._entries[key] = (expires, expires + stale, result._replace(cached=True))
+        now = self.clock()
+        expires = now + ttl
+        fresh_until = expires if rkey is None else now + min(ttl, self.local_ttl)
+        self._put(key, fresh_until, expires + stale, result._replace(cached=True))
+
+    def _keep(self, key, entry, now_ms):
+        """Keep an entry of the shared store here too, cache-local-ttl at most."""
+        now = self.clock()
+        fresh = min(self.local_ttl, (entry.fresh_until - now_ms) / 1000)
+        self._put(key, now + fresh, now + (entry.stale_until - now_ms) / 1000, entry.result)
+
+    def _put(self, key, fresh_until, stale_until, result):
+        self._entries[key] = (fresh_until, stale_until, result)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)

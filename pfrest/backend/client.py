@@ -28,11 +28,12 @@ cancelled by its caller is not an outcome of the target, and is not told.
 """
 
 import asyncio
-from collections import deque
 
 from pfrest.backend import route as routes
 from pfrest.backend import tls
+from pfrest.backend.backoff import Backoff
 from pfrest.backend.connect import open_connection
+from pfrest.backend.deadline import Deadline, Deadlines, uncancel
 from pfrest.backend.errors import Failed, failure_for
 from pfrest.backend.observer import NOBODY
 from pfrest.backend.pool import Pool
@@ -48,52 +49,6 @@ BACKOFF_MAX = 60.0     # the back-off doubles while retries fail, up to this
 ATTEMPT_SHARE = 0.5    # of the time left, for an attempt while another target is left to try
 
 
-class _Deadline:
-    __slots__ = ("when", "task", "expired", "queue")
-
-    def __init__(self, when, task, queue):
-        self.when, self.task, self.expired, self.queue = when, task, False, queue
-
-    def disarm(self):
-        """It cancels nothing from now on (as a cutoff, see _Cutoff)."""
-        self.queue.finish(self)
-
-
-class Deadlines:
-    """The deadlines of one client's calls.  All last request-timeout, so they come due in the order
-    they were set: one timer, for the oldest, cancels each call whose deadline has passed.  The same
-    ending by cancellation as ``asyncio.timeout`` gives, without its timer per call (a third of the
-    client's CPU per request, measured).  Also the cutoffs of first attempts (Client._cutoff)."""
-
-    def __init__(self, seconds):
-        self.seconds = seconds
-        self._queue = deque()
-        self._timer = None
-
-    def start(self, loop, task) -> _Deadline:
-        deadline = _Deadline(loop.time() + self.seconds, task, self)
-        self._queue.append(deadline)
-        if self._timer is None:
-            self._timer = loop.call_at(deadline.when, self._expire, loop)
-        return deadline
-
-    def finish(self, deadline: _Deadline):
-        deadline.task = None
-        queue = self._queue
-        while queue and queue[0].task is None:  # calls end mostly in order: the queue stays short
-            queue.popleft()
-
-    def _expire(self, loop):
-        self._timer, queue, now = None, self._queue, loop.time()
-        while queue and (queue[0].task is None or queue[0].when <= now):
-            deadline = queue.popleft()
-            if deadline.task is not None:
-                deadline.expired = True
-                deadline.task.cancel()
-        if queue:
-            self._timer = loop.call_at(queue[0].when, self._expire, loop)
-
-
 class _Cutoff:
     """Ends one attempt, not the call, when another target is left to try: its timer cancels the
     call's task, and the attempt becomes a timeout of that target.  If the call's deadline came
@@ -101,7 +56,7 @@ class _Cutoff:
     a FIFO queue instead, see Client._cutoff)."""
     __slots__ = ("expired", "_deadline", "_timer")
 
-    def __init__(self, loop, seconds: float, deadline: _Deadline):
+    def __init__(self, loop, seconds: float, deadline: Deadline):
         self.expired, self._deadline = False, deadline
         self._timer = loop.call_later(seconds, self._fire)
 
@@ -117,22 +72,14 @@ class _Cutoff:
         self._timer.cancel()
 
 
-def _uncancel(task):
-    """A cancellation that was pfrest's own (a deadline, a cutoff) is taken back (3.11+), so that the
-    task does not count it as pending."""
-    uncancel = getattr(task, "uncancel", None)
-    if uncancel is not None:
-        uncancel()
-
-
-class _Target:
+class _Target(Backoff):
     """One URL of the endpoint's ``target`` list: its route, request template, idle connections and
-    health (up, or down until ``down_until``)."""
-    __slots__ = ("url", "route", "template", "where", "pool", "down_until", "backoff", "probing")
+    health (Backoff: up, or down until ``down_until``)."""
+    __slots__ = ("url", "route", "template", "where", "pool")
 
     def __init__(self, url: str, endpoint, user_agent: str):
+        super().__init__(BACKOFF_FIRST, BACKOFF_MAX)
         self.url, self.pool = url, Pool()
-        self.down_until, self.backoff, self.probing = 0.0, 0.0, False   # 0: up
         try:
             self.route = routes.for_target(url, endpoint.proxy)
         except UnicodeError as exc:   # a host name IDNA cannot encode: every call to it fails alike
@@ -141,30 +88,6 @@ class _Target:
         else:
             self.where = self.route.first_hop.authority   # for failure details: no secrets in it
             self.template = Template(endpoint, user_agent, self.route)
-
-    def usable(self, now: float) -> bool:
-        """Up, or its back-off has run out and no other request retries it yet (this one does)."""
-        if not self.down_until:
-            return True
-        if self.probing or now < self.down_until:
-            return False
-        self.probing = True
-        return True
-
-    def succeeded(self):
-        self.down_until, self.backoff, self.probing = 0.0, 0.0, False
-
-    def failed(self, now: float):
-        """Down for BACKOFF_FIRST, or twice as long as before when a retry after the back-off failed;
-        failures of requests under way while it is already down change nothing."""
-        self.probing = False
-        if not self.down_until:
-            self.backoff = BACKOFF_FIRST
-        elif now >= self.down_until:
-            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
-        else:
-            return
-        self.down_until = now + self.backoff
 
 
 class Client:
@@ -209,7 +132,7 @@ class Client:
         except asyncio.CancelledError:
             if not deadline.expired:
                 raise  # the caller's own cancellation
-            _uncancel(deadline.task)
+            uncancel(deadline.task)
             return Failure("timeout", f"no complete answer within {self._timeout:g} s")
         except Exception as exc:   # a bug: still a Failure, never an exception for the caller
             return failure_for(exc, self.endpoint.name)
@@ -299,7 +222,7 @@ class Client:
         the deadline's (a timeout of this target too) or the caller's."""
         target.probing = False
         if cutoff is not None and cutoff.expired:
-            _uncancel(deadline.task)
+            uncancel(deadline.task)
             if not deadline.expired:
                 return Failure("timeout", f"{target.where}: no answer in its share of the "
                                           "request-timeout; the next target is asked")

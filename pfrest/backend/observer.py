@@ -1,7 +1,7 @@
 """What the HTTP side tells whoever counts (the server's metrics).  The default counts nothing.
 
 ``exchange`` is called once per HTTP exchange attempted (a failover to another target is a second
-one), ``cache`` once per cache event.
+one), ``cache`` once per cache event, ``shared`` once per event of the shared cache (cache-url).
 """
 
 
@@ -12,7 +12,13 @@ class Observer:
 
     def cache(self, event: str):
         """``event``: "hit", "miss", "stale" (an expired answer served because the backend failed),
-        "eviction" (an entry dropped to stay within cache-max-entries)."""
+        "eviction" (an entry dropped to stay within cache-max-entries), "drop" (an entry dropped by
+        ``pfrest cache``)."""
+
+    def shared(self, event: str):
+        """``event``: "hit" (a local miss the shared store answered), "miss" (it had no fresh entry),
+        "error" (a call to it that failed or timed out), "skip" (a local miss that did not ask it:
+        it was skipped after failing)."""
 
 
 NOBODY = Observer()

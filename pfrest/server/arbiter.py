@@ -28,7 +28,7 @@ import time
 from collections import Counter
 
 from pfrest import config
-from pfrest.server import control, daemon, eventloop, health, monitor, privileges, systemd
+from pfrest.server import control, controlsocket, daemon, eventloop, health, monitor, privileges, systemd
 from pfrest.server.listener import Listener, connection_room
 from pfrest.server.sockets import BindError
 from pfrest.server.stats import Figures, added
@@ -38,6 +38,7 @@ logger = logging.getLogger("pfrest")
 RESTART_DELAY = 1.0    # seconds before replacing a worker that died, so that a crash cannot spin
 READY_TIMEOUT = 10.0   # seconds the workers get to start before the service says it is ready
 RELOAD_TIMEOUT = 5.0   # seconds the workers get to confirm a reload before it is called done anyway
+INVALIDATE_TIMEOUT = 2.0   # seconds the workers get to confirm a pfrest cache drop or flush
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
 
@@ -74,6 +75,8 @@ class Arbiter:
         self.monitor = monitor.for_config(cfg, self)
         self.probes = {}             # probe number -> (names, done): readiness probes out with a worker
         self.probe_number = 0
+        self.control = controlsocket.ControlSocket(cfg, self)
+        self.invalidations = {}      # number -> (done, {pid: count}, pids asked): pfrest cache, with the workers
 
     # --- the process ------------------------------------------------------------------------------
 
@@ -83,7 +86,8 @@ class Arbiter:
             self.listener.bind()
             if self.monitor is not None:
                 self.monitor.bind()
-            privileges.drop(self.listener.cfg.user, self.listener.unix_paths())
+            self.control.bind()
+            privileges.drop(self.listener.cfg.user, self.listener.unix_paths() + self.control.unix_paths())
         except config.ConfigError as exc:
             return daemon.fatal(exc.problems, daemon.EX_CONFIG, to_stderr_too)
         except (BindError, privileges.PrivilegeError, OSError) as exc:
@@ -99,6 +103,7 @@ class Arbiter:
         self.listener.start(self, self._pass)
         if self.monitor is not None:
             self.monitor.start(self)
+        self.control.start(self)
         count = len(self.listener.addresses)
         systemd.notify(f"READY=1\nSTATUS=serving {count} endpoint(s) with {len(self.workers)} workers")
         logger.info("ready: serving %d endpoint(s), %d workers, pid %d", count, len(self.workers), os.getpid())
@@ -186,6 +191,7 @@ class Arbiter:
             self._broadcast(("config", None, self.generation))  # still: reopen the log file
             return
         monitor.reconfigure(self.monitor, cfg)
+        controlsocket.reconfigure(self.control, cfg)
         self.generation += 1
         self.confirming = self.generation
         self._broadcast(("config", cfg, self.generation))
@@ -211,6 +217,7 @@ class Arbiter:
         self.listener.close()
         if self.monitor is not None:
             self.monitor.close()
+        self.control.close()
         self._broadcast(("stop",))
 
     # --- workers ------------------------------------------------------------------------------------
@@ -241,7 +248,8 @@ class Arbiter:
         self.selector.close()
         for sock in [self.wake, self._wake_writer, *(w.channel for w in self.workers.values()),
                      *(slot.sock for slot in self.listener.slots.values()), *self.listener.inherited.values(),
-                     *(self.monitor.httpd.all_sockets() if self.monitor is not None else ())]:
+                     *(self.monitor.httpd.all_sockets() if self.monitor is not None else ()),
+                     *self.control.all_sockets()]:
             sock.close()  # a metrics client's connection too: it must end when the arbiter closes it
         os.environ.pop("NOTIFY_SOCKET", None)  # systemd listens to the main PID only
         status = 1
@@ -280,6 +288,8 @@ class Arbiter:
                 handle.stats = message[1]
             elif kind == "probed":
                 self._probed(message[1], message[2])
+            elif kind == "invalidated":
+                self._invalidated(message[1], handle.pid, message[2])
 
     def _reap(self):
         while True:
@@ -298,7 +308,7 @@ class Arbiter:
             for key, count in handle.open.items():
                 self.listener.closed(key, count)
             for stats in handle.stats.values():
-                stats.cache_entries = 0   # its cache is gone; its counts stay
+                stats.cache_entries, stats.shared_up = 0, None   # its cache is gone; its counts stay
             self.ended_stats = added(self.ended_stats, handle.stats)
             if self.confirming:
                 self._confirmed(self.confirming)
@@ -365,6 +375,34 @@ class Arbiter:
         names, done = self.probes.pop(number, (None, None))
         if done is not None:
             done(results if results is not None else {name: "the worker did not answer in time" for name in names})
+
+
+    def invalidate(self, name, lookups, done):
+        """``pfrest cache`` (controlsocket): every worker drops the answers from its cache; ``done``
+        with their counts once all have said, or after INVALIDATE_TIMEOUT with those that have."""
+        self.probe_number += 1
+        number, asked = self.probe_number, set()
+        self.invalidations[number] = (done, {}, asked)
+        for handle in list(self.workers.values()):
+            if handle.ready and self._send(handle, ("invalidate", number, name, lookups)):
+                asked.add(handle.pid)
+        self.later(INVALIDATE_TIMEOUT, self._invalidations_due, number)
+        self._invalidated(number, None, None)
+
+    def _invalidated(self, number, pid, count):
+        """A worker's count (``pid`` None: none, only see whether all have answered)."""
+        done, counts, asked = self.invalidations.get(number, (None, None, None))
+        if done is None:
+            return
+        if pid is not None:
+            counts[pid] = count
+        if asked <= counts.keys():
+            self._invalidations_due(number)
+
+    def _invalidations_due(self, number):
+        done, counts, _ = self.invalidations.pop(number, (None, None, None))
+        if done is not None:
+            done(list(counts.values()))
 
 
 def _kill(pid, signum):

@@ -7,9 +7,11 @@ reachable by nobody else.
 
 Arbiter -> worker: ``("connection", key, endpoint, peer, host)`` + fd, ``("config", cfg or None,
 generation)`` (None: the reload failed, only reopen the log file), ``("probe", number, [endpoint])``
-(readiness, health.py), ``("stop",)``.
+(readiness, health.py), ``("invalidate", number, endpoint, [params] or None)`` (``pfrest cache``,
+controlsocket.py), ``("stop",)``.
 Worker -> arbiter: ``("ready",)``, ``("applied", generation)``, ``("closed", key)``,
-``("stats", {endpoint: Stats})``, ``("probed", number, {endpoint: None or why not})``.
+``("stats", {endpoint: Stats})``, ``("probed", number, {endpoint: None or why not})``,
+``("invalidated", number, answers dropped or None: no cache for that endpoint)``.
 """
 
 import pickle

@@ -49,7 +49,7 @@ def run(options) -> int:
     for warning in check.warnings(cfg):
         logger.warning("%s", warning)
     raise_fd_limit(cfg)
-    preload()
+    preload(cfg)
     inherited = systemd.listen_fds()
     if options.workers > 1:
         from pfrest.server.arbiter import Arbiter
@@ -91,16 +91,18 @@ async def serve(server, options) -> int:
     return 0
 
 
-def preload():
+def preload(cfg):
     """Import now, as root, all that serving may need later: once privileges are dropped, a Python
     whose library the service account cannot read (one under /root, say) could not import it, and a
-    reload that adds an https endpoint would fail."""
+    reload that adds an https endpoint would fail.  redis-py only when an endpoint has a shared cache."""
     import encodings.idna  # noqa: F401 (host names in getaddrinfo)
     import ssl  # noqa: F401
     import pfrest.backend  # noqa: F401
     import pfrest.server.arbiter  # noqa: F401
     import pfrest.server.serving  # noqa: F401
     import pfrest.server.worker  # noqa: F401
+    if any(ep.cache_url for ep in cfg.endpoints):
+        import pfrest.backend.shared  # noqa: F401
     eventloop.new_loop().close()  # uvloop, where installed
 
 

@@ -54,7 +54,9 @@ async def converse(endpoint, user_agent):
         await stdio.attach(conversation)
         await ended
     finally:
-        services.close()
+        closing = services.close()
+        if closing:   # a shared cache's connections, closed before the loop is
+            await asyncio.wait(closing)
     # the one line of a connection that log-requests may have kept quiet: what it did, in sum
     logger.info("endpoint=%s peer=%s connection ended: %s connected=%.1fs", endpoint.name, peer,
                 services.stats[endpoint.name].requests_summary(), time.monotonic() - started)

@@ -1,15 +1,23 @@
-"""A tiny HTTP/1.1 server for the metrics address (``/metrics``, ``/healthz``, ``/readyz``), on whatever loop
-the process runs: the event loop of a single ``serve`` process, or the plain selector loop of the
-arbiter of ``serve --workers``, which must stay responsive for the connections it passes on.  So it
-never blocks and does little: through the same *watcher* as the Listener (readiness callbacks, a
-timer; and ``watch_writable``), one request per connection, GET and HEAD only, the request head at most MAX_REQUEST bytes and
-READ_TIMEOUT seconds, the reply written as the socket takes it, then the connection closed.
+"""A tiny HTTP/1.1 server for the metrics address (``/metrics``, ``/healthz``, ``/readyz``) and the control
+socket (``pfrest cache``, controlsocket.py), on whatever loop the process runs: the event loop of a
+single ``serve`` process, or the plain selector loop of the arbiter of ``serve --workers``, which must
+stay responsive for the connections it passes on.  So it never blocks and does little: through the
+same *watcher* as the Listener (readiness callbacks, a timer; and ``watch_writable``), one request per
+connection, only the methods it is given, the request head at most MAX_REQUEST bytes, a body (by
+Content-Length) at most MAX_BODY, both within READ_TIMEOUT seconds, the reply written as the socket
+takes it, then the connection closed.
 
-The *app* answers: ``app(method, path, respond)`` calls ``respond(status, body, content_type)``, at
-once or later (``/readyz`` may wait for a probe); a connection gone by then is simply not answered.
+It listens on TCP (``(host, port)``: peers checked against ``allow_from``) or on a unix socket (a
+path: mode 0600, and only peers running as root or as this process's user are answered, whatever the
+file's mode).
+
+The *app* answers: ``app(method, path, body, respond)`` calls ``respond(status, body, content_type)``,
+at once or later (``/readyz`` may wait for a probe, ``pfrest cache`` for the workers); a connection
+gone by then is simply not answered.
 """
 
 import logging
+import os
 import socket
 import time
 
@@ -19,6 +27,8 @@ from pfrest.server.sockets import BindError
 log = logging.getLogger("pfrest")
 
 MAX_REQUEST = 8192      # bytes of request line and headers; a scraper sends a few hundred
+MAX_BODY = 1 << 20      # bytes of a request body (pfrest cache drop with many keys)
+UNIX_MODE = 0o600       # a unix socket's file mode
 READ_TIMEOUT = 5.0      # seconds from connect to the end of the request head
 ANSWER_TIMEOUT = 110.0  # seconds the app may take (a probe is bounded by request-timeout, at most 99 s)
 WRITE_TIMEOUT = 10.0    # seconds the client may take to read the reply
@@ -27,8 +37,8 @@ ACCEPT_BATCH = 16       # accepts per wake-up
 EXHAUSTED_PAUSE = 0.1   # seconds accepting pauses when the process is out of descriptors
 BACKLOG = 64
 WARNING_INTERVAL = 60.0  # seconds between two warnings about refused peers
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+           413: "Content Too Large", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 TEXT = "text/plain; charset=utf-8"
 
 
@@ -37,7 +47,7 @@ class _Exchange:
 
     def __init__(self, sock):
         self.sock = sock
-        self.head = b""
+        self.head = b""       # what has been read: the head, then the body
         self.out = None       # the reply still to write
         self.phase = "read"   # read, answer, write, done
         self.method = None
@@ -45,17 +55,27 @@ class _Exchange:
 
 
 class HttpServer:
-    """Listens on ``address`` ((host, port)), takes peers in ``allow_from`` (networks; empty: any)."""
+    """Listens on ``address`` ((host, port), taking peers in ``allow_from``: networks, empty for any; or
+    a unix socket's path), answers ``methods``; ``name`` (the config key) is in its messages."""
 
-    def __init__(self, address, allow_from=()):
-        self.address = address
+    def __init__(self, address, allow_from=(), methods=("GET", "HEAD"), name="metrics-address"):
+        self.address, self.methods, self.name = address, tuple(methods), name
         self.networks = sockets.networks(allow_from)
         self.sock = self.watcher = self.app = None
+        self.inode = None     # of the unix socket's file
         self.open = set()
         self.warned = -WARNING_INTERVAL
 
     def bind(self):
-        """Listen now (before dropping privileges); BindError naming the address if it cannot."""
+        """Listen now (before dropping privileges); BindError naming the address if it cannot.  Once:
+        ``pfrest serve`` binds before dropping privileges, and its Server's ``start`` binds what is not."""
+        if self.sock is not None:
+            return self
+        if isinstance(self.address, str):
+            self.sock = sockets.open_unix_path(self.address, UNIX_MODE, self.name)
+            self.inode = os.stat(self.address).st_ino
+            self.sock.setblocking(False)
+            return self
         host, port = self.address
         where = sockets.show((host, port))
         try:
@@ -68,7 +88,7 @@ class HttpServer:
         except OSError as exc:   # socket.gaierror too
             if self.sock is not None:
                 self.sock.close()
-            raise BindError(f"metrics-address: cannot listen on {where}: {exc.strerror or exc}") from None
+            raise BindError(f"{self.name}: cannot listen on {where}: {exc.strerror or exc}") from None
         self.sock.setblocking(False)
         return self
 
@@ -86,6 +106,10 @@ class HttpServer:
         this process closes it, not when the child exits)."""
         return ([self.sock] if self.sock is not None else []) + [exchange.sock for exchange in self.open]
 
+    def unix_paths(self):
+        """[(path, inode)] of the unix socket it made, to be removed at the end (privileges.drop)."""
+        return [(self.address, self.inode)] if self.inode is not None else []
+
     def close(self):
         if self.sock is None:
             return
@@ -93,6 +117,8 @@ class HttpServer:
             self.watcher.unwatch(self.sock)
         self.sock.close()
         self.sock = None
+        if self.inode is not None:
+            sockets.remove_socket_file(self.address, self.inode)
         for exchange in list(self.open):
             self._end(exchange)
 
@@ -107,9 +133,9 @@ class HttpServer:
                     self.watcher.unwatch(self.sock)
                     self.watcher.later(EXHAUSTED_PAUSE, self._resume)
                 return
-            host = addr[0]
-            if self.networks and not sockets.allowed(self.networks, host):
-                self._refused(host)
+            peer = self._refusal(sock, addr)
+            if peer is not None:
+                self._refused(peer)
                 sock.close()
                 continue
             if len(self.open) >= MAX_CLIENTS:
@@ -125,15 +151,29 @@ class HttpServer:
         if self.sock is not None:
             self.watcher.watch(self.sock, self._accept)
 
-    def _refused(self, host):
+    def _refusal(self, sock, addr):
+        """None for a peer to answer, else how to name the refused one: a TCP peer outside
+        ``allow_from``, on a unix socket a process neither root's nor this process's user's."""
+        if sock.family == socket.AF_UNIX:
+            credentials = sockets.peer_credentials(sock)
+            if credentials is not None and credentials[1] in (0, os.geteuid()):
+                return None
+            return "of user " + ("unknown" if credentials is None else str(credentials[1]))
+        if self.networks and not sockets.allowed(self.networks, addr[0]):
+            return addr[0]
+        return None
+
+    def _refused(self, peer):
         now = time.monotonic()
         if now - self.warned >= WARNING_INTERVAL:
             self.warned = now
-            log.warning("metrics-address: peer %s refused: not in metrics-allow-from", host)
+            why = "not in metrics-allow-from" if isinstance(self.address, tuple) else \
+                "only root and the user pfrest runs as may use it"
+            log.warning("%s: peer %s refused: %s", self.name, peer, why)
 
     def _read(self, exchange):
         try:
-            data = exchange.sock.recv(MAX_REQUEST + 1 - len(exchange.head))
+            data = exchange.sock.recv(MAX_REQUEST + MAX_BODY + 1 - len(exchange.head))
         except BlockingIOError:
             return
         except OSError:
@@ -141,32 +181,41 @@ class HttpServer:
         if not data:
             return self._end(exchange)
         exchange.head += data
-        end = exchange.head.find(b"\r\n\r\n")
+        end, separator = exchange.head.find(b"\r\n\r\n"), 4
         if end < 0 and b"\n\n" in exchange.head:
-            end = exchange.head.find(b"\n\n")
-        if end < 0:
+            end, separator = exchange.head.find(b"\n\n"), 2
+        if end < 0 or end > MAX_REQUEST:
             if len(exchange.head) > MAX_REQUEST:
                 self.watcher.unwatch(exchange.sock)
                 self._respond(exchange, 431, b"request head too large\n")
             return
+        head = exchange.head[:end]
+        length = _content_length(head)
+        if length is None or length > MAX_BODY:
+            self.watcher.unwatch(exchange.sock)
+            return self._respond(exchange, 413 if length else 400, b"bad or too large Content-Length\n")
+        if len(exchange.head) < end + separator + length:
+            return   # more of the body to come
         self.watcher.unwatch(exchange.sock)
         exchange.phase = "answer"
         self.watcher.later(ANSWER_TIMEOUT, self._expire, exchange, "answer")
-        self._dispatch(exchange, exchange.head[:end])
+        self._dispatch(exchange, head, exchange.head[end + separator:end + separator + length])
 
-    def _dispatch(self, exchange, head):
+    def _dispatch(self, exchange, head, body):
         words = head.split(b"\n", 1)[0].strip().split(b" ")
         if len(words) != 3 or not words[2].startswith(b"HTTP/1."):
             return self._respond(exchange, 400, b"not an HTTP/1.x request\n")
         method, target = words[0].decode("latin-1"), words[1].decode("latin-1")
         exchange.method = method
-        if method not in ("GET", "HEAD"):
-            return self._respond(exchange, 405, b"GET or HEAD only\n", extra="Allow: GET, HEAD\r\n")
+        if method not in self.methods:
+            allowed = ", ".join(self.methods)
+            return self._respond(exchange, 405, f"{' or '.join(self.methods)} only\n".encode(),
+                                 extra=f"Allow: {allowed}\r\n")
         try:
-            self.app(method, target.split("?", 1)[0],
+            self.app(method, target.split("?", 1)[0], body,
                      lambda status, body, content_type=TEXT: self._respond(exchange, status, body, content_type))
         except Exception:  # a bug must not take the serving loop down
-            log.exception("metrics-address: cannot answer %s %s", method, target[:100])
+            log.exception("%s: cannot answer %s %s", self.name, method, target[:100])
             self._respond(exchange, 503, b"internal error\n")
 
     def _respond(self, exchange, status, body, content_type=TEXT, extra=""):
@@ -204,3 +253,13 @@ class HttpServer:
         self.open.discard(exchange)
         self.watcher.unwatch(exchange.sock)
         exchange.sock.close()
+
+
+def _content_length(head):
+    """The Content-Length of a request head (0 without one), or None when it is not a number."""
+    for line in head.split(b"\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            value = value.strip()
+            return int(value) if value.isdigit() else None
+    return 0

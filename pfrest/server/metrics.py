@@ -29,7 +29,15 @@ RELOAD_RESULTS = ("ok", "failed")
 CACHE_EVENTS = {"hit": ("pfrest_cache_hits", "lookups answered from the answer cache"),
                 "miss": ("pfrest_cache_misses", "lookups the answer cache did not hold"),
                 "stale": ("pfrest_cache_stale_answers", "expired answers served because the backend failed"),
-                "eviction": ("pfrest_cache_evictions", "cache entries dropped to stay within cache-max-entries")}
+                "eviction": ("pfrest_cache_evictions", "cache entries dropped to stay within cache-max-entries"),
+                "drop": ("pfrest_cache_drops", "cache entries dropped by pfrest cache drop or flush")}
+# the shared cache's events (cache-url) -> (metric, what it counts)
+SHARED_EVENTS = {"hit": ("pfrest_shared_cache_hits", "local cache misses the shared cache answered"),
+                 "miss": ("pfrest_shared_cache_misses", "local cache misses the shared cache had no fresh "
+                          "answer for"),
+                 "error": ("pfrest_shared_cache_errors", "calls to the shared cache that failed or timed out"),
+                 "skip": ("pfrest_shared_cache_skipped", "local cache misses that went to the backend without "
+                          "asking the shared cache, skipped after it failed")}
 _LE = [floatToGoString(bound) for bound in BUCKETS_S]
 
 
@@ -91,6 +99,10 @@ def families(figures: Figures):
              for event, (name, text) in CACHE_EVENTS.items()}
     entries = GaugeMetricFamily("pfrest_cache_entries", "answers in the cache now (all workers)",
                                 labels=["endpoint"])
+    shared = {event: CounterMetricFamily(name, text, labels=["endpoint"])
+              for event, (name, text) in SHARED_EVENTS.items()}
+    shared_up = GaugeMetricFamily("pfrest_shared_cache_up", "1 while every process uses the shared cache, 0 "
+                                  "while one skips it after it failed", labels=["endpoint"])
     open_now = GaugeMetricFamily("pfrest_open_connections", "Postfix connections open now",
                                  labels=["endpoint"])
     accepted = CounterMetricFamily("pfrest_connections_accepted", "Postfix connections accepted",
@@ -120,13 +132,18 @@ def families(figures: Figures):
             for event, family in cache.items():
                 family.add_metric([name], stats.cache_events.get(event, 0))
             entries.add_metric([name], stats.cache_entries)
+        if stats.shared_events or stats.shared_up is not None:
+            for event, family in shared.items():
+                family.add_metric([name], stats.shared_events.get(event, 0))
+            if stats.shared_up is not None:
+                shared_up.add_metric([name], int(stats.shared_up))
         accepted.add_metric([name], stats.accepted)
         for reason, count in sorted(stats.refused.items()):
             refused.add_metric([name, reason], count)
     for name, count in sorted(figures.connections.items()):
         open_now.add_metric([name], count)
     found = [build, info, requests, latency, exchanges, exchange_latency, errors, *cache.values(), entries,
-             open_now, accepted, refused, reloads]
+             *shared.values(), shared_up, open_now, accepted, refused, reloads]
     if figures.workers is not None:
         workers = GaugeMetricFamily("pfrest_worker_open_connections", "Postfix connections open per worker "
                                     "process (serve --workers)", labels=["worker"])
@@ -144,6 +161,7 @@ def read(text: str) -> Figures:
     endpoints, connections, reloads, workers, restarts = {}, {}, {}, None, 0
     index = {bound: i for i, bound in enumerate(BUCKETS_S)}
     events = {f"{name}_total": event for event, (name, _) in CACHE_EVENTS.items()}
+    shared_events = {f"{name}_total": event for event, (name, _) in SHARED_EVENTS.items()}
 
     def of(labels):
         return endpoints.setdefault(labels["endpoint"], Stats())
@@ -173,6 +191,10 @@ def read(text: str) -> Figures:
                 of(labels).cache_events[events[name]] += count
             elif name == "pfrest_cache_entries":
                 of(labels).cache_entries = count
+            elif name in shared_events:
+                of(labels).shared_events[shared_events[name]] += count
+            elif name == "pfrest_shared_cache_up":
+                of(labels).shared_up = bool(value)
             elif name == "pfrest_open_connections":
                 connections[labels["endpoint"]] = count
                 of(labels)

@@ -43,7 +43,7 @@ class Monitor:
     def close(self):
         self.httpd.close()
 
-    def __call__(self, method, path, respond):
+    def __call__(self, method, path, body, respond):
         if path == "/metrics":
             respond(200, self.metrics.exposition(self.source.figures()), self.metrics.CONTENT_TYPE)
         elif path == "/healthz":

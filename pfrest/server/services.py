@@ -86,8 +86,9 @@ class Service:
         return origin.host is None or not self.networks or sockets.allowed(self.networks, origin.host)
 
     def close(self):
-        """No new backend connections are kept; requests in flight still finish."""
-        self.backend.close()
+        """No new backend connections are kept; requests in flight still finish.  Returns what the
+        backend's ``close`` does: None, or a task that closes a shared cache's connections."""
+        return self.backend.close()
 
 
 class Services:
@@ -99,6 +100,7 @@ class Services:
         self.by_name = {}
         self.stats = {}        # endpoint name -> Stats, kept across reloads
         self.generation = 0
+        self.closing = set()   # tasks closing a retired shared cache's connections
 
     def apply(self, endpoints, user_agent, key_of=lambda ep: None):
         """Serve ``endpoints`` from now on; unchanged ones keep their service (and its backend
@@ -114,18 +116,30 @@ class Services:
         self.by_name = current
         self.generation += 1
         for svc in retired:
-            svc.close()
+            closing = svc.close()
+            if closing is not None:   # held until done: the loop keeps only a weak reference
+                self.closing.add(closing)
+                closing.add_done_callback(self.closing.discard)
 
     def measure(self):
-        """Set the gauges of every endpoint's Stats to now (cache entries), for a report or a scrape."""
+        """Set the gauges of every endpoint's Stats to now (cache entries, the shared cache's state),
+        for a report or a scrape."""
         for name, stats in self.stats.items():
             svc = self.by_name.get(name)
             stats.cache_entries = len(svc.backend) if svc is not None and hasattr(svc.backend, "__len__") else 0
+            stats.shared_up = getattr(svc.backend, "shared_up", None) if svc is not None else None
+
+    def invalidate(self, name, lookups):
+        """``pfrest cache`` through the control socket: drop the answers to ``lookups`` (params), or
+        all for None, from the endpoint's cache; how many went, or None when it keeps no cache here."""
+        svc = self.by_name.get(name)
+        invalidate = getattr(svc.backend, "invalidate", None) if svc is not None else None
+        return None if invalidate is None else invalidate(lookups)
 
     def current(self, origin) -> Optional[Service]:
         svc = self.by_name.get(origin.endpoint)
         return svc if svc is not None and svc.admits(origin) else None
 
     def close(self):
-        for svc in self.by_name.values():
-            svc.close()
+        """Close every service; returns the tasks still closing connections (to await at exit)."""
+        return [task for task in (svc.close() for svc in self.by_name.values()) if task is not None]

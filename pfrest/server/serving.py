@@ -9,6 +9,7 @@ Programmatic use (the demo, tests), inside a running event loop::
     server.reload(new_cfg)            # raises ConfigError or BindError and then keeps the old setup
     server.summary()                  # one counters line per endpoint
     server.figures()                  # the counters as stats.Figures (/metrics, when metrics-address is set)
+    server.invalidate(name, lookups, done)   # pfrest cache, through the control socket
     await server.stop(drain_timeout)  # stop accepting, let requests finish, cut the rest
 
 Config files may not say ``bind-port: 0`` (an admin never means it), but the Server binds whatever the
@@ -20,7 +21,7 @@ import logging
 import socket
 from collections import Counter
 
-from pfrest.server import health, monitor
+from pfrest.server import controlsocket, health, monitor
 from pfrest.server.conversation import Conversation
 from pfrest.server.listener import Listener, connection_room
 from pfrest.server.services import Origin, Services
@@ -116,7 +117,9 @@ class Conversations:
         if left:
             log.warning("%d connection(s) still busy after %.1f s: cut", len(left), timeout)
         await asyncio.sleep(0)  # let the aborted ones see connection_lost
-        self.services.close()
+        closing = self.services.close()
+        if closing:   # a shared cache's connections, closed before the loop is
+            await asyncio.wait(closing)
         return len(left)
 
 
@@ -129,12 +132,14 @@ class Server:
         self.conversations = Conversations(self.services, on_closed=self.listener.closed)
         self.reloads = Counter()         # "ok" / "failed" -> count (daemon.reload counts them)
         self.monitor = monitor.for_config(cfg, self)
+        self.control = controlsocket.ControlSocket(cfg, self)
         self.probing = set()             # readiness probes running
 
     def bind(self):
         self.listener.bind()
         if self.monitor is not None:
             self.monitor.bind()
+        self.control.bind()
         return self
 
     def start(self):
@@ -144,6 +149,7 @@ class Server:
         self.listener.start(watcher, self._take)
         if self.monitor is not None:
             self.monitor.start(watcher)
+        self.control.start(watcher)
         return self
 
     def _take(self, slot, sock, peer, host):
@@ -159,13 +165,14 @@ class Server:
         self._apply(cfg)
         self.conversations.reconsider()
         monitor.reconfigure(self.monitor, cfg)
+        controlsocket.reconfigure(self.control, cfg)
 
     @property
     def addresses(self):
         return self.listener.addresses
 
     def unix_paths(self):
-        return self.listener.unix_paths()
+        return self.listener.unix_paths() + self.control.unix_paths()
 
     def connection_count(self):
         return len(self.conversations.open)
@@ -191,10 +198,15 @@ class Server:
                 done(task.result())
         task.add_done_callback(finished)
 
+    def invalidate(self, name, lookups, done):
+        """``pfrest cache`` (controlsocket): drop answers from this process's cache, then ``done``."""
+        done([self.services.invalidate(name, lookups)])
+
     async def stop(self, drain_timeout=DRAIN_TIMEOUT):
         """Stop accepting, close idle connections, give requests in progress up to ``drain_timeout``
         seconds to be answered, then cut what is left.  Returns how many connections were cut."""
         self.listener.close()
         if self.monitor is not None:
             self.monitor.close()
+        self.control.close()
         return await self.conversations.drain(drain_timeout)

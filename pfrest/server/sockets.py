@@ -60,17 +60,17 @@ def open_tcp(endpoint) -> socket.socket:
     return sock
 
 
-def _clear_stale(endpoint):
-    """Remove a socket file left by a process that is gone; refuse anything else."""
-    path = endpoint.bind_path
+def _clear_stale(path, what):
+    """Remove a socket file left by a process that is gone; refuse anything else.  ``what`` names the
+    socket in messages ("endpoint NAME", "control-socket")."""
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise BindError(f"endpoint {endpoint.name}: cannot check {path}: {exc.strerror}") from None
+        raise BindError(f"{what}: cannot check {path}: {exc.strerror}") from None
     if not stat.S_ISSOCK(mode):
-        raise BindError(f"endpoint {endpoint.name}: {path} exists and is not a socket; not removing it")
+        raise BindError(f"{what}: {path} exists and is not a socket; not removing it")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(2)
         try:
@@ -78,35 +78,38 @@ def _clear_stale(endpoint):
         except (ConnectionRefusedError, FileNotFoundError):
             pass  # nobody listens: stale
         except OSError as exc:
-            raise BindError(f"endpoint {endpoint.name}: cannot check {path}: {exc.strerror or exc}") from None
+            raise BindError(f"{what}: cannot check {path}: {exc.strerror or exc}") from None
         else:
-            raise BindError(f"endpoint {endpoint.name}: cannot listen on {path}: "
-                            "another process is listening on it")
+            raise BindError(f"{what}: cannot listen on {path}: another process is listening on it")
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise BindError(f"endpoint {endpoint.name}: cannot remove stale socket {path}: {exc.strerror}") from None
+        raise BindError(f"{what}: cannot remove stale socket {path}: {exc.strerror}") from None
 
 
 def open_unix(endpoint) -> socket.socket:
-    _clear_stale(endpoint)
-    path = endpoint.bind_path
+    return open_unix_path(endpoint.bind_path, endpoint.bind_mode, f"endpoint {endpoint.name}")
+
+
+def open_unix_path(path, mode, what) -> socket.socket:
+    """A listening unix socket at ``path`` with file mode ``mode``; BindError naming ``what``."""
+    _clear_stale(path, what)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # Linux creates the file with the socket's mode minus the umask: set it first, so the file is
         # never more open than bind-mode, then exactly bind-mode once it exists.
         try:
-            os.fchmod(sock.fileno(), endpoint.bind_mode)
+            os.fchmod(sock.fileno(), mode)
         except OSError:
             pass
         sock.bind(path)
-        os.chmod(path, endpoint.bind_mode)
+        os.chmod(path, mode)
         sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
-        raise BindError(f"endpoint {endpoint.name}: cannot listen on {path}: {exc.strerror or exc}") from None
+        raise BindError(f"{what}: cannot listen on {path}: {exc.strerror or exc}") from None
     return sock
 
 
@@ -171,15 +174,21 @@ def allowed(nets, host: str) -> bool:
     return any(ip in net for net in nets)
 
 
+def peer_credentials(sock):
+    """(pid, uid) of the process at the other end of a unix socket; None when the kernel does not say."""
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+    except (OSError, AttributeError):
+        return None
+    return pid, uid
+
+
 def peer_name(sock, addr) -> str:
     """``ip:port`` for TCP; for a unix socket the client's uid and pid, which is all there is."""
     if sock.family == socket.AF_UNIX:
-        try:
-            pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                              struct.calcsize("3i")))
-            return f"unix:uid={uid},pid={pid}"
-        except (OSError, AttributeError):
-            return "unix"
+        credentials = peer_credentials(sock)
+        return "unix" if credentials is None else f"unix:uid={credentials[1]},pid={credentials[0]}"
     return show(addr)
 
 

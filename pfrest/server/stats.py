@@ -89,6 +89,8 @@ class Stats:
         self.exchange_seconds = 0.0
         self.cache_events = Counter()    # hit, miss, stale, eviction -> count
         self.cache_entries = 0           # a gauge: entries now (Services.measure sets it)
+        self.shared_events = Counter()   # the shared cache's: hit, miss, error, skip -> count
+        self.shared_up = None            # a gauge: the shared cache used now (None: there is none)
         self.last_ok = 0.0               # time.monotonic() of the last fresh HTTP answer (0: none yet)
         self.last_failed = 0.0           # ... of the last request the backend failed to answer
 
@@ -121,14 +123,19 @@ class Stats:
     def cache(self, event):
         self.cache_events[event] += 1
 
+    def shared(self, event):
+        self.shared_events[event] += 1
+
     # --- adding up, reading ------------------------------------------------------------------------
 
     def merge(self, other):
-        """Add ``other``'s counts (and its cache entries: a gauge summed over the workers)."""
+        """Add ``other``'s counts (and its cache entries: a gauge summed over the workers; the shared
+        cache is up when it is for every process that has one)."""
         self.mode = self.mode or other.mode
         for mine, theirs in ((self.replies, other.replies), (self.errors, other.errors),
                              (self.refused, other.refused), (self.exchanges, other.exchanges),
-                             (self.cache_events, other.cache_events)):
+                             (self.cache_events, other.cache_events),
+                             (self.shared_events, other.shared_events)):
             mine.update(theirs)
         self.accepted += other.accepted
         self.latency = [a + b for a, b in zip(self.latency, other.latency)]
@@ -136,6 +143,8 @@ class Stats:
         self.exchange_latency = [a + b for a, b in zip(self.exchange_latency, other.exchange_latency)]
         self.exchange_seconds += other.exchange_seconds
         self.cache_entries += other.cache_entries
+        if other.shared_up is not None:
+            self.shared_up = other.shared_up if self.shared_up is None else self.shared_up and other.shared_up
         self.last_ok = max(self.last_ok, other.last_ok)
         self.last_failed = max(self.last_failed, other.last_failed)
         return self

@@ -2,9 +2,11 @@
 it, on the worker's own event loop.  It listens on nothing itself.
 
 Its channel to the arbiter (control.py) brings connections, the config after each reload (applied at
-once, to the connections already open too), readiness probes to run (health.py) and the order to stop;
-it takes back word of every connection that ended (the arbiter keeps the counts: max-connections,
-balance), the probes' results and the counters, every STATS_INTERVAL seconds and at the end.  The
+once, to the connections already open too), readiness probes to run (health.py), invalidations of its
+cache (``pfrest cache`` through the control socket) and the order to stop; it takes back word of every
+connection that ended (the arbiter keeps the counts: max-connections, balance), the probes' results,
+how many answers each invalidation dropped, and the counters, every STATS_INTERVAL seconds and at the
+end.  The
 channel closing means the arbiter is gone: the worker then drains and exits.  SIGTERM/SIGINT sent to
 the worker itself (systemd's KillMode=control-group, Ctrl-C to the process group) drain it too; a
 second one exits at once.
@@ -37,7 +39,7 @@ class Worker:
         self.conversations = Conversations(self.services, on_closed=self._closed)
         self.stop = None
         self.probing = set()   # readiness probes running
-        self._apply(cfg)
+        self.cfg = cfg         # applied once the event loop runs: a shared cache subscribes on it
 
     def _apply(self, cfg):
         endpoints = selected(cfg, self.options.names, self.inherited)[0]
@@ -47,6 +49,7 @@ class Worker:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.stop = loop.create_future()
+        self._apply(self.cfg)
         self._signals(loop)
         loop.add_reader(self.channel.fileno(), self._receive)
         self._send(("ready",))
@@ -112,6 +115,9 @@ class Worker:
             task = asyncio.get_running_loop().create_task(self._probe(message[1], message[2]))
             self.probing.add(task)
             task.add_done_callback(self.probing.discard)
+        elif kind == "invalidate":
+            _, number, name, lookups = message
+            self._send(("invalidated", number, self.services.invalidate(name, lookups)))
         elif kind == "stop":
             self._stopping("stopping")
 

@@ -1,0 +1,148 @@
+"""``pfrest cache drop ENDPOINT KEY...`` and ``pfrest cache flush ENDPOINT``: make pfrest forget cached
+answers at once, e.g. after a change in the backend, instead of waiting for their cache-ttl.
+
+With a shared cache (the endpoint's ``cache-url``): the answers are removed from the store (drop: the
+keys' entries; flush: every key of the endpoint's namespace, found by SCAN) and the invalidation is
+published on the store's channel, which every pfrest process using the store hears (each worker of
+each serve, each handle, on every host) and drops its own copies.  Without one: the local ``pfrest
+serve`` is asked through its control socket (controlsocket.py), and passes it to each of its workers.
+
+The keys are given as for ``pfrest query``: a socketmap endpoint's with the map name they are looked up
+in (``--map``, by default the endpoint's name).  A lookup of an empty key is never cached.
+
+Exit status: 0 done; 69 (EX_UNAVAILABLE) the store or the control socket could not be reached, or the
+serve there keeps no cache for the endpoint; 64 (EX_USAGE) the arguments do not fit the endpoint; 78
+a config error (cli.py).
+"""
+
+import asyncio
+import http.client
+import json
+import os
+import socket
+import sys
+
+from pfrest.backend import sharedformat
+from pfrest.backend.request import query
+from pfrest.config import POLICY, SOCKETMAP
+from pfrest.protocol.answers import mode_for
+from pfrest.query import build_request
+from pfrest.server import controlsocket, eventloop
+
+TIMEOUT = 10.0          # seconds for the whole command: an admin's command may wait, a lookup may not
+UNLINK_BATCH = 1000     # keys per UNLINK while flushing
+EX_USAGE = 64
+
+
+def run(cfg, action, name, keys, mapname=None, out=print) -> int:
+    """``keys``: bytes, as the command line gave them.  Returns the exit status."""
+    endpoint = cfg.endpoint(name)
+    if endpoint.mode == POLICY:
+        return _usage(f"endpoint {name} is a policy endpoint: policy answers are never cached")
+    if not endpoint.caches:
+        return _usage(f"endpoint {name} keeps no cache (neither cache-ttl nor cache-negative-ttl is set)")
+    if action == "flush":
+        if keys or mapname:
+            return _usage("flush takes no KEY and no --map: it drops every answer of the endpoint")
+        queries = None
+    else:
+        if not keys:
+            return _usage("drop needs at least one KEY")
+        if mapname and endpoint.mode != SOCKETMAP:
+            return _usage("--map is for socketmap-lookup endpoints")
+        try:
+            queries = [query(_params(endpoint, key, mapname)) for key in keys]
+        except ValueError as exc:
+            return _usage(str(exc))
+    if endpoint.cache_url:
+        return _shared(endpoint, queries, out)
+    return _local(cfg, endpoint, queries, out)
+
+
+def _params(endpoint, key, mapname):
+    """The params of the lookup of ``key``, as a conversation would make them (the cache's key)."""
+    call = mode_for(endpoint).call(build_request(endpoint, [key], mapname))
+    if call is None:
+        raise ValueError("an empty KEY is never looked up, nor cached")
+    return call.params
+
+
+def _usage(text) -> int:
+    print(f"pfrest cache: {text}", file=sys.stderr)
+    return EX_USAGE
+
+
+def _shared(endpoint, queries, out) -> int:
+    from pfrest.backend import redisclient   # redis-py: only for a shared cache
+    where = redisclient.where(endpoint.cache_url)
+    try:
+        removed, heard = eventloop.run(asyncio.wait_for(_invalidate(endpoint, queries), TIMEOUT), fast=False)
+    except (*redisclient.ERRORS, asyncio.TimeoutError) as exc:
+        print(f"pfrest cache: the shared cache {where} of endpoint {endpoint.name} cannot be reached: "
+              f"{type(exc).__name__}: {exc}; nothing was dropped", file=sys.stderr)
+        return os.EX_UNAVAILABLE
+    what = "every answer" if queries is None else f"the answers to {len(queries)} key(s)"
+    out(f"endpoint {endpoint.name}: {what} dropped from the shared cache {where} ({removed} were kept "
+        f"there); {heard} pfrest process(es) heard it and drop their own copies")
+    return 0
+
+
+async def _invalidate(endpoint, queries):
+    """(entries removed from the store, processes that heard the invalidation)."""
+    from pfrest.backend import redisclient
+    client = redisclient.connect(endpoint.cache_url)
+    space = sharedformat.namespace(endpoint)
+    try:
+        if queries is None:
+            removed, found = 0, []
+            async for key in client.scan_iter(match=sharedformat.pattern(space), count=UNLINK_BATCH):
+                found.append(key)
+                if len(found) >= UNLINK_BATCH:
+                    removed += await client.unlink(*found)
+                    found = []
+            if found:
+                removed += await client.unlink(*found)
+            message = sharedformat.flush_message()
+        else:
+            removed = await client.unlink(*(f"{space}:{q}" for q in queries))
+            message = sharedformat.drop_message(queries)
+        return removed, await client.publish(space, message)
+    finally:
+        await redisclient.close(client)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP to a unix socket's path (the control socket)."""
+
+    def __init__(self, path, timeout):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+def _local(cfg, endpoint, queries, out) -> int:
+    path = controlsocket.path_of(cfg)
+    body = sharedformat.flush_message() if queries is None else sharedformat.drop_message(queries)
+    connection = _UnixConnection(path, TIMEOUT)
+    try:
+        connection.request("POST", f"{controlsocket.PATH_PREFIX}{endpoint.name}", body)
+        response = connection.getresponse()
+        text = response.read().decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"pfrest cache: no pfrest serve answers at {path} (control-socket): {exc}; endpoint "
+              f"{endpoint.name} has no cache-url, so only a serve's own cache can be reached", file=sys.stderr)
+        return os.EX_UNAVAILABLE
+    finally:
+        connection.close()
+    if response.status != 200:
+        print(f"pfrest cache: the pfrest serve at {path}: {text.strip()}", file=sys.stderr)
+        return os.EX_UNAVAILABLE
+    counts = json.loads(text)
+    what = "every answer" if queries is None else f"the answers to {len(queries)} key(s)"
+    out(f"endpoint {endpoint.name}: {what} dropped from the cache of the pfrest serve at {path} "
+        f"({counts['dropped']} were kept there, in {counts['processes']} process(es))")
+    return 0

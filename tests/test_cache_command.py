@@ -1,0 +1,137 @@
+"""`pfrest cache drop` and `flush` for endpoints without a shared cache: through the control socket of a
+real `pfrest serve --workers 2`, which passes them to each worker; socketmap keys with their map name;
+the socket answers root and serve's own user only; what the command refuses, and its exit status."""
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import pytest
+
+from conftest import ROOT, pfrest_cmd, pfrest_env
+from pfrest import cli
+from pfrest.protocol import netstring
+from postfix_instance import free_port
+from test_serve import ask, connect, served, tcp_get  # noqa: F401 (served is a fixture)
+
+EX_USAGE, EX_UNAVAILABLE = 64, 69
+
+
+def cache(*args):
+    return subprocess.run(pfrest_cmd("cache", *args), capture_output=True, text=True, timeout=60,
+                          env=pfrest_env(), cwd=ROOT)
+
+
+def sm_get(sock, mapname, key):
+    return ask(sock, netstring.encode(mapname + b" " + key), b",")
+
+
+@pytest.fixture
+def reachable():
+    """A directory every user may enter (a test's tmp_path is root's alone), removed after."""
+    directory = tempfile.mkdtemp(prefix="pfrest-control-")
+    os.chmod(directory, 0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def serve(backend, write_config, served, reachable):
+    """A serve --workers 2 with a cached tcp and socketmap endpoint, an uncached one and a policy one."""
+    control = os.path.join(reachable, "control.sock")
+    ports = {name: free_port() for name in ("tcp", "sm", "plain", "pol")}
+    common = {"target": backend.url + "/lookup", "request-timeout": 3000}
+    path = write_config([
+        {"name": "tcp", "mode": "tcp-lookup", "bind-port": ports["tcp"], "cache-ttl": 600, **common},
+        {"name": "sm", "mode": "socketmap-lookup", "bind-port": ports["sm"], "cache-ttl": 600, **common},
+        {"name": "plain", "mode": "tcp-lookup", "bind-port": ports["plain"], **common},
+        {"name": "pol", "mode": "policy", "bind-port": ports["pol"], **common}], **{"control-socket": control})
+    proc = served("-c", path, "--workers", "2")
+    proc.wait_for(r"ready: serving 4 endpoint")
+    return path, ports, control, proc
+
+
+def test_drop_and_flush_reach_every_worker(serve, backend):
+    path, ports, _, proc = serve
+    backend.answers.update({"k": (200, ["old"]), "x": (200, ["x-old"]), "a@b": (200, ["sm-old"])})
+    socks = [connect(("127.0.0.1", ports["tcp"])) for _ in range(2)]   # one connection on each worker
+    maps = [connect(("127.0.0.1", ports["sm"])) for _ in range(2)]
+    try:
+        for sock in socks:
+            assert tcp_get(sock, b"k") == b"200 old\n" and tcp_get(sock, b"x") == b"200 x-old\n"
+        for sock in maps:
+            assert sm_get(sock, b"aliases", b"a@b") == b"9:OK sm-old,"
+        backend.answers.update({"k": (200, ["new"]), "x": (200, ["x-new"]), "a@b": (200, ["sm-new"])})
+        assert [tcp_get(sock, b"k") for sock in socks] == [b"200 old\n"] * 2
+
+        done = cache("-c", path, "drop", "tcp", "k")
+        assert done.returncode == 0, done.stderr
+        assert "(2 were kept there, in 2 process(es))" in done.stdout, done.stdout
+        assert [tcp_get(sock, b"k") for sock in socks] == [b"200 new\n"] * 2
+        assert [tcp_get(sock, b"x") for sock in socks] == [b"200 x-old\n"] * 2
+
+        # a socketmap key is the map name and the key: another map's is another answer
+        assert cache("-c", path, "drop", "sm", "a@b").returncode == 0          # map "sm": not the one used
+        assert [sm_get(sock, b"aliases", b"a@b") for sock in maps] == [b"9:OK sm-old,"] * 2
+        done = cache("-c", path, "drop", "sm", "a@b", "--map", "aliases")
+        assert done.returncode == 0 and "(2 were kept there" in done.stdout, done.stdout
+        assert [sm_get(sock, b"aliases", b"a@b") for sock in maps] == [b"9:OK sm-new,"] * 2
+
+        assert cache("-c", path, "flush", "tcp").returncode == 0
+        assert [tcp_get(sock, b"x") for sock in socks] == [b"200 x-new\n"] * 2
+    finally:
+        for sock in socks + maps:
+            sock.close()
+    assert proc.log.count("as pfrest cache asked") == 4
+
+
+def test_what_the_command_refuses(serve, write_config, tmp_path, capsys):
+    path, _, control, _ = serve
+
+    def cache(*args):   # in this process: quicker than a process per case
+        status = cli.main(["cache", *args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, status, out, err)
+    for args, status, words in (
+            (("drop", "pol", "k"), EX_USAGE, "policy answers are never cached"),
+            (("drop", "plain", "k"), EX_USAGE, "keeps no cache"),
+            (("drop", "tcp"), EX_USAGE, "drop needs at least one KEY"),
+            (("flush", "tcp", "k"), EX_USAGE, "flush takes no KEY"),
+            (("drop", "tcp", "k", "--map", "m"), EX_USAGE, "--map is for socketmap-lookup endpoints"),
+            (("drop", "tcp", ""), EX_USAGE, "an empty KEY is never looked up"),
+            (("drop", "nosuch", "k"), 78, "no endpoint named 'nosuch'")):
+        done = cache("-c", path, *args)
+        assert (done.returncode, done.stdout) == (status, ""), (args, done.stdout, done.stderr)
+        assert words in done.stderr, (args, done.stderr)
+    # the serve has no such cached endpoint (its config is older than the file's), or no serve at all
+    other = write_config([{"name": "tcp", "mode": "tcp-lookup", "target": "http://127.0.0.1:1/x",
+                           "cache-ttl": 5, "bind-port": free_port()},
+                          {"name": "new", "mode": "tcp-lookup", "target": "http://127.0.0.1:1/x",
+                           "cache-ttl": 5, "bind-port": free_port()}],
+                         name="other.json", **{"control-socket": control})
+    done = cache("-c", other, "drop", "new", "k")
+    assert done.returncode == EX_UNAVAILABLE and "keeps no cache in this pfrest serve" in done.stderr, done.stderr
+    gone = write_config([{"name": "tcp", "mode": "tcp-lookup", "target": "http://127.0.0.1:1/x", "cache-ttl": 5}],
+                        name="gone.json", **{"control-socket": str(tmp_path / "nobody-here.sock")})
+    done = cache("-c", gone, "flush", "tcp")
+    assert done.returncode == EX_UNAVAILABLE and "no pfrest serve answers at" in done.stderr, done.stderr
+
+
+def test_the_control_socket_answers_root_and_its_own_user_only(serve):
+    _, _, control, proc = serve
+    assert os.stat(control).st_mode & 0o777 == 0o600
+    os.chmod(control, 0o666)   # even when its mode would let others in
+    code = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ntry:\n"
+            "    s.sendall(b'POST /cache/tcp HTTP/1.1\\r\\nContent-Length: 5\\r\\n\\r\\nflush')\n"
+            "    print(repr(s.recv(100)))\nexcept OSError as e:\n    print(type(e).__name__)")
+    other = subprocess.run(["python3", "-c", code, control], user="nobody", capture_output=True, text=True,
+                           timeout=30)
+    # connected (the file's mode let it), then closed without an answer
+    assert other.stdout.strip() in ("b''", "BrokenPipeError", "ConnectionResetError"), other.stdout + other.stderr
+    proc.wait_for(r"control-socket: peer of user \d+ refused: only root and the user pfrest runs as")
+    with socket.socket(socket.AF_UNIX) as sock:   # root is answered
+        sock.connect(control)
+        sock.sendall(b"POST /cache/tcp HTTP/1.1\r\nContent-Length: 5\r\n\r\nflush")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
