@@ -138,3 +138,51 @@ def test_warnings(tmp_path):
     loopback = dict(SEED, endpoints=[dict(e, **{"bind-address": "127.0.0.1"}) for e in SEED["endpoints"]])
     path.write_text(json.dumps(loopback))
     assert config.warnings(config.load(str(path))) == []
+
+
+SHARED = {"name": "s", "mode": "socketmap-lookup", "target": "http://h/", "cache-ttl": 60}
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1", "redis://:pw@cache.example:6380/2", "redis://pfrest:p%40ss@[::1]:6379/0",
+    "rediss://cache.example/0?ssl_ca_certs=/etc/ssl/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/k.pem",
+    "unix:///run/redis/redis.sock", "unix://:pw@/run/redis/redis.sock?db=3"])
+def test_cache_url_forms_redis_py_reads(url):
+    ep = config.parse({"endpoints": [dict(SHARED, **{"cache-url": url})]}).endpoints[0]
+    assert ep.cache_url == url and ep.cache_local_ttl == 5.0 and ep.cache_timeout == 5
+    assert url not in repr(ep)   # it may hold a password
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"cache-url": "http://cache/"}, "cache-url: must be a redis://, rediss:// or unix:// URL"),
+    ({"cache-url": "redis://"}, "cache-url: a redis:// URL names a host"),
+    ({"cache-url": "redis://h:99999"}, "cache-url: must be a redis://, rediss:// or unix:// URL"),
+    ({"cache-url": "redis://h/cache"}, "cache-url: the path of a redis:// URL is the database number"),
+    ({"cache-url": "unix://relative.sock"}, "cache-url: a unix:// URL names an absolute socket path"),
+    ({"cache-url": "unix:///r.sock?db=x"}, "cache-url: db must be a database number"),
+    ({"cache-url": "redis://h/0?ssl_ca_certs=/ca.pem"}, "cache-url: 'ssl_ca_certs' is not a setting"),
+    ({"cache-url": "rediss://h/0?ssl_ca_certs=ca.pem"}, "cache-url: ssl_ca_certs must be an absolute path"),
+    ({"cache-url": "redis://h/0?socket_timeout=9"}, "cache-url: 'socket_timeout' is not a setting"),
+    ({"cache-local-ttl": 2}, "cache-local-ttl: needs cache-url"),
+    ({"cache-timeout": 5}, "cache-timeout: needs cache-url"),
+    ({"cache-url": "redis://h", "cache-timeout": 0}, "cache-timeout: must be an integer 1..10000"),
+    ({"cache-url": "redis://h", "cache-timeout": 2.5}, "cache-timeout: must be an integer 1..10000"),
+    ({"cache-url": "redis://h", "cache-ttl": 0}, "cache-url: needs cache-ttl or cache-negative-ttl"),
+])
+def test_cache_url_errors_name_the_field(extra, message):
+    found = problems({"endpoints": [dict(SHARED, **extra)]})
+    assert any(p.startswith("endpoints[0]." + message) for p in found), found
+
+
+def test_cache_url_is_for_lookups_and_its_password_is_a_secret():
+    pol = {"name": "p", "mode": "policy", "target": "http://h/", "cache-url": "redis://h"}
+    assert any(p.startswith("endpoints[0].cache-url:") for p in problems({"endpoints": [pol]}))
+    ep = config.parse({"endpoints": [dict(SHARED, **{"cache-url": "redis://u:p%40ss@h/0"})]}).endpoints[0]
+    assert {"p%40ss", "p@ss"} <= set(ep.secrets())
+
+
+def test_control_socket_is_an_absolute_path():
+    assert config.parse({"endpoints": ONE_ENDPOINT, "control-socket": "/run/x/c.sock"}).control_socket == \
+        "/run/x/c.sock"
+    assert any(p.startswith("control-socket:") for p in problems({"endpoints": ONE_ENDPOINT,
+                                                                  "control-socket": "c.sock"}))
