@@ -204,3 +204,23 @@ def test_handles_of_one_lookup_each_share_answers(fleet, backend, redis, handle)
     with connect(("127.0.0.1", a_port)) as a:
         assert tcp_get(a, b"h") == b"200 from-backend\n"
     assert len(backend.requests) == 1, "a handle or the serve asked the backend again"
+
+
+def test_connections_gone_while_the_store_is_asked(fleet, backend, redis):
+    """A Postfix connection that closes while its lookup waits for the store (stopped: the wait lasts
+    its cache-timeout) ends cleanly: the process goes on answering, and logs no error."""
+    (a_port, _, a_log), _ = fleet
+    backend.answers["w"] = (200, ["w-val"])
+    with connect(("127.0.0.1", a_port)) as a:
+        assert tcp_get(a, b"warm") == b"200 val-warm\n"   # the store is in use
+    redis.pause()
+    try:
+        for _ in range(20):
+            with connect(("127.0.0.1", a_port)) as gone:
+                gone.sendall(b"get w\n")
+        time.sleep(TIMEOUT_MS / 1000 * 3)
+    finally:
+        redis.resume()
+    with connect(("127.0.0.1", a_port)) as a:
+        assert tcp_get(a, b"w") == b"200 w-val\n"
+    assert not re.search(r"Traceback|ERROR|exception", a_log.log), a_log.log[-2000:]

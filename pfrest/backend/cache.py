@@ -108,7 +108,36 @@ class CachingClient:
             del self._entries[key]
         return None
 
-    async def lookup(self, params, request_id: str):
+    def stored(self, params):
+        """After a local miss (``peek``): a future of the shared store's answer, without a coroutine (a
+        lookup the store answers costs little more than a local hit that way): ``(result, None)`` for a
+        fresh entry, kept here too; ``(None, entry or None)`` when it has none fresh, for ``lookup``'s
+        ``stored``.  None at once when there is no store, or it is skipped."""
+        shared = self.shared
+        waiting = None if shared is None else shared.get(shared.key(params))
+        if waiting is None:
+            return None
+        key, generation, found = tuple(params), self.generation, waiting.get_loop().create_future()
+
+        def read(waiting):
+            entry, now = waiting.result(), shared.now_ms()
+            if entry is not None and entry.fresh_until > now:
+                self.observer.cache("miss")     # a local miss, answered without a backend request
+                self.observer.shared("hit")
+                if generation == self.generation:
+                    self._keep(key, entry, now)
+                answer = (entry.result, None)
+            else:
+                self.observer.shared("miss")
+                answer = (None, entry)
+            if not found.done():   # the caller may have cancelled it (its connection is gone)
+                found.set_result(answer)
+        waiting.add_done_callback(read)
+        return found
+
+    async def lookup(self, params, request_id: str, stored=None):
+        """The answer for ``params``; ``stored``: what ``stored`` gave, ``(None, entry or None)``, when
+        the shared store was asked already, so that it is not asked again."""
         hit = self.peek(params)
         if hit is not None:
             return hit
@@ -117,7 +146,7 @@ class CachingClient:
         if flight is None:
             self.observer.cache("miss")
             flight = self._flights[key] = asyncio.get_running_loop().create_task(
-                self._fetch(key, params, request_id))
+                self._fetch(key, params, request_id, stored))
             return await asyncio.shield(flight)
         self.observer.cache("hit")
         result = await asyncio.shield(flight)
@@ -127,12 +156,13 @@ class CachingClient:
             self.observer.cache("stale")
         return result._replace(cached=True)
 
-    async def _fetch(self, key, params, request_id):
+    async def _fetch(self, key, params, request_id, stored):
         try:
             generation, shared, rkey, entry = self.generation, self.shared, None, None
             if shared is not None:
                 rkey = shared.key(params)
-                waiting = shared.get(rkey)
+                waiting = shared.get(rkey) if stored is None else None
+                entry = None if stored is None else stored[1]
                 if waiting is not None:
                     entry = await waiting
                     now = shared.now_ms()

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from functools import partial
 
 from pfrest import log as logs
 from pfrest.backend.request import new_request_id
@@ -166,12 +167,32 @@ class Conversation(asyncio.Protocol):
         cached = service.answer_cached(request, request_id)
         if cached is not None:  # no backend request: answered without a task
             self._finish(service, request, cached[0], cached[1], request_id, started)
-        else:
+            return
+        stored = service.answer_stored(request)
+        if stored is None:
             self.answering = self.loop.create_task(self._ask(service, request, request_id, started))
+        else:  # the shared cache may have it: still no task until it turns out not to
+            self.answering = stored
+            stored.add_done_callback(partial(self._stored, service, request, request_id, started))
 
-    async def _ask(self, service, request, request_id, started):
+    def _stored(self, service, request, request_id, started, stored):
+        self.answering = None
+        if stored.cancelled():   # abort(): the connection is gone already
+            return self._ended()
+        result = stored.result()[0]
+        if self.lost:
+            return self._ended()
+        if result is None:   # not there fresh: the backend, with what the store had for a stale answer
+            self.answering = self.loop.create_task(self._ask(service, request, request_id, started,
+                                                             stored.result()))
+            return
+        self._finish(service, request, result, service.mode.answer(request, result, request_id), request_id,
+                     started)
+        self._pump()
+
+    async def _ask(self, service, request, request_id, started, stored=None):
         try:
-            result, answer = await service.answer(request, request_id)
+            result, answer = await service.answer(request, request_id, stored)
         except asyncio.CancelledError:  # abort(): the connection is gone already
             self.answering = None
             self._ended()

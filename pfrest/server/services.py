@@ -58,14 +58,27 @@ class Service:
         result = peek(call.params)
         return None if result is None else (result, self.mode.answer(request, result, request_id))
 
-    async def answer(self, request, request_id):
-        """(the backend's result or None, the Answer) for one decoded request.  Never raises, but for
-        a cancellation: a bug in pfrest must still give Postfix a temporary answer."""
+    def answer_stored(self, request):
+        """After ``answer_cached`` gave None: a future of (result, entry) from the shared store (see
+        CachingClient.stored), or None when there is none to ask."""
+        stored = getattr(self.backend, "stored", None)
+        call = self.mode.call(request) if stored is not None else None
+        if call is None or call.kind != "lookup":
+            return None
+        return stored(call.params)
+
+    async def answer(self, request, request_id, stored=None):
+        """(the backend's result or None, the Answer) for one decoded request; ``stored``: what
+        ``answer_stored`` gave when the shared store had no fresh answer.  Never raises, but for a
+        cancellation: a bug in pfrest must still give Postfix a temporary answer."""
         call, result = self.mode.call(request), None
         try:
             if call is not None:
-                ask = self.backend.lookup if call.kind == "lookup" else self.backend.policy
-                result = await ask(call.params, request_id)
+                if stored is not None:
+                    result = await self.backend.lookup(call.params, request_id, stored=stored)
+                else:
+                    ask = self.backend.lookup if call.kind == "lookup" else self.backend.policy
+                    result = await ask(call.params, request_id)
             return result, self.mode.answer(request, result, request_id)
         except Exception:
             log.exception("endpoint=%s id=%s internal error; answering with a temporary error",
