@@ -355,6 +355,27 @@ def test_invalidations_on_the_channel_drop_the_local_copies(fresh, backend):
     assert run(scenario()) == ([True, True], [False, True], 0)
 
 
+def test_writes_wait_a_moment_to_go_together_and_an_invalidation_cancels_them(fresh, backend):
+    """Answers reach the store in one call per WRITE_DELAY; one invalidated before its write never
+    gets there (it was fetched before the change)."""
+    backend.answers.update({k: (200, [k]) for k in "abc"})
+    ep = endpoint(fresh.url, backend)
+    space = sharedformat.namespace(ep)
+    before = fresh.client().info("commandstats").get("cmdstat_eval", {}).get("calls", 0)
+
+    async def scenario():
+        client = host(ep)
+        await ready(client)
+        await asyncio.gather(ask(client, "a"), ask(client, "b"), ask(client, "c"))
+        client.shared.invalidated([params("b")])
+        await settle()
+        await closed(client)
+    run(scenario())
+    store = fresh.client()
+    assert sorted(k.decode().rsplit("=", 1)[1] for k in store.keys(space + ":key=*")) == ["a", "c"]
+    assert store.info("commandstats")["cmdstat_eval"]["calls"] == before + 1
+
+
 @pytest.mark.parametrize("kind", ["password", "tls", "unix"])
 def test_password_tls_and_unix_socket(tmp_path, backend, kind):
     options = {"password": {"password": "pa55-word"}, "tls": {"pki": make_pki(tmp_path)},
