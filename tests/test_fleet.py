@@ -14,8 +14,10 @@ import re
 import subprocess
 import threading
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, Backend, pfrest_cmd, pfrest_env
 from postfix_instance import free_port
@@ -44,20 +46,21 @@ def backend():
 
 @pytest.fixture
 def fleet(redis, backend, write_config, served, tmp_path):
-    """Two hosts: (port, config path, Served) each; A a single process, B with two workers."""
+    """Two hosts: (port, config path, Served, metrics port) each; A a single process, B with two workers."""
     redis.client().flushall()
     backend.answers.clear()
     backend.requests.clear()
     hosts = []
     for label, workers in (("a", 1), ("b", 2)):
-        port = free_port()
+        port, metrics = free_port(), free_port()
         path = write_config([{"name": NAME, "mode": "tcp-lookup", "target": backend.url + "/lookup",
                               "bind-port": port, "request-timeout": 3000, "cache-ttl": 600,
                               "cache-negative-ttl": 600, "cache-url": redis.url, "cache-local-ttl": 60,
                               "cache-timeout": TIMEOUT_MS}],
-                            name=f"{label}.json", **{"control-socket": str(tmp_path / f"{label}.sock")})
-        hosts.append((port, path, served("-c", path, "--workers", str(workers))))
-    for _, _, proc in hosts:
+                            name=f"{label}.json", **{"control-socket": str(tmp_path / f"{label}.sock"),
+                                                     "metrics-address": f"127.0.0.1:{metrics}"})
+        hosts.append((port, path, served("-c", path, "--workers", str(workers)), metrics))
+    for _, _, proc, _ in hosts:
         proc.wait_for(r"ready: serving 1 endpoint")
     until(lambda: subscribers(redis) == 3, "every process listens for invalidations")
     return hosts
@@ -80,7 +83,7 @@ def cache(*args):
 
 
 def test_hosts_share_answers_and_drop_them_together(fleet, backend, redis):
-    (a_port, a_config, a_log), (b_port, b_config, b_log) = fleet
+    (a_port, a_config, a_log, _), (b_port, b_config, b_log, _) = fleet
     backend.answers.update({"k": (200, ["old"]), "x": (200, ["x-old"])})
     a = connect(("127.0.0.1", a_port))
     b = [connect(("127.0.0.1", b_port)) for _ in range(2)]   # one on each worker of B
@@ -156,7 +159,7 @@ class Load:
 
 
 def test_a_store_stopped_killed_and_restarted_under_load(fleet, backend, redis):
-    (a_port, _, a_log), (b_port, _, b_log) = fleet
+    (a_port, _, a_log, _), (b_port, _, b_log, _) = fleet
     load = Load((a_port, b_port))
     try:
         time.sleep(0.4)
@@ -196,7 +199,7 @@ def test_handles_of_one_lookup_each_share_answers(fleet, backend, redis, handle)
     """spawn(8) or xinetd with `postmap -q`: one `pfrest handle` per lookup, its only one, asked at once.
     It waits for its first connection to the store (within cache-timeout), and its answer reaches the
     store before it exits: the next handle, and the serve hosts, answer from there."""
-    (a_port, a_config, _), _ = fleet
+    (a_port, a_config, _, _), _ = fleet
     backend.answers["h"] = (200, ["from-backend"])
     assert handle(a_config, NAME, b"get h\n") == b"200 from-backend\n"
     assert len(backend.requests) == 1
@@ -209,7 +212,7 @@ def test_handles_of_one_lookup_each_share_answers(fleet, backend, redis, handle)
 def test_connections_gone_while_the_store_is_asked(fleet, backend, redis):
     """A Postfix connection that closes while its lookup waits for the store (stopped: the wait lasts
     its cache-timeout) ends cleanly: the process goes on answering, and logs no error."""
-    (a_port, _, a_log), _ = fleet
+    (a_port, _, a_log, _), _ = fleet
     backend.answers["w"] = (200, ["w-val"])
     with connect(("127.0.0.1", a_port)) as a:
         assert tcp_get(a, b"warm") == b"200 val-warm\n"   # the store is in use
@@ -224,3 +227,46 @@ def test_connections_gone_while_the_store_is_asked(fleet, backend, redis):
     with connect(("127.0.0.1", a_port)) as a:
         assert tcp_get(a, b"w") == b"200 w-val\n"
     assert not re.search(r"Traceback|ERROR|exception", a_log.log), a_log.log[-2000:]
+
+
+def test_the_shared_cache_in_the_metrics_pfrest_stats_and_the_dashboard(fleet, backend, redis):
+    (a_port, a_config, _, a_metrics), (b_port, _, _, b_metrics) = fleet
+    backend.answers["m"] = (200, ["m-val"])
+    with connect(("127.0.0.1", a_port)) as a, connect(("127.0.0.1", b_port)) as b:
+        assert tcp_get(a, b"m") == b"200 m-val\n"
+        time.sleep(0.05)
+        assert tcp_get(b, b"m") == b"200 m-val\n"    # from the store
+    assert cache("-c", a_config, "drop", NAME, "m").returncode == 0
+    until(lambda: scrape(a_metrics).get("pfrest_cache_drops_total") == 1, "A counts its dropped entry")
+    # B: its arbiter adds up what its two workers report every second
+    until(lambda: scrape(b_metrics).get("pfrest_shared_cache_hits_total") == 1, "B counts its store hit")
+    a, b = scrape(a_metrics), scrape(b_metrics)
+    assert a["pfrest_shared_cache_misses_total"] == 1 and a.get("pfrest_shared_cache_hits_total") == 0
+    assert b["pfrest_shared_cache_hits_total"] == 1 and b["pfrest_shared_cache_up"] == 1 == a["pfrest_shared_cache_up"]
+    redis.pause()
+    try:
+        with connect(("127.0.0.1", a_port)) as a:   # calls that fail over SKIP_AFTER: the store is skipped
+            for i in range(8):
+                assert tcp_get(a, b"stopped%d" % i) == b"200 val-stopped%d\n" % i
+                time.sleep(0.05)
+        until(lambda: scrape(a_metrics)["pfrest_shared_cache_up"] == 0, "A says it skips the store")
+        assert scrape(a_metrics)["pfrest_shared_cache_errors_total"] >= 1
+        shown = subprocess.run(pfrest_cmd("stats", "-c", a_config), capture_output=True, text=True, timeout=30,
+                               env=pfrest_env(), cwd=ROOT)
+        assert re.search(rf"^{NAME}\s+SKIPPED\s+0\s+\d+\s+[1-9]", shown.stdout, re.M), shown.stdout
+    finally:
+        redis.resume()
+    from test_monitoring import dashboard_shared_cache_metrics, exposed_names
+    text = fetch(a_metrics)
+    assert len(dashboard_shared_cache_metrics()) >= 5 and dashboard_shared_cache_metrics() <= exposed_names(text)
+
+
+def fetch(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def scrape(port):
+    """{metric name: value} of the endpoint's samples (one endpoint, so no two share a name)."""
+    return {s.name: s.value for family in text_string_to_metric_families(fetch(port)) for s in family.samples
+            if s.labels.get("endpoint") == NAME}
