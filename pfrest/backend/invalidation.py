@@ -31,8 +31,13 @@ FAILURES_TO_LOG = 2     # failed subscriptions in a row, while the store answers
 async def listen(store):
     """The task of one store's subscription, until cancelled (the store closed)."""
     pause, failures, again = RETRY_FIRST, 0, False
-    while True:
+    # ``closed`` ends it too, not only the cancellation: a library may swallow one (async-timeout
+    # 4.0.2, under redis-py 4.3's reads, does when its own timer fires in the same turn: a handle hung
+    # at exit that way; the store also cancels it again and again)
+    while not store.closed:
         await store.until_up()
+        if store.closed:
+            break
         client = redisclient.connect(store.url)
         try:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
@@ -43,7 +48,7 @@ async def listen(store):
             if failures >= FAILURES_TO_LOG:
                 log.info("endpoint=%s shared cache %s: invalidations heard again", store.name, store.where)
             pause, failures = RETRY_FIRST, 0
-            while store.up:
+            while store.up and not store.closed:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL)
                 if message is not None and message.get("type") == "message":
                     _deliver(store, message["data"])

@@ -56,6 +56,7 @@ PROBE_KEY = "probe"    # NAMESPACE:probe, never a lookup's key (those are NAMESP
 PROBE_TTL_MS = 1000
 PROBE_TIMEOUT = 2.0    # seconds a probe may take: connecting over TLS, on another host of the site
 CLOSE_TIMEOUT = 1.0    # seconds to close the connections at the end
+RECANCEL = 0.02        # seconds between cancellations of the invalidation channel at the end
 # The writes of one turn in one command (a pipeline of SETs would cost redis-py some 20 us of CPU each,
 # on the loop): each key with its entry and milliseconds to live, 0 to delete it
 WRITE_SCRIPT = """
@@ -126,8 +127,8 @@ class SharedStore:
         return not self.ready and not self.health.down_until and not self.closed and self._loop is not None
 
     async def until_up(self):
-        """Return once the store is used (at once if it is)."""
-        while not self.up:
+        """Return once the store is used (at once if it is), or closed."""
+        while not self.up and not self.closed:
             await self._up.wait()
 
     def key(self, params) -> bytes:
@@ -181,6 +182,7 @@ class SharedStore:
             self.closed = True
             return None
         self.closed = True
+        self._up.set()   # until_up returns
         return self._loop.create_task(self._close())
 
     async def _close(self):
@@ -191,8 +193,13 @@ class SharedStore:
             self._send_writes()
         if self._writes:
             await asyncio.wait(self._writes)
-        self._listener.cancel()
-        await asyncio.gather(self._listener, return_exceptions=True)
+        # cancelled again every RECANCEL seconds: a library may swallow a cancellation (async-timeout
+        # 4.0.2, under redis-py 4.3's reads, does when its own timer fires in the same turn; a handle
+        # then hung at its exit).  It also ends at its next look at ``closed`` (invalidation.POLL).
+        deadline = self._loop.time() + CLOSE_TIMEOUT
+        while not self._listener.done() and self._loop.time() < deadline:
+            self._listener.cancel()
+            await asyncio.wait([self._listener], timeout=RECANCEL)
         if self._pipe is not None:
             await _close(self._pipe)
 
