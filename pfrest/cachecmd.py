@@ -82,8 +82,8 @@ def _shared(endpoint, queries, out) -> int:
               f"{type(exc).__name__}: {exc}; nothing was dropped", file=sys.stderr)
         return os.EX_UNAVAILABLE
     what = "every answer" if queries is None else f"the answers to {len(queries)} key(s)"
-    out(f"endpoint {endpoint.name}: {what} dropped from the shared cache {where} ({removed} were kept "
-        f"there); {heard} pfrest process(es) heard it and drop their own copies")
+    out(f"endpoint {endpoint.name}: {what} dropped from the shared cache {where} ({removed} "
+        f"entries were there); {heard} pfrest process(es) heard it and drop their own copies")
     return 0
 
 
@@ -144,5 +144,5 @@ def _local(cfg, endpoint, queries, out) -> int:
     counts = json.loads(text)
     what = "every answer" if queries is None else f"the answers to {len(queries)} key(s)"
     out(f"endpoint {endpoint.name}: {what} dropped from the cache of the pfrest serve at {path} "
-        f"({counts['dropped']} were kept there, in {counts['processes']} process(es))")
+        f"({counts['dropped']} entries were there, in {counts['processes']} process(es))")
     return 0

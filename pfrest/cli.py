@@ -57,7 +57,8 @@ def _parser():
     p.add_argument("action", choices=("drop", "flush"), metavar="ACTION",
                    help="drop: the answers to the KEYs; flush: every answer of the endpoint")
     p.add_argument("name", metavar="ENDPOINT", help="endpoint name")
-    p.add_argument("keys", nargs="*", metavar="KEY", help="drop: the lookup keys, as Postfix sends them")
+    p.add_argument("keys", nargs="*", metavar="KEY",
+                   help="drop: the lookup keys, as pfrest query takes them (user@example.com, not %%-encoded)")
     p.add_argument("--map", dest="mapname", metavar="MAPNAME",
                    help="socketmap: the map name the keys are looked up in (default: the endpoint name)")
 

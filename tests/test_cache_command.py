@@ -68,7 +68,7 @@ def test_drop_and_flush_reach_every_worker(serve, backend):
 
         done = cache("-c", path, "drop", "tcp", "k")
         assert done.returncode == 0, done.stderr
-        assert "(2 were kept there, in 2 process(es))" in done.stdout, done.stdout
+        assert "(2 entries were there, in 2 process(es))" in done.stdout, done.stdout
         assert [tcp_get(sock, b"k") for sock in socks] == [b"200 new\n"] * 2
         assert [tcp_get(sock, b"x") for sock in socks] == [b"200 x-old\n"] * 2
 
@@ -76,7 +76,7 @@ def test_drop_and_flush_reach_every_worker(serve, backend):
         assert cache("-c", path, "drop", "sm", "a@b").returncode == 0          # map "sm": not the one used
         assert [sm_get(sock, b"aliases", b"a@b") for sock in maps] == [b"9:OK sm-old,"] * 2
         done = cache("-c", path, "drop", "sm", "a@b", "--map", "aliases")
-        assert done.returncode == 0 and "(2 were kept there" in done.stdout, done.stdout
+        assert done.returncode == 0 and "(2 entries were there" in done.stdout, done.stdout
         assert [sm_get(sock, b"aliases", b"a@b") for sock in maps] == [b"9:OK sm-new,"] * 2
 
         assert cache("-c", path, "flush", "tcp").returncode == 0
