@@ -26,3 +26,21 @@ def test_bench_prints_figures():
     assert re.search(r"serve tcp skewed cache .* -?\d+\.\d% +-?\d+\.\d% +0\n", text), text
     assert "--workers 2" in text
     assert re.search(r"pfrest handle under socat, connect.first reply:\s+\d+\.\d ms", text), text
+
+
+def test_bench_fleet_mode_prints_figures():
+    need_binary("redis-server")
+    out = subprocess.run([sys.executable, f"{ROOT}/bin/pfrest-bench", "--fleet", "2", "--backend", "python",
+                          "--clients", "4", "--client-processes", "1", "--duration", "0.3", "--runs", "1",
+                          "--cache-warmup", "0.2"],
+                         capture_output=True, text=True, timeout=120, env=pfrest_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout.split("medians of 1 run(s)")[1]
+    number = r"\s+(-|\d+(\.\d+)?)"
+    for label in ("2 hosts, separate caches", "2 hosts, shared cache", "500 keys, local hits",
+                  "500 keys, store hits (local-ttl 0)"):
+        # rate, p50, p99, CPU, store CPU, lookups, distinct, backend, /1000, /key; no bad reply, no skip
+        assert re.search(re.escape(label) + number * 10 + r"\s+0\s+0\n", text), text
+    assert re.search(r"backend requests per distinct key of the fleet: separate caches \d+\.\d\d, shared cache "
+                     r"\d+\.\d\d", text), text
+    assert re.search(r"CPU of a lookup answered from the store: \d+\.\d us, from the local cache \d+\.\d us", text)

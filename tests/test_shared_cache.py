@@ -376,10 +376,12 @@ def test_writes_wait_a_moment_to_go_together_and_an_invalidation_cancels_them(fr
     assert store.info("commandstats")["cmdstat_eval"]["calls"] == before + 1
 
 
-def test_the_channel_ends_with_its_store_even_when_a_cancellation_is_lost(fresh, backend):
+def test_the_channel_ends_with_its_store_even_when_a_cancellation_is_lost(fresh, backend, monkeypatch):
     """async-timeout 4.0.2 (under redis-py 4.3's reads, Debian 12's) may swallow a cancellation when its
     own timer fires in the same turn: `pfrest handle` hung at exit 2 times in 100 that way.  So the
     channel also ends when its store is closed: here a second listener nobody cancels."""
+    monkeypatch.setattr(invalidation, "POLL", 0.2)   # how often it looks
+
     async def scenario():
         client = host(endpoint(fresh.url, backend))
         await ready(client)
