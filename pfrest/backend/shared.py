@@ -237,15 +237,16 @@ class SharedStore:
     def _schedule_reads(self):
         if not self._reads_scheduled:
             self._reads_scheduled = True
-            self._loop.call_soon(self._send_reads)
+            self._spawn(self._send_reads())   # its first step comes after the other gets of this turn
 
     def _schedule_writes(self):
         if self._write_timer is None:
             self._write_timer = self._loop.call_later(WRITE_DELAY, self._send_writes)
 
-    def _send_reads(self):
-        """The reads of this turn of the loop: one MGET per MAX_BATCH keys.  Held while the first probe
-        is under way (it sends them when it ends); given up while the store is skipped."""
+    async def _send_reads(self):
+        """The reads of this turn of the loop: one MGET per MAX_BATCH keys (the first in this task).
+        Held while the first probe is under way (it sends them when it ends); given up while the store
+        is skipped."""
         self._reads_scheduled = False
         if self.starting:
             return
@@ -254,8 +255,9 @@ class SharedStore:
             for _, future in gets:
                 _give_up(future)
             return
-        for start in range(0, len(gets), MAX_BATCH):
+        for start in range(MAX_BATCH, len(gets), MAX_BATCH):
             self._spawn(self._read(gets[start:start + MAX_BATCH]))
+        await self._read(gets[:MAX_BATCH])
 
     def _send_writes(self):
         """The writes of the last WRITE_DELAY: one call per MAX_BATCH keys.  Held and dropped as reads."""
