@@ -177,7 +177,7 @@ def test_a_store_stopped_killed_and_restarted_under_load(fleet, backend, redis):
         load.end()
     assert load.count > 300 and load.wrong == [] and load.unanswered == 0, (load.count, load.wrong[:5])
     during = [seconds for started, seconds in load.latencies if paused <= started < killed + 0.6]
-    assert max(during) < TIMEOUT_MS / 1000 + 0.2, sorted(during)[-5:]   # measured: 56 ms at most
+    assert max(during) < TIMEOUT_MS / 1000 + 0.2, sorted(during)[-5:]   # measured: 56-67 ms at most
     for proc in (a_log, b_log):
         states = re.findall(r"shared cache \S+ (skipped|answers again)", proc.log)
         assert states and states.count("skipped") == states.count("answers again"), \
