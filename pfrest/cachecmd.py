@@ -78,8 +78,10 @@ def _shared(endpoint, queries, out) -> int:
     try:
         removed, heard = eventloop.run(asyncio.wait_for(_invalidate(endpoint, queries), TIMEOUT), fast=False)
     except (*redisclient.ERRORS, asyncio.TimeoutError) as exc:
-        print(f"pfrest cache: the shared cache {where} of endpoint {endpoint.name} cannot be reached: "
-              f"{type(exc).__name__}: {exc}; nothing was dropped", file=sys.stderr)
+        # it may have failed after removing the entries, before telling the processes (PUBLISH)
+        print(f"pfrest cache: the shared cache {where} of endpoint {endpoint.name} failed: "
+              f"{type(exc).__name__}: {exc}; the answers may still be kept, in the store or by the pfrest "
+              "processes using it: run it again once the store answers", file=sys.stderr)
         return os.EX_UNAVAILABLE
     what = "every answer" if queries is None else f"the answers to {len(queries)} key(s)"
     out(f"endpoint {endpoint.name}: {what} dropped from the shared cache {where} ({removed} "

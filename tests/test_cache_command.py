@@ -117,6 +117,12 @@ def test_what_the_command_refuses(serve, write_config, tmp_path, capsys):
                         name="gone.json", **{"control-socket": str(tmp_path / "nobody-here.sock")})
     done = cache("-c", gone, "flush", "tcp")
     assert done.returncode == EX_UNAVAILABLE and "no pfrest serve answers at" in done.stderr, done.stderr
+    # a shared cache where no store answers: said, with the password left out
+    down = write_config([{"name": "tcp", "mode": "tcp-lookup", "target": "http://127.0.0.1:1/x", "cache-ttl": 5,
+                          "cache-url": f"redis://:hush-hush@127.0.0.1:{free_port()}/0"}], name="down.json")
+    done = cache("-c", down, "drop", "tcp", "k")
+    assert done.returncode == EX_UNAVAILABLE and "failed: ConnectionError" in done.stderr, done.stderr
+    assert "run it again" in done.stderr and "hush-hush" not in done.stderr + done.stdout
 
 
 def test_the_control_socket_answers_root_and_its_own_user_only(serve):
