@@ -2,8 +2,8 @@
 spawn(8) (and xinetd, running as an unprivileged user) can execute, and process clean-up.
 
 Everything here touches only what it created: processes are found by a marker (the temporary directory
-of the test) in their command line or environment, never by name.  See
-../shared/reference/real-postfix-testing.md for why each main.cf line below is there.
+of the test) in their command line or environment, never by name.  Each main.cf line of
+PostfixInstance says why it is there.
 """
 
 import contextlib
@@ -410,23 +410,24 @@ class PostfixInstance:
         self.data = self.root / "data"
         self.maillog = self.root / "maillog"
         self.main = {
-            "compatibility_level": "3.6",
-            "queue_directory": str(self.spool),
+            "compatibility_level": "3.6",          # no backwards-compatibility warnings in the log
+            "queue_directory": str(self.spool),    # private: nothing of a system Postfix is touched
             "data_directory": str(self.data),
-            "inet_interfaces": "loopback-only",
+            "inet_interfaces": "loopback-only",    # only 127.0.0.1 is ever listened on
             "inet_protocols": "ipv4",
-            "myhostname": "postfix.pfrest.test",
-            "mydestination": "",
+            "myhostname": "postfix.pfrest.test",   # no look-up of this machine's name
+            "mydestination": "",                   # no local delivery
             "mynetworks": "192.0.2.0/24",  # no test client is trusted: every restriction runs
-            "relay_domains": "static:ALL",
+            "relay_domains": "static:ALL",         # every recipient is accepted for relay ...
             "smtpd_relay_restrictions": "reject_unauth_destination",
             "smtpd_recipient_restrictions": "permit",
+            # ... and discarded: no alias database to build, no mail leaves, nobody notified
             "alias_maps": "", "alias_database": "", "biff": "no",
             "default_transport": "discard:", "relay_transport": "discard:",
             "local_transport": "discard:", "virtual_transport": "discard:",
-            "maillog_file": str(self.maillog),
+            "maillog_file": str(self.maillog),     # postlogd's own file: no syslog daemon needed
             "maillog_file_prefixes": str(self.root),
-            "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
+            "smtpd_authorized_xclient_hosts": "127.0.0.0/8",   # tests give the SMTP client's address
         }
         self.services = ""
         self.smtpd = {}  # name -> port
