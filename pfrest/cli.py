@@ -138,11 +138,7 @@ def _demo(args) -> int:
 
 def _check(args) -> int:
     from pfrest import check
-    try:
-        cfg = check.load(args.config)
-    except config.ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return os.EX_CONFIG
+    cfg = check.load(args.config)
     for warning in check.warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     modes = ", ".join(f"{ep.name} ({ep.mode})" for ep in cfg.endpoints)
@@ -171,12 +167,9 @@ def _check_postfix(cfg, directory) -> int:
 def _query(args) -> int:
     from pfrest import log, query
     log.for_foreground()
+    cfg = config.load(args.config)
     try:
-        cfg = config.load(args.config)
         return query.run(cfg, args.name, [os.fsencode(w) for w in args.words], args.mapname)
-    except config.ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return os.EX_CONFIG
     except ValueError as exc:
         print(f"pfrest query: {exc}", file=sys.stderr)
         return 2
@@ -184,22 +177,13 @@ def _query(args) -> int:
 
 def _stats(args) -> int:
     from pfrest import stats
-    try:
-        cfg = config.load(args.config)
-    except config.ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return os.EX_CONFIG
-    return stats.run(cfg)
+    return stats.run(config.load(args.config))
 
 
 def _cache(args) -> int:
     from pfrest import cachecmd
-    try:
-        cfg = config.load(args.config)
-        return cachecmd.run(cfg, args.action, args.name, [os.fsencode(k) for k in args.keys], args.mapname)
-    except config.ConfigError as exc:
-        print("\n".join(exc.problems), file=sys.stderr)
-        return os.EX_CONFIG
+    return cachecmd.run(config.load(args.config), args.action, args.name, [os.fsencode(k) for k in args.keys],
+                        args.mapname)
 
 
 def _handle(args) -> int:
@@ -214,4 +198,8 @@ COMMANDS = {"handle": _handle, "check": _check, "query": _query, "serve": _serve
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = handle_argv(argv) or _parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except config.ConfigError as exc:   # check, query, stats, cache (an unknown endpoint too)
+        print("\n".join(exc.problems), file=sys.stderr)
+        return os.EX_CONFIG
