@@ -270,3 +270,20 @@ def scrape(port):
     """{metric name: value} of the endpoint's samples (one endpoint, so no two share a name)."""
     return {s.name: s.value for family in text_string_to_metric_families(fetch(port)) for s in family.samples
             if s.labels.get("endpoint") == NAME}
+
+
+def test_concurrent_misses_of_one_process_make_one_backend_request(fleet, backend, redis):
+    """Coalescing stays per process with a shared store: Postfix connections asking one new key at once
+    all wait for one backend request (the store had nothing), then the store has it."""
+    (a_port, _, _, _), _ = fleet
+    backend.answers["co"] = lambda request: (time.sleep(0.3), (200, ["co-val"]))[1]
+    socks = [connect(("127.0.0.1", a_port)) for _ in range(6)]
+    try:
+        for sock in socks:
+            sock.sendall(b"get co\n")
+        assert [sock.recv(100) for sock in socks] == [b"200 co-val\n"] * 6
+    finally:
+        for sock in socks:
+            sock.close()
+    assert sum(backend.key_of(r) == "co" for r in backend.requests) == 1
+    until(lambda: [k for k in redis.client().keys("pfrest:*") if k.endswith(b":key=co")], "the store has it", 1)
