@@ -23,7 +23,6 @@ log = logging.getLogger("pfrest")
 
 POLL = 1.0              # seconds between looks at the store's health while listening
 SUBSCRIBE_TIMEOUT = 5.0  # seconds to connect and subscribe (not on any lookup's path)
-CLOSE_TIMEOUT = 1.0     # seconds to close a dropped subscription's connection
 RETRY_FIRST, RETRY_MAX = 1.0, 30.0   # pause before subscribing again, doubling while it fails
 FAILURES_TO_LOG = 2     # failed subscriptions in a row, while the store answers, that are logged
 
@@ -59,7 +58,7 @@ async def listen(store):
                             "in this process live cache-local-ttl at most meanwhile", store.name,
                             store.where, type(exc).__name__, exc)
         finally:
-            await _close(client)
+            await redisclient.quietly(redisclient.close(client))
         await asyncio.sleep(pause)
         pause = min(pause * 2, RETRY_MAX)
 
@@ -75,9 +74,3 @@ def _deliver(store, data):
              "every answer" if lookups is None else f"the answers to {len(lookups)} key(s)")
     store.invalidated(lookups)
 
-
-async def _close(client):
-    try:
-        await asyncio.wait_for(redisclient.close(client), CLOSE_TIMEOUT)
-    except (*redisclient.ERRORS, asyncio.TimeoutError):
-        pass

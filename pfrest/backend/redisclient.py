@@ -12,6 +12,7 @@ sets on top:
 - the connections carry the client name ``pfrest``, for CLIENT LIST.
 """
 
+import asyncio
 import re
 from urllib.parse import urlsplit
 
@@ -21,6 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 CLIENT_NAME = "pfrest"
+CLOSE_TIMEOUT = 1.0              # seconds to close a connection that is no longer used
 ERRORS = (RedisError, OSError)   # what a call may raise, besides a cancellation
 # among them, the store's own refusals: it answers, but will not do it (OOM when full, READONLY on a
 # replica, a wrong password); no retry will change that soon, unlike a timeout or a lost connection
@@ -69,3 +71,12 @@ def where(url: str) -> str:
 async def close(client: aioredis.Redis):
     """Close every connection of ``client`` (``disconnect`` is the pool's, in every redis-py)."""
     await client.connection_pool.disconnect()
+
+
+async def quietly(closing, timeout=CLOSE_TIMEOUT):
+    """Await ``closing`` (a connection's close) for ``timeout`` seconds at most, whatever it raises: a
+    connection being dropped has nothing more to say."""
+    try:
+        await asyncio.wait_for(closing, timeout)
+    except (*ERRORS, asyncio.TimeoutError):
+        pass

@@ -55,7 +55,6 @@ WRITE_DELAY = 0.002
 PROBE_KEY = "probe"    # NAMESPACE:probe, never a lookup's key (those are NAMESPACE:name=...)
 PROBE_TTL_MS = 1000
 PROBE_TIMEOUT = 2.0    # seconds a probe may take: connecting over TLS, on another host of the site
-CLOSE_TIMEOUT = 1.0    # seconds to close the connections at the end
 RECANCEL = 0.02        # seconds between cancellations of the invalidation channel at the end
 # The writes of one turn in one command (a pipeline of SETs would cost redis-py some 20 us of CPU each,
 # on the loop): each key with its entry and milliseconds to live, 0 to delete it
@@ -196,12 +195,12 @@ class SharedStore:
         # cancelled again every RECANCEL seconds: a library may swallow a cancellation (async-timeout
         # 4.0.2, under redis-py 4.3's reads, does when its own timer fires in the same turn; a handle
         # then hung at its exit).  It also ends at its next look at ``closed`` (invalidation.POLL).
-        deadline = self._loop.time() + CLOSE_TIMEOUT
+        deadline = self._loop.time() + redisclient.CLOSE_TIMEOUT
         while not self._listener.done() and self._loop.time() < deadline:
             self._listener.cancel()
             await asyncio.wait([self._listener], timeout=RECANCEL)
         if self._pipe is not None:
-            await _close(self._pipe)
+            await redisclient.quietly(self._pipe.close())
 
     # --- for the invalidation channel ---------------------------------------------------------------
 
@@ -333,7 +332,7 @@ class SharedStore:
                 if self._puts:
                     self._schedule_writes()
             if pipe is not None:
-                await _close(pipe)
+                await redisclient.quietly(pipe.close())
 
     async def _call(self, *args):
         """The reply to a command on the connection, within cache-timeout; Failed when none comes in
@@ -366,7 +365,7 @@ class SharedStore:
         if pipe is not None:
             if pipe is self._pipe:
                 self._pipe = None
-            self._spawn(_close(pipe))
+            self._spawn(redisclient.quietly(pipe.close()))
 
     # --- health -------------------------------------------------------------------------------------
 
@@ -410,10 +409,3 @@ def _give_up(future):
     skipped): the lookup goes to the backend."""
     if not future.done():
         future.set_result(None)
-
-
-async def _close(pipe):
-    try:
-        await asyncio.wait_for(pipe.close(), CLOSE_TIMEOUT)
-    except (*redisclient.ERRORS, asyncio.TimeoutError):
-        pass
