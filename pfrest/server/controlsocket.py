@@ -27,6 +27,7 @@ import os
 from pfrest.backend import sharedformat
 from pfrest.config import DEFAULT_CONTROL_SOCKET
 from pfrest.server.httpd import HttpServer
+from pfrest.server.httprequest import MAX_BODY
 from pfrest.server.sockets import BindError
 
 log = logging.getLogger("pfrest")
@@ -46,7 +47,7 @@ class ControlSocket:
         self.source = source
         self.path = path_of(cfg)
         self.required = cfg.control_socket is not None
-        self.httpd = HttpServer(self.path, methods=("POST",), name="control-socket")
+        self.httpd = HttpServer(self.path, methods=("POST",), name="control-socket", max_body=MAX_BODY)
         self.bound = self.tried = False
 
     def bind(self):
