@@ -173,7 +173,7 @@ def test_slow_drip_clients_do_not_lock_out_the_health_check(serve):
             assert status == 200 and b"pfrest_build_info" in text
     finally:
         slow.stop()
-    proc.wait_log(r"metrics-address: 32 connections at once: closed one of peer 127\.0\.0\.1 slow to send")
+    proc.wait_log(r"metrics-address: 32 connections at once: closed the oldest of peer 127\.0\.0\.1 ")
 
 
 # --- each server's worst input, for ATTACK_SECONDS ---------------------------------------------------

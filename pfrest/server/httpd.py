@@ -10,9 +10,9 @@ Every wait has a deadline (the request READ_TIMEOUT from connect, the app ANSWER
 WRITE_TIMEOUT to take the reply and LINGER_TIMEOUT to close after it), kept on the connection and
 checked by one timer while any is open, and a connection that ends keeps nothing: its request goes to
 the app, its reply is dropped.  At most MAX_CLIENTS connections at once; when all are taken, a new one
-takes the slot of the oldest connection still sending its request (or not closing after its reply), of
-the peer that holds the most such slots: slow-drip clients cannot lock out a health check that sends
-its request at once, and a peer that opens many cannot push another peer's out.
+takes the slot of the oldest connection of the peer that holds the most: slow-drip clients cannot lock
+out a health check that sends its request at once, and a peer that opens many cannot push another
+peer's out.
 
 It listens on TCP (``(host, port)``: peers checked against ``allow_from``) or on a unix socket (a
 path: mode 0600, and only peers running as root or as this process's user are answered, whatever the
@@ -154,9 +154,8 @@ class HttpServer:
                            "only root and the user pfrest runs as may use it")
                 sock.close()
                 continue
-            if len(self.open) >= MAX_CLIENTS and not self._make_room():
-                sock.close()
-                continue
+            if len(self.open) >= MAX_CLIENTS:
+                self._make_room()
             sock.setblocking(False)
             exchange = _Exchange(sock, peer, RequestReader(self.max_body))
             self.open.add(exchange)
@@ -179,19 +178,16 @@ class HttpServer:
         return addr[0], not self.networks or sockets.allowed(self.networks, addr[0])
 
     def _make_room(self):
-        """Close the oldest connection still sending its request (or not closing after its reply), of the
-        peer holding the most of them; False when every connection waits for or takes its answer."""
-        reading = [exchange for exchange in self.open if exchange.phase in ("read", "linger")]
-        if not reading:
-            return False
-        held = Counter(exchange.peer for exchange in reading)
+        """Close the oldest connection of the peer holding the most: a client that sends its request at
+        once and takes its answer is never the oldest for long, a slow one gives its slot up."""
+        held = Counter(exchange.peer for exchange in self.open)
         most = max(held.values())
-        victim = min((exchange for exchange in reading if held[exchange.peer] == most),
+        victim = min((exchange for exchange in self.open if held[exchange.peer] == most),
                      key=lambda exchange: exchange.since)
-        self._warn("slow", "%d connections at once: closed one of peer %s slow to send its request or "
-                   "to close (%.1f s)", MAX_CLIENTS, victim.peer, time.monotonic() - victim.since)
+        self._warn("slow", "%d connections at once: closed the oldest of peer %s (%.1f s, %s)", MAX_CLIENTS,
+                   victim.peer, time.monotonic() - victim.since, "waiting for its answer" if
+                   victim.phase == "answer" else "slow to send its request or to take its answer")
         self._end(victim)
-        return True
 
     def _warn(self, kind, text, *args):
         """A warning, at most one of each kind per WARNING_INTERVAL: peers cannot flood the log."""

@@ -19,6 +19,7 @@ from pfrest.server.sockets import show
 log = logging.getLogger("pfrest")
 
 PATHS = ("/metrics", "/healthz", "/readyz")
+MAX_WAITING = 64   # /readyz waiting for one probe (httpd.MAX_CLIENTS are open at once; the others, gone)
 
 
 class Monitor:
@@ -30,6 +31,7 @@ class Monitor:
         self.metrics, self.source = metrics, source
         self.address = cfg.metrics_address
         self.httpd = HttpServer(cfg.metrics_address, cfg.metrics_allow_from)
+        self.waiting = None   # [(health.Check, respond)] of the /readyz waiting for the probe in flight
 
     def bind(self):
         self.httpd.bind()
@@ -49,13 +51,30 @@ class Monitor:
         elif path == "/healthz":
             respond(200, b"ok\n")
         elif path == "/readyz":
-            check = health.Check(self.source.figures())
-            if check.to_probe:
-                self.source.probe(check.to_probe, lambda probed: _answer(respond, check, probed))
-            else:
-                respond(*check.answer())
+            self._ready(respond)
         else:
             respond(404, ("not found; try " + ", ".join(PATHS) + "\n").encode())
+
+    def _ready(self, respond):
+        """``/readyz``: from the counters, or from the probe in flight, or from a new one: one at a time,
+        however many ask (the backends and the arbiter's pending probes stay bounded)."""
+        check = health.Check(self.source.figures())
+        if not check.to_probe:
+            return respond(*check.answer())
+        if self.waiting is not None:
+            if len(self.waiting) >= MAX_WAITING:
+                return respond(503, b"too many readiness checks at once\n")
+            return self.waiting.append((check, respond))
+        self.waiting = [(check, respond)]
+        self.source.probe(check.to_probe, self._probed)   # may call _probed at once
+
+    def _probed(self, probed):
+        waiting, self.waiting = self.waiting, None
+        for check, respond in waiting:
+            if probed.keys() >= set(check.to_probe):
+                _answer(respond, check, probed)
+            else:   # it needs an endpoint this probe did not cover: the next one
+                self._ready(respond)
 
 
 def _answer(respond, check, probed):
