@@ -382,7 +382,7 @@ def test_the_metrics_address_reads_little_and_waits_for_nobody(backend, monkeypa
         server.stop(drain_timeout=1)
 
 
-def test_readiness_checks_at_once_share_one_probe():
+def test_readiness_checks_at_once_share_one_probe(monkeypatch):
     class Source:   # one lookup endpoint the counters say nothing of: each /readyz needs a probe
         def __init__(self):
             self.probes = []
@@ -404,3 +404,6 @@ def test_readiness_checks_at_once_share_one_probe():
     assert answers[1:] == [(200, b"ready\nt: ready: answered a probe\n")] * monitor.MAX_WAITING
     ready("GET", "/readyz", b"", lambda status, body: answers.append((status, body)))
     assert len(source.probes) == 2   # the next one probes again
+    monkeypatch.setattr(monitor, "PROBE_LOST", 0.0)   # that probe never ends: the next /readyz goes on
+    ready("GET", "/readyz", b"", lambda status, body: answers.append((status, body)))
+    assert len(source.probes) == 3
