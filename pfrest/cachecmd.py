@@ -29,7 +29,7 @@ from pfrest.protocol.answers import mode_for
 from pfrest.query import build_request
 from pfrest.server import controlsocket, eventloop
 
-TIMEOUT = 10.0          # seconds for the whole command: an admin's command may wait, a lookup may not
+TIMEOUT = 10.0          # seconds for each exchange: an admin's command may wait, a lookup may not
 MAX_ANSWER = 1 << 16    # bytes of the control socket's answer: a line, or a little JSON
 UNLINK_BATCH = 1000     # keys per UNLINK while flushing
 EX_USAGE = 64
@@ -116,20 +116,25 @@ async def _invalidate(endpoint, queries):
 
 def _local(cfg, endpoint, queries, out) -> int:
     path = controlsocket.path_of(cfg)
-    body = sharedformat.flush_message() if queries is None else sharedformat.drop_message(queries)
-    try:
-        status, _, text = localhttp.exchange(path, "POST", f"{controlsocket.PATH_PREFIX}{endpoint.name}", body,
-                                             TIMEOUT, MAX_ANSWER)
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        print(f"pfrest cache: no pfrest serve answers at {path} (control-socket): {exc}; endpoint "
-              f"{endpoint.name} has no cache-url, so only a serve's own cache can be reached", file=sys.stderr)
-        return os.EX_UNAVAILABLE
-    text = text.decode("utf-8", "replace")
-    if status != 200:
-        print(f"pfrest cache: the pfrest serve at {path}: {text.strip()}", file=sys.stderr)
-        return os.EX_UNAVAILABLE
-    counts = json.loads(text)
+    batches = [None] if queries is None else \
+        [queries[i:i + controlsocket.MAX_KEYS] for i in range(0, len(queries), controlsocket.MAX_KEYS)]
+    dropped = 0
+    for batch in batches:
+        body = sharedformat.flush_message() if batch is None else sharedformat.drop_message(batch)
+        try:
+            status, _, text = localhttp.exchange(path, "POST", f"{controlsocket.PATH_PREFIX}{endpoint.name}",
+                                                 body, TIMEOUT, MAX_ANSWER)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            print(f"pfrest cache: no pfrest serve answers at {path} (control-socket): {exc}; endpoint "
+                  f"{endpoint.name} has no cache-url, so only a serve's own cache can be reached", file=sys.stderr)
+            return os.EX_UNAVAILABLE
+        text = text.decode("utf-8", "replace")
+        if status != 200:
+            print(f"pfrest cache: the pfrest serve at {path}: {text.strip()}", file=sys.stderr)
+            return os.EX_UNAVAILABLE
+        counts = json.loads(text)
+        dropped += counts["dropped"]
     what = "every answer" if queries is None else f"the answers to {len(queries)} key(s)"
     out(f"endpoint {endpoint.name}: {what} dropped from the cache of the pfrest serve at {path} "
-        f"({counts['dropped']} entries were there, in {counts['processes']} process(es))")
+        f"({dropped} entries were there, in {counts['processes']} process(es))")
     return 0
