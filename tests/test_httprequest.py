@@ -57,10 +57,13 @@ def test_chunk_framing_counts_against_the_head_bound():
     assert read(CHUNKED + b"1\r\nc\r\n" * MAX_HEAD).error[0] == 431
 
 
-def test_connect_and_upgrade_are_read_as_plain_requests():
-    assert read(b"CONNECT h:1 HTTP/1.1\r\n\r\n").method == "CONNECT"   # httpd: 405
+def test_connect_and_upgrade_end_the_reading():
+    """llhttp (httptools 0.2 on) reads them as plain requests (httpd: 405 for CONNECT, the upgrade
+    ignored); http-parser (0.1.1) stops at their head: 400.  Never a wait for more."""
+    reader = read(b"CONNECT h:1 HTTP/1.1\r\n\r\n")
+    assert reader.method == "CONNECT" or reader.error[0] == 400
     reader = read(b"GET /healthz HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
-    assert (reader.error, reader.target) == (None, "/healthz")
+    assert (reader.error, reader.target) == (None, "/healthz") or reader.error[0] == 400
 
 
 def test_a_server_that_takes_no_body_refuses_one():
