@@ -42,10 +42,10 @@ ANSWER_TIMEOUT = 110.0  # seconds the app may take (a probe is bounded by reques
 WRITE_TIMEOUT = 10.0    # seconds the client may take to read the reply
 LINGER_TIMEOUT = 2.0    # seconds the client may take to close once it has the reply
 TICK = 0.25             # seconds between two checks of the deadlines, while a connection is open
-MAX_CLIENTS = 32        # connections at once (each holds at most a request: httprequest's bounds)
+MAX_CLIENTS = 32        # connections at once, each holding at most one request (httprequest); see _make_room
 ACCEPT_BATCH = 16       # accepts per wake-up
 EXHAUSTED_PAUSE = 0.1   # seconds accepting pauses when the process is out of descriptors
-BACKLOG = 64
+BACKLOG = 64            # connections the kernel holds until they are accepted
 WARNING_INTERVAL = 60.0  # seconds between two warnings of a kind (refused peers, bad requests, slow ones)
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
            413: "Content Too Large", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
