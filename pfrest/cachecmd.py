@@ -118,23 +118,24 @@ def _local(cfg, endpoint, queries, out) -> int:
     path = controlsocket.path_of(cfg)
     batches = [None] if queries is None else \
         [queries[i:i + controlsocket.MAX_KEYS] for i in range(0, len(queries), controlsocket.MAX_KEYS)]
-    dropped = 0
+    dropped = processes = 0
     for batch in batches:
         body = sharedformat.flush_message() if batch is None else sharedformat.drop_message(batch)
         try:
             status, _, text = localhttp.exchange(path, "POST", f"{controlsocket.PATH_PREFIX}{endpoint.name}",
                                                  body, TIMEOUT, MAX_ANSWER)
-        except (OSError, http.client.HTTPException, ValueError) as exc:
+            if status == 200:
+                counts = json.loads(text)
+                dropped, processes = dropped + counts["dropped"], counts["processes"]
+        except (OSError, http.client.HTTPException, ValueError, TypeError, KeyError) as exc:  # not a serve
             print(f"pfrest cache: no pfrest serve answers at {path} (control-socket): {exc}; endpoint "
                   f"{endpoint.name} has no cache-url, so only a serve's own cache can be reached", file=sys.stderr)
             return os.EX_UNAVAILABLE
-        text = text.decode("utf-8", "replace")
         if status != 200:
-            print(f"pfrest cache: the pfrest serve at {path}: {text.strip()}", file=sys.stderr)
+            print(f"pfrest cache: the pfrest serve at {path}: {text.decode('utf-8', 'replace').strip()}",
+                  file=sys.stderr)
             return os.EX_UNAVAILABLE
-        counts = json.loads(text)
-        dropped += counts["dropped"]
     what = "every answer" if queries is None else f"the answers to {len(queries)} key(s)"
     out(f"endpoint {endpoint.name}: {what} dropped from the cache of the pfrest serve at {path} "
-        f"({dropped} entries were there, in {counts['processes']} process(es))")
+        f"({dropped} entries were there, in {processes} process(es))")
     return 0
