@@ -19,9 +19,9 @@ import asyncio
 import http.client
 import json
 import os
-import socket
 import sys
 
+from pfrest import localhttp
 from pfrest.backend import sharedformat
 from pfrest.backend.request import query
 from pfrest.config import POLICY, SOCKETMAP
@@ -29,7 +29,8 @@ from pfrest.protocol.answers import mode_for
 from pfrest.query import build_request
 from pfrest.server import controlsocket, eventloop
 
-TIMEOUT = 10.0          # seconds for the whole command: an admin's command may wait, a lookup may not
+TIMEOUT = 10.0          # seconds for each exchange: an admin's command may wait, a lookup may not
+MAX_ANSWER = 1 << 16    # bytes of the control socket's answer: a line, or a little JSON
 UNLINK_BATCH = 1000     # keys per UNLINK while flushing
 EX_USAGE = 64
 
@@ -113,38 +114,28 @@ async def _invalidate(endpoint, queries):
         await redisclient.close(client)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP to a unix socket's path (the control socket)."""
-
-    def __init__(self, path, timeout):
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
-
-
 def _local(cfg, endpoint, queries, out) -> int:
     path = controlsocket.path_of(cfg)
-    body = sharedformat.flush_message() if queries is None else sharedformat.drop_message(queries)
-    connection = _UnixConnection(path, TIMEOUT)
-    try:
-        connection.request("POST", f"{controlsocket.PATH_PREFIX}{endpoint.name}", body)
-        response = connection.getresponse()
-        text = response.read().decode("utf-8", "replace")
-    except (OSError, http.client.HTTPException) as exc:
-        print(f"pfrest cache: no pfrest serve answers at {path} (control-socket): {exc}; endpoint "
-              f"{endpoint.name} has no cache-url, so only a serve's own cache can be reached", file=sys.stderr)
-        return os.EX_UNAVAILABLE
-    finally:
-        connection.close()
-    if response.status != 200:
-        print(f"pfrest cache: the pfrest serve at {path}: {text.strip()}", file=sys.stderr)
-        return os.EX_UNAVAILABLE
-    counts = json.loads(text)
+    batches = [None] if queries is None else \
+        [queries[i:i + controlsocket.MAX_KEYS] for i in range(0, len(queries), controlsocket.MAX_KEYS)]
+    dropped = processes = 0
+    for batch in batches:
+        body = sharedformat.flush_message() if batch is None else sharedformat.drop_message(batch)
+        try:
+            status, _, text = localhttp.exchange(path, "POST", f"{controlsocket.PATH_PREFIX}{endpoint.name}",
+                                                 body, TIMEOUT, MAX_ANSWER)
+            if status == 200:
+                counts = json.loads(text)
+                dropped, processes = dropped + counts["dropped"], counts["processes"]
+        except (OSError, http.client.HTTPException, ValueError, TypeError, KeyError) as exc:  # not a serve
+            print(f"pfrest cache: no pfrest serve answers at {path} (control-socket): {exc}; endpoint "
+                  f"{endpoint.name} has no cache-url, so only a serve's own cache can be reached", file=sys.stderr)
+            return os.EX_UNAVAILABLE
+        if status != 200:
+            print(f"pfrest cache: the pfrest serve at {path}: {text.decode('utf-8', 'replace').strip()}",
+                  file=sys.stderr)
+            return os.EX_UNAVAILABLE
     what = "every answer" if queries is None else f"the answers to {len(queries)} key(s)"
     out(f"endpoint {endpoint.name}: {what} dropped from the cache of the pfrest serve at {path} "
-        f"({counts['dropped']} entries were there, in {counts['processes']} process(es))")
+        f"({dropped} entries were there, in {processes} process(es))")
     return 0

@@ -8,10 +8,12 @@ import http.client
 import os
 import sys
 
+from pfrest import localhttp
 from pfrest.server.sockets import show
 from pfrest.server.stats import BUCKETS_MS, percentile
 
-FETCH_TIMEOUT = 5.0   # seconds: the metrics address answers at once or not at all
+FETCH_TIMEOUT = 5.0   # seconds for the whole exchange: the metrics address answers at once or not at all
+MAX_METRICS = 16 << 20   # bytes of /metrics: a few KiB per endpoint and backend target
 # a wildcard listening address is reached on loopback
 WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
@@ -35,16 +37,11 @@ def run(cfg) -> int:
 
 
 def fetch(host, port) -> str:
-    conn = http.client.HTTPConnection(host, port, timeout=FETCH_TIMEOUT)
-    try:
-        conn.request("GET", "/metrics")
-        response = conn.getresponse()
-        body = response.read()
-        if response.status != 200:
-            raise ValueError(f"HTTP {response.status} {response.reason}")
-        return body.decode("utf-8")
-    finally:
-        conn.close()
+    status, reason, body = localhttp.exchange((host, port), "GET", "/metrics", seconds=FETCH_TIMEOUT,
+                                              max_body=MAX_METRICS)
+    if status != 200:
+        raise ValueError(f"HTTP {status} {reason}")
+    return body.decode("utf-8")
 
 
 def _ms(value):

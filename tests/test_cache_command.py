@@ -11,8 +11,10 @@ import tempfile
 import pytest
 
 from conftest import ROOT, pfrest_cmd, pfrest_env
-from pfrest import cli
+from pfrest import cli, localhttp
+from pfrest.backend import sharedformat
 from pfrest.protocol import netstring
+from pfrest.server import controlsocket
 from postfix_instance import free_port
 from test_serve import ask, connect, served, tcp_get  # noqa: F401 (served is a fixture)
 
@@ -141,3 +143,16 @@ def test_the_control_socket_answers_root_and_its_own_user_only(serve):
         sock.connect(control)
         sock.sendall(b"POST /cache/tcp HTTP/1.1\r\nContent-Length: 5\r\n\r\nflush")
         assert sock.recv(100).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_many_keys_go_in_several_requests(serve):
+    path, _, control, proc = serve
+    keys = [f"k{i}" for i in range(controlsocket.MAX_KEYS + 1)]
+    # the serve takes MAX_KEYS keys a request: more would cost it 30 times the body's size
+    status, _, text = localhttp.exchange(control, "POST", "/cache/tcp", sharedformat.drop_message(
+        [f"key={key}" for key in keys]))
+    assert (status, text) == (413, b"over %d keys in one request\n" % controlsocket.MAX_KEYS)
+    done = cache("-c", path, "drop", "tcp", *keys)
+    assert done.returncode == 0, done.stderr
+    assert f"the answers to {len(keys)} key(s) dropped" in done.stdout and "in 2 process(es)" in done.stdout
+    assert proc.log.count("as pfrest cache asked") == 2   # in two requests

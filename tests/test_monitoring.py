@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import ROOT, Backend, ServerThread, need_binary, pfrest_cmd, pfrest_env
 from pfrest import config, minihttp
 from pfrest.backend.pool import IDLE_REUSE_LIMIT
-from pfrest.server import httpd
+from pfrest.server import httpd, monitor
+from pfrest.server.stats import Figures, Stats
 from postfix_instance import free_port, stop_process
 from test_serve import POLICY_REQUEST, Served, ask, connect, ephemeral, tcp_get
 
@@ -379,3 +380,30 @@ def test_the_metrics_address_reads_little_and_waits_for_nobody(backend, monkeypa
             assert time.monotonic() - started < 2
     finally:
         server.stop(drain_timeout=1)
+
+
+def test_readiness_checks_at_once_share_one_probe(monkeypatch):
+    class Source:   # one lookup endpoint the counters say nothing of: each /readyz needs a probe
+        def __init__(self):
+            self.probes = []
+
+        def figures(self):
+            return Figures({"t": Stats()}, {"t": 0}, {})
+
+        def probe(self, names, done):
+            self.probes.append((names, done))
+
+    source, answers = Source(), []
+    cfg = config.parse({"metrics-address": "127.0.0.1:9100", "endpoints": [
+        {"name": "t", "mode": "tcp-lookup", "target": "http://h/"}]})
+    ready = monitor.Monitor(cfg, source)
+    for _ in range(monitor.MAX_WAITING + 1):
+        ready("GET", "/readyz", b"", lambda status, body: answers.append((status, body)))
+    assert len(source.probes) == 1 and answers == [(503, b"too many readiness checks at once\n")]
+    source.probes[0][1]({"t": None})
+    assert answers[1:] == [(200, b"ready\nt: ready: answered a probe\n")] * monitor.MAX_WAITING
+    ready("GET", "/readyz", b"", lambda status, body: answers.append((status, body)))
+    assert len(source.probes) == 2   # the next one probes again
+    monkeypatch.setattr(monitor, "PROBE_LOST", 0.0)   # that probe never ends: the next /readyz goes on
+    ready("GET", "/readyz", b"", lambda status, body: answers.append((status, body)))
+    assert len(source.probes) == 3

@@ -6,7 +6,8 @@ HTTP/1.1 on a unix socket (httpd.py, the metrics address's server): ``POST /cach
 an invalidation as the shared cache's channel carries it (sharedformat: ``drop`` and the lookups'
 query strings, or ``flush``).  The answer: 200 and ``{"processes": N, "dropped": M}`` (JSON: the
 processes whose cache it reached, with ``--workers`` each worker, and the answers they dropped); 404
-for an endpoint this serve does not cache for; 400 for a body that is no invalidation.
+for an endpoint this serve does not cache for; 400 for a body that is no invalidation; 413 for one of
+over MAX_KEYS keys (or over httprequest.MAX_BODY bytes).
 
 Where: ``control-socket``, by default DEFAULT_CONTROL_SOCKET (pfrest.service's ``RuntimeDirectory=``
 makes /run/pfrest; elsewhere serve makes it, mode 0700, when it may).  The socket is made before
@@ -27,12 +28,16 @@ import os
 from pfrest.backend import sharedformat
 from pfrest.config import DEFAULT_CONTROL_SOCKET
 from pfrest.server.httpd import HttpServer
+from pfrest.server.httprequest import MAX_BODY
 from pfrest.server.sockets import BindError
 
 log = logging.getLogger("pfrest")
 
 PATH_PREFIX = "/cache/"
 DIRECTORY_MODE = 0o700   # of the default socket's directory, when serve makes it
+# keys in one request: parsed, a body of short keys takes 30 times its size (1 MiB: 30 MiB); pfrest cache
+# sends more in several requests
+MAX_KEYS = 10000
 
 
 def path_of(cfg) -> str:
@@ -46,7 +51,7 @@ class ControlSocket:
         self.source = source
         self.path = path_of(cfg)
         self.required = cfg.control_socket is not None
-        self.httpd = HttpServer(self.path, methods=("POST",), name="control-socket")
+        self.httpd = HttpServer(self.path, methods=("POST",), name="control-socket", max_body=MAX_BODY)
         self.bound = self.tried = False
 
     def bind(self):
@@ -85,6 +90,8 @@ class ControlSocket:
         name = path[len(PATH_PREFIX):] if path.startswith(PATH_PREFIX) else ""
         if not name or "/" in name:
             return respond(404, b"POST /cache/ENDPOINT\n")
+        if body.count(b"\n") > MAX_KEYS:
+            return respond(413, f"over {MAX_KEYS} keys in one request\n".encode())
         try:
             lookups = sharedformat.read_message(body)
         except (ValueError, UnicodeDecodeError) as exc:

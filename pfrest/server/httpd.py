@@ -3,9 +3,16 @@ socket (``pfrest cache``, controlsocket.py), on whatever loop the process runs: 
 single ``serve`` process, or the plain selector loop of the arbiter of ``serve --workers``, which must
 stay responsive for the connections it passes on.  So it never blocks and does little: through the
 same *watcher* as the Listener (readiness callbacks, a timer; and ``watch_writable``), one request per
-connection, only the methods it is given, the request head at most MAX_REQUEST bytes, a body (by
-Content-Length) at most MAX_BODY, both within READ_TIMEOUT seconds, the reply written as the socket
-takes it, then the connection closed.
+connection, read by httprequest.RequestReader (httptools, and its bounds: head, fields, body), only the
+methods it is given, the reply written as the socket takes it, then the connection closed.
+
+Every wait has a deadline (the request READ_TIMEOUT from connect, the app ANSWER_TIMEOUT, the client
+WRITE_TIMEOUT to take the reply and LINGER_TIMEOUT to close after it), kept on the connection and
+checked by one timer while any is open, and a connection that ends keeps nothing: its request goes to
+the app, its reply is dropped.  At most MAX_CLIENTS connections at once; when all are taken, a new one
+takes the slot of the oldest connection of the peer that holds the most: slow-drip clients cannot lock
+out a health check that sends its request at once, and a peer that opens many cannot push another
+peer's out.
 
 It listens on TCP (``(host, port)``: peers checked against ``allow_from``) or on a unix socket (a
 path: mode 0600, and only peers running as root or as this process's user are answered, whatever the
@@ -20,23 +27,26 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 
 from pfrest.server import sockets
+from pfrest.server.httprequest import RequestReader
 from pfrest.server.sockets import BindError
 
 log = logging.getLogger("pfrest")
 
-MAX_REQUEST = 8192      # bytes of request line and headers; a scraper sends a few hundred
-MAX_BODY = 1 << 20      # bytes of a request body (pfrest cache drop with many keys)
+READ_SIZE = 1 << 16     # bytes per read: what the request reader may take in at once beyond its bounds
 UNIX_MODE = 0o600       # a unix socket's file mode
-READ_TIMEOUT = 5.0      # seconds from connect to the end of the request head
+READ_TIMEOUT = 5.0      # seconds from connect to the end of the request
 ANSWER_TIMEOUT = 110.0  # seconds the app may take (a probe is bounded by request-timeout, at most 99 s)
 WRITE_TIMEOUT = 10.0    # seconds the client may take to read the reply
-MAX_CLIENTS = 32        # connections at once; more are closed at once
+LINGER_TIMEOUT = 2.0    # seconds the client may take to close once it has the reply
+TICK = 0.25             # seconds between two checks of the deadlines, while a connection is open
+MAX_CLIENTS = 32        # connections at once, each holding at most one request (httprequest); see _make_room
 ACCEPT_BATCH = 16       # accepts per wake-up
 EXHAUSTED_PAUSE = 0.1   # seconds accepting pauses when the process is out of descriptors
-BACKLOG = 64
-WARNING_INTERVAL = 60.0  # seconds between two warnings about refused peers
+BACKLOG = 64            # connections the kernel holds until they are accepted
+WARNING_INTERVAL = 60.0  # seconds between two warnings of a kind (refused peers, bad requests, slow ones)
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
            413: "Content Too Large", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 TEXT = "text/plain; charset=utf-8"
@@ -44,27 +54,31 @@ TEXT = "text/plain; charset=utf-8"
 
 class _Exchange:
     """One connection: its request, then its reply."""
+    __slots__ = ("sock", "peer", "reader", "out", "phase", "method", "writing", "since", "deadline")
 
-    def __init__(self, sock):
-        self.sock = sock
-        self.head = b""       # what has been read: the head, then the body
+    def __init__(self, sock, peer, reader):
+        self.sock, self.peer, self.reader = sock, peer, reader
         self.out = None       # the reply still to write
-        self.phase = "read"   # read, answer, write, done
+        self.phase = "read"   # read, answer, write, linger, done
         self.method = None
         self.writing = False  # watched for room to write
+        self.since = time.monotonic()
+        self.deadline = self.since + READ_TIMEOUT
 
 
 class HttpServer:
     """Listens on ``address`` ((host, port), taking peers in ``allow_from``: networks, empty for any; or
-    a unix socket's path), answers ``methods``; ``name`` (the config key) is in its messages."""
+    a unix socket's path), answers ``methods`` with a body of at most ``max_body`` bytes (none by
+    default); ``name`` (the config key) is in its messages."""
 
-    def __init__(self, address, allow_from=(), methods=("GET", "HEAD"), name="metrics-address"):
-        self.address, self.methods, self.name = address, tuple(methods), name
+    def __init__(self, address, allow_from=(), methods=("GET", "HEAD"), name="metrics-address", max_body=0):
+        self.address, self.methods, self.name, self.max_body = address, tuple(methods), name, max_body
         self.networks = sockets.networks(allow_from)
         self.sock = self.watcher = self.app = None
         self.inode = None     # of the unix socket's file
-        self.open = set()
-        self.warned = -WARNING_INTERVAL
+        self.open = set()     # at most MAX_CLIENTS
+        self.ticking = False  # the deadlines' timer is set
+        self.warned = {}      # kind -> when it was last warned of
 
     def bind(self):
         """Listen now (before dropping privileges); BindError naming the address if it cannot.  Once:
@@ -133,80 +147,88 @@ class HttpServer:
                     self.watcher.unwatch(self.sock)
                     self.watcher.later(EXHAUSTED_PAUSE, self._resume)
                 return
-            peer = self._refusal(sock, addr)
-            if peer is not None:
-                self._refused(peer)
+            peer, allowed = self._peer(sock, addr)
+            if not allowed:
+                self._warn("refused", "peer %s refused: %s", peer,
+                           "not in metrics-allow-from" if isinstance(self.address, tuple) else
+                           "only root and the user pfrest runs as may use it")
                 sock.close()
                 continue
             if len(self.open) >= MAX_CLIENTS:
-                sock.close()
-                continue
+                self._make_room()
             sock.setblocking(False)
-            exchange = _Exchange(sock)
+            exchange = _Exchange(sock, peer, RequestReader(self.max_body))
             self.open.add(exchange)
             self.watcher.watch(sock, self._read, exchange)
-            self.watcher.later(READ_TIMEOUT, self._expire, exchange, "read")
+            if not self.ticking:
+                self.ticking = True
+                self.watcher.later(TICK, self._tick)
 
     def _resume(self):
         if self.sock is not None:
             self.watcher.watch(self.sock, self._accept)
 
-    def _refusal(self, sock, addr):
-        """None for a peer to answer, else how to name the refused one: a TCP peer outside
-        ``allow_from``, on a unix socket a process neither root's nor this process's user's."""
+    def _peer(self, sock, addr):
+        """(the peer as its messages name it, whether it is answered): a TCP peer by its address, answered
+        when in ``allow_from``; on a unix socket by its user, answered when root or this process's user."""
         if sock.family == socket.AF_UNIX:
             credentials = sockets.peer_credentials(sock)
-            if credentials is not None and credentials[1] in (0, os.geteuid()):
-                return None
-            return "of user " + ("unknown" if credentials is None else str(credentials[1]))
-        if self.networks and not sockets.allowed(self.networks, addr[0]):
-            return addr[0]
-        return None
+            uid = None if credentials is None else credentials[1]
+            return f"of user {'unknown' if uid is None else uid}", uid in (0, os.geteuid())
+        return addr[0], not self.networks or sockets.allowed(self.networks, addr[0])
 
-    def _refused(self, peer):
+    def _make_room(self):
+        """Close the oldest connection of the peer holding the most: a client that sends its request at
+        once and takes its answer is never the oldest for long, a slow one gives its slot up."""
+        held = Counter(exchange.peer for exchange in self.open)
+        most = max(held.values())
+        victim = min((exchange for exchange in self.open if held[exchange.peer] == most),
+                     key=lambda exchange: exchange.since)
+        self._warn("slow", "%d connections at once: closed the oldest of peer %s (%.1f s, %s)", MAX_CLIENTS,
+                   victim.peer, time.monotonic() - victim.since, "waiting for its answer" if
+                   victim.phase == "answer" else "slow to send its request or to take its answer")
+        self._end(victim)
+
+    def _warn(self, kind, text, *args):
+        """A warning, at most one of each kind per WARNING_INTERVAL: peers cannot flood the log."""
         now = time.monotonic()
-        if now - self.warned >= WARNING_INTERVAL:
-            self.warned = now
-            why = "not in metrics-allow-from" if isinstance(self.address, tuple) else \
-                "only root and the user pfrest runs as may use it"
-            log.warning("%s: peer %s refused: %s", self.name, peer, why)
+        if now - self.warned.get(kind, -WARNING_INTERVAL) >= WARNING_INTERVAL:
+            self.warned[kind] = now
+            log.warning("%s: " + text, self.name, *args)
+
+    def _tick(self):
+        """End the connections past their deadline; again in TICK seconds while any is open."""
+        now = time.monotonic()
+        for exchange in [exchange for exchange in self.open if exchange.deadline <= now]:
+            self._end(exchange)
+        self.ticking = bool(self.open)
+        if self.ticking:
+            self.watcher.later(TICK, self._tick)
 
     def _read(self, exchange):
         try:
-            data = exchange.sock.recv(MAX_REQUEST + MAX_BODY + 1 - len(exchange.head))
+            data = exchange.sock.recv(READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if not data:
             return self._end(exchange)
-        exchange.head += data
-        end, separator = exchange.head.find(b"\r\n\r\n"), 4
-        if end < 0 and b"\n\n" in exchange.head:
-            end, separator = exchange.head.find(b"\n\n"), 2
-        if end < 0 or end > MAX_REQUEST:
-            if len(exchange.head) > MAX_REQUEST:
-                self.watcher.unwatch(exchange.sock)
-                self._respond(exchange, 431, b"request head too large\n")
+        reader = exchange.reader
+        if not reader.feed(data):
             return
-        head = exchange.head[:end]
-        length = _content_length(head)
-        if length is None or length > MAX_BODY:
-            self.watcher.unwatch(exchange.sock)
-            return self._respond(exchange, 413 if length else 400, b"bad or too large Content-Length\n")
-        if len(exchange.head) < end + separator + length:
-            return   # more of the body to come
         self.watcher.unwatch(exchange.sock)
+        exchange.reader = None   # the request goes to the app: the connection keeps none of it
+        if reader.error is not None:
+            status, text = reader.error
+            self._warn("bad", "bad request from peer %s: %d %s", exchange.peer, status, text)
+            return self._respond(exchange, status, f"{text}\n".encode())
+        exchange.method = reader.method
         exchange.phase = "answer"
-        self.watcher.later(ANSWER_TIMEOUT, self._expire, exchange, "answer")
-        self._dispatch(exchange, head, exchange.head[end + separator:end + separator + length])
+        exchange.deadline = time.monotonic() + ANSWER_TIMEOUT
+        self._dispatch(exchange, reader.method, reader.target, reader.body)
 
-    def _dispatch(self, exchange, head, body):
-        words = head.split(b"\n", 1)[0].strip().split(b" ")
-        if len(words) != 3 or not words[2].startswith(b"HTTP/1."):
-            return self._respond(exchange, 400, b"not an HTTP/1.x request\n")
-        method, target = words[0].decode("latin-1"), words[1].decode("latin-1")
-        exchange.method = method
+    def _dispatch(self, exchange, method, target, body):
         if method not in self.methods:
             allowed = ", ".join(self.methods)
             return self._respond(exchange, 405, f"{' or '.join(self.methods)} only\n".encode(),
@@ -219,13 +241,13 @@ class HttpServer:
             self._respond(exchange, 503, b"internal error\n")
 
     def _respond(self, exchange, status, body, content_type=TEXT, extra=""):
-        if exchange.phase in ("write", "done"):
+        if exchange.phase not in ("read", "answer"):
             return
         head = (f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n{extra}Cache-Control: no-store\r\nConnection: close\r\n\r\n")
         exchange.out = memoryview(head.encode("latin-1") + (b"" if exchange.method == "HEAD" else body))
         exchange.phase = "write"
-        self.watcher.later(WRITE_TIMEOUT, self._expire, exchange, "write")
+        exchange.deadline = time.monotonic() + WRITE_TIMEOUT
         self._write(exchange)
 
     def _write(self, exchange):
@@ -237,29 +259,42 @@ class HttpServer:
             return self._end(exchange)
         exchange.out = exchange.out[sent:]
         if not exchange.out:
-            self._end(exchange)
+            self._linger(exchange)
         elif not exchange.writing:
             exchange.writing = True
             self.watcher.watch_writable(exchange.sock, self._write, exchange)
 
-    def _expire(self, exchange, phase):
-        if exchange.phase == phase:
-            self._end(exchange)
+    def _linger(self, exchange):
+        """The reply is out: close once the client has, reading (and dropping) what it still sends for
+        LINGER_TIMEOUT seconds at most.  A close with unread bytes would reset the connection, and the
+        reset may destroy the reply before the client reads it (a 413 to a request still being sent)."""
+        self.watcher.unwatch(exchange.sock)
+        exchange.out, exchange.writing = None, False
+        try:
+            exchange.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return self._end(exchange)
+        exchange.phase = "linger"
+        exchange.deadline = time.monotonic() + LINGER_TIMEOUT
+        self.watcher.watch(exchange.sock, self._drain, exchange)
+
+    def _drain(self, exchange):
+        try:
+            if exchange.sock.recv(READ_SIZE):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._end(exchange)
 
     def _end(self, exchange):
         if exchange.phase == "done":
             return
         exchange.phase = "done"
+        if exchange.reader is not None:   # ended before its request was read
+            exchange.reader.close()
+        exchange.reader = exchange.out = None   # whoever still holds the exchange holds nothing big
         self.open.discard(exchange)
         self.watcher.unwatch(exchange.sock)
         exchange.sock.close()
-
-
-def _content_length(head):
-    """The Content-Length of a request head (0 without one), or None when it is not a number."""
-    for line in head.split(b"\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            value = value.strip()
-            return int(value) if value.isdigit() else None
-    return 0

@@ -7,18 +7,22 @@
 
 The single process's Server and the arbiter of ``--workers`` are the two sources; each binds the address
 with its endpoints (before dropping privileges) and closes it when it stops serving, so ``/healthz``
-answers 200 exactly while the process serves.
+answers 200 exactly while the process serves.  The ``/readyz`` that come while a probe is in flight
+wait for its results (at most MAX_WAITING of them): one probe at a time, however many ask.
 """
 
 import logging
+import time
 
 from pfrest.server import health
-from pfrest.server.httpd import HttpServer
+from pfrest.server.httpd import ANSWER_TIMEOUT, HttpServer
 from pfrest.server.sockets import show
 
 log = logging.getLogger("pfrest")
 
 PATHS = ("/metrics", "/healthz", "/readyz")
+MAX_WAITING = 64   # /readyz waiting for one probe (httpd.MAX_CLIENTS are open at once; the others, gone)
+PROBE_LOST = ANSWER_TIMEOUT   # seconds after which a probe never done is given up for a new one
 
 
 class Monitor:
@@ -30,6 +34,8 @@ class Monitor:
         self.metrics, self.source = metrics, source
         self.address = cfg.metrics_address
         self.httpd = HttpServer(cfg.metrics_address, cfg.metrics_allow_from)
+        self.waiting = None   # [(health.Check, respond)] of the /readyz waiting for the probe in flight
+        self.probed_at = 0.0  # when it started
 
     def bind(self):
         self.httpd.bind()
@@ -49,13 +55,34 @@ class Monitor:
         elif path == "/healthz":
             respond(200, b"ok\n")
         elif path == "/readyz":
-            check = health.Check(self.source.figures())
-            if check.to_probe:
-                self.source.probe(check.to_probe, lambda probed: _answer(respond, check, probed))
-            else:
-                respond(*check.answer())
+            self._ready(respond)
         else:
             respond(404, ("not found; try " + ", ".join(PATHS) + "\n").encode())
+
+    def _ready(self, respond):
+        """``/readyz``: from the counters, or from the probe in flight, or from a new one: one at a time,
+        however many ask (the backends and the arbiter's pending probes stay bounded)."""
+        check = health.Check(self.source.figures())
+        if not check.to_probe:
+            return respond(*check.answer())
+        if self.waiting is not None and time.monotonic() - self.probed_at < PROBE_LOST:
+            if len(self.waiting) >= MAX_WAITING:
+                return respond(503, b"too many readiness checks at once\n")
+            return self.waiting.append((check, respond))
+        self.waiting, self.probed_at = [(check, respond)], time.monotonic()
+        try:
+            self.source.probe(check.to_probe, self._probed)   # may call _probed at once
+        except Exception:   # a bug: the next /readyz must probe again (httpd answers this one)
+            self.waiting = None
+            raise
+
+    def _probed(self, probed):
+        waiting, self.waiting = self.waiting, None
+        for check, respond in waiting:
+            if probed.keys() >= set(check.to_probe):
+                _answer(respond, check, probed)
+            else:   # it needs an endpoint this probe did not cover: the next one
+                self._ready(respond)
 
 
 def _answer(respond, check, probed):
