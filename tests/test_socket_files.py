@@ -1,0 +1,234 @@
+"""No path followed as root: `pfrest serve`, started as root, makes, hands over, re-modes and removes its
+unix socket files, and opens its --log-file, without following a link that the account owning the
+directory swapped in (socketfiles.py, log.open_log_file).  The hostile account is played by the test:
+a thread, as root, renaming entries of the socket's directory as fast as it can."""
+
+import os
+import pwd
+import signal
+import stat
+import threading
+import time
+
+import pytest
+
+from pfrest import log
+from pfrest.server import socketfiles
+from test_serve import (connect, ephemeral, listening, pfrest_log, served, tcp_get,  # noqa: F401 (fixtures)
+                        unix_endpoint)
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: serve drops privileges only as root")
+SECRET = "root:$y$j9T$not-for-nobody:19000:0:99999:7:::\n"
+RACE_TIMEOUT = 30.0   # seconds the hostile thread watches for the socket before giving up
+
+
+@pytest.fixture
+def secret(tmp_path):
+    """A root-owned 0600 file, like /etc/shadow: what a swapped-in symlink points at."""
+    path = tmp_path / "shadow"
+    path.write_text(SECRET)
+    path.chmod(0o600)
+    return path
+
+
+def untouched(path):
+    st = os.stat(path)
+    return (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), path.read_text()) == (0, 0, 0o600, SECRET)
+
+
+@pytest.fixture
+def spool(tmp_path):
+    """A directory owned by nobody, as /var/spool/postfix/private is postfix's."""
+    path = tmp_path / "private"
+    path.mkdir()
+    nobody = pwd.getpwnam("nobody")
+    os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    return path
+
+
+class Swapper(threading.Thread):
+    """The directory's owner: as soon as a socket appears at ``path``, it puts a symlink to ``target``
+    in its place (symlink, then rename over: the name is never missing)."""
+
+    def __init__(self, path, target):
+        super().__init__(daemon=True)
+        self.path, self.target, self.swapped = str(path), str(target), False
+        self.start()
+
+    def run(self):
+        deadline = time.monotonic() + RACE_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    break
+            except FileNotFoundError:
+                pass
+        else:
+            return
+        os.symlink(self.target, self.path + ".new")
+        os.rename(self.path + ".new", self.path)
+        self.swapped = True
+
+
+def config_for(write_config, backend, spool, names, **top):
+    endpoints = [unix_endpoint(backend, spool / f"{name}.sock", name=name, **{"bind-mode": "0666"})
+                 for name in names]
+    return write_config(endpoints, user="nobody", **{"control-socket": str(spool / "control.sock")}, **top)
+
+
+@needs_root
+def test_socket_swapped_for_a_symlink_hands_nothing_over(backend, write_config, served, spool, secret):
+    """The review's attack: the new socket replaced by a link to a root-owned 0600 file; the old serve
+    chmod-ed (0666) and chown-ed (to nobody) the link's target.  Now the target stays as it was; the
+    sockets nobody raced are nobody's, with their bind-mode, and no private directory is left."""
+    nobody = pwd.getpwnam("nobody")
+    cfg = config_for(write_config, backend, spool, ["first", *(f"other{i}" for i in range(7))])
+    swapper = Swapper(spool / "first.sock", secret)
+    proc = served("-c", cfg)
+    proc.wait_for("ready:")
+    swapper.join(RACE_TIMEOUT)
+    assert swapper.swapped, "the race never ran: the test proves nothing"
+    assert "running as user nobody" in proc.log
+    assert untouched(secret)
+    for name in ("other0.sock", "other6.sock", "control.sock"):
+        st = os.lstat(spool / name)
+        expected = 0o666 if name.startswith("other") else 0o600
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == expected, name
+        assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), name
+    assert not [entry for entry in os.listdir(spool) if entry.startswith(".pfrest-")]
+    backend.answers["k"] = (200, ["v"])
+    with connect(str(spool / "other6.sock")) as sock:
+        assert tcp_get(sock, b"k") == b"200 v\n"
+    proc.send(signal.SIGTERM)
+    assert proc.exit_status() == 0
+    wait_gone(spool / "control.sock")   # the janitor's last
+    assert os.path.islink(spool / "first.sock") and untouched(secret)
+
+
+def wait_gone(path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while os.path.lexists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.lexists(path), f"{path} is still there"
+
+
+@needs_root
+def test_janitor_removes_only_the_sockets_it_made(backend, write_config, served, spool, secret):
+    """At exit, root's janitor removes the socket files serve made, and nothing that took their name:
+    not a symlink to the very socket moved aside (following it, the old janitor saw its inode), not a
+    regular file, not a symlink to a root file."""
+    cfg = config_for(write_config, backend, spool, ["moved", "replaced", "linked", "kept"])
+    proc = served("-c", cfg)
+    proc.wait_for("ready:")
+    os.rename(spool / "moved.sock", spool / "aside.sock")
+    os.symlink(spool / "aside.sock", spool / "moved.sock")
+    os.unlink(spool / "replaced.sock")
+    (spool / "replaced.sock").write_text("a file of the directory's owner\n")
+    os.unlink(spool / "linked.sock")
+    os.symlink(secret, spool / "linked.sock")
+    proc.send(signal.SIGTERM)
+    assert proc.exit_status() == 0
+    wait_gone(spool / "control.sock")   # the janitor goes in order: the endpoints', then this one
+    assert not os.path.lexists(spool / "kept.sock")
+    assert os.path.islink(spool / "moved.sock") and stat.S_ISSOCK(os.lstat(spool / "aside.sock").st_mode)
+    assert (spool / "replaced.sock").read_text() == "a file of the directory's owner\n"
+    assert os.path.islink(spool / "linked.sock") and untouched(secret)
+
+
+@needs_root
+def test_new_bind_mode_on_reload_never_follows_a_link(backend, listening, spool, secret, pfrest_log):
+    """A serve left root (no user) changes a socket's mode on reload through the file it made, never
+    through a link put in its place."""
+    raw = unix_endpoint(backend, spool / "ep.sock", **{"bind-mode": "0660"})
+    server = listening(ephemeral([raw]))
+    os.unlink(spool / "ep.sock")
+    os.symlink(secret, spool / "ep.sock")
+    server.reload(ephemeral([dict(raw, **{"bind-mode": "0666"})]))
+    assert untouched(secret)
+    assert "cannot change the mode of" in pfrest_log.text
+    server.stop()
+    assert os.path.islink(spool / "ep.sock")
+
+
+def test_new_bind_mode_on_reload_applies(backend, listening, tmp_path):
+    raw = unix_endpoint(backend, tmp_path / "ep.sock", **{"bind-mode": "0600"})
+    server = listening(ephemeral([raw]))
+    server.reload(ephemeral([dict(raw, **{"bind-mode": "0666"})]))
+    assert stat.S_IMODE(os.lstat(tmp_path / "ep.sock").st_mode) == 0o666
+    server.stop()
+    assert not os.path.lexists(tmp_path / "ep.sock")
+
+
+def test_a_name_taken_meanwhile_is_not_replaced(tmp_path, monkeypatch):
+    """What appears at the name between the stale check and the link stays; serve does not start."""
+    path = tmp_path / "ep.sock"
+    clear = socketfiles._clear_stale
+
+    def racing(*args):
+        clear(*args)
+        path.write_text("not yours\n")
+    monkeypatch.setattr(socketfiles, "_clear_stale", racing)
+    with pytest.raises(socketfiles.BindError, match="ep.sock appeared meanwhile; not replacing it"):
+        socketfiles.listen(str(path), 0o600, "endpoint ep")
+    assert path.read_text() == "not yours\n"
+    assert os.listdir(tmp_path) == ["ep.sock"]   # no private directory left
+
+
+# --- the log file ------------------------------------------------------------------------------------
+
+@needs_root
+def test_log_file_that_is_a_symlink_is_refused(backend, write_config, served, tmp_path, secret):
+    """An admin expects serve to say so and stop, rather than to write where a link points."""
+    link = tmp_path / "pfrest.log"
+    link.symlink_to(secret)
+    cfg = write_config([unix_endpoint(backend, tmp_path / "ep.sock")])
+    proc = served("-c", cfg, "--log-file", str(link))
+    assert proc.exit_status() == 1
+    assert f"cannot open --log-file {link}: a symbolic link" in proc.log
+    assert untouched(secret)
+    assert not (tmp_path / "ep.sock").exists()
+
+
+@needs_root
+def test_log_file_swapped_for_a_symlink_is_not_reopened(backend, write_config, served, tmp_path, secret):
+    """SIGHUP after the log was moved aside and a link put at its name (the directory's writer, not
+    logrotate): serve logs on to the old file and says why."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = logs / "pfrest.log"
+    cfg = write_config([unix_endpoint(backend, tmp_path / "ep.sock")])
+    proc = served("-c", cfg, "--log-file", str(path))
+    wait_for_line(path, "ready:")
+    os.rename(path, logs / "pfrest.log.1")
+    path.symlink_to(secret)
+    proc.send(signal.SIGHUP)
+    wait_for_line(logs / "pfrest.log.1", f"cannot reopen {path}, logging on to the old file: a symbolic link")
+    wait_for_line(logs / "pfrest.log.1", "reloaded")
+    assert untouched(secret)
+    proc.send(signal.SIGTERM)
+    assert proc.exit_status() == 0
+
+
+def wait_for_line(path, text, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no {text!r} in {path}:\n{path.read_text() if path.exists() else '(none)'}")
+
+
+def test_log_file_only_a_regular_file_of_one_name(tmp_path):
+    path = tmp_path / "new.log"
+    with log.open_log_file(str(path)) as f:   # made when missing
+        f.write("one\n")
+    with log.open_log_file(str(path)) as f:   # appended to
+        f.write("two\n")
+    assert path.read_text() == "one\ntwo\n"
+    os.link(path, tmp_path / "other-name")
+    with pytest.raises(OSError, match="another name"):
+        log.open_log_file(str(path))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file|No such device"):   # and never blocks
+        log.open_log_file(str(fifo))
