@@ -3,6 +3,7 @@ unix socket files, and opens its --log-file, without following a link that the a
 directory swapped in (socketfiles.py, log.open_log_file).  The hostile account is played by the test:
 a thread, as root, renaming entries of the socket's directory as fast as it can."""
 
+import json
 import os
 import pwd
 import signal
@@ -14,6 +15,7 @@ import pytest
 
 from pfrest import log
 from pfrest.server import socketfiles
+from postfix_instance import remove_tree, world_tmpdir
 from test_serve import (connect, ephemeral, listening, pfrest_log, served, tcp_get,  # noqa: F401 (fixtures)
                         unix_endpoint)
 
@@ -37,9 +39,17 @@ def untouched(path):
 
 
 @pytest.fixture
-def spool(tmp_path):
+def site():
+    """A directory every user may enter (a reload after the drop reads and binds as nobody)."""
+    directory = world_tmpdir("pfrest-sockets-")
+    yield directory
+    remove_tree(directory)
+
+
+@pytest.fixture
+def spool(site):
     """A directory owned by nobody, as /var/spool/postfix/private is postfix's."""
-    path = tmp_path / "private"
+    path = site / "private"
     path.mkdir()
     nobody = pwd.getpwnam("nobody")
     os.chown(path, nobody.pw_uid, nobody.pw_gid)
@@ -232,3 +242,32 @@ def test_log_file_only_a_regular_file_of_one_name(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(OSError, match="not a regular file|No such device"):   # and never blocks
         log.open_log_file(str(fifo))
+
+
+@needs_root
+def test_after_the_drop_reload_makes_and_re_modes_sockets(backend, site, served, spool):
+    """Once serve is nobody (not dumpable: its /proc/self is root's then), a reload still binds a new
+    socket through /proc/self/fd and re-modes one through its descriptor."""
+    nobody = pwd.getpwnam("nobody")
+
+    def doc(modes):
+        return {"user": "nobody", "control-socket": str(spool / "control.sock"), "endpoints": [
+            unix_endpoint(backend, spool / f"{name}.sock", name=name, **{"bind-mode": mode})
+            for name, mode in modes.items()]}
+    cfg = site / "pfrest.json"   # nobody reads it on reload
+    cfg.write_text(json.dumps(doc({"old": "0666"})))
+    proc = served("-c", cfg)
+    proc.wait_for("ready:")
+    mark = proc.mark()
+    cfg.write_text(json.dumps(doc({"old": "0660", "new": "0666"})))
+    proc.send(signal.SIGHUP)
+    proc.wait_for("reloaded", after=mark)
+    assert not [line for line in proc.lines[mark:] if "ERROR" in line]
+    old, new = os.lstat(spool / "old.sock"), os.lstat(spool / "new.sock")
+    assert stat.S_IMODE(old.st_mode) == 0o660 and stat.S_IMODE(new.st_mode) == 0o666
+    assert new.st_uid == nobody.pw_uid
+    backend.answers["k"] = (200, ["v"])
+    with connect(str(spool / "new.sock")) as sock:
+        assert tcp_get(sock, b"k") == b"200 v\n"
+    proc.send(signal.SIGTERM)
+    assert proc.exit_status() == 0
