@@ -6,6 +6,7 @@ a thread, as root, renaming entries of the socket's directory as fast as it can.
 import json
 import os
 import pwd
+import shutil
 import signal
 import stat
 import threading
@@ -15,6 +16,7 @@ import pytest
 
 from pfrest import log
 from pfrest.server import socketfiles
+from conftest import ROOT
 from postfix_instance import remove_tree, world_tmpdir
 from test_serve import (connect, ephemeral, listening, pfrest_log, served, tcp_get,  # noqa: F401 (fixtures)
                         unix_endpoint)
@@ -271,3 +273,28 @@ def test_after_the_drop_reload_makes_and_re_modes_sockets(backend, site, served,
         assert tcp_get(sock, b"k") == b"200 v\n"
     proc.send(signal.SIGTERM)
     assert proc.exit_status() == 0
+
+
+@needs_root
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="needs setpriv (util-linux)")
+def test_the_units_capabilities_suffice(backend, write_config, served, spool):
+    """Only what pfrest.service's CapabilityBoundingSet= grants (no CAP_FOWNER: linking a file another
+    account owns would fail, hence the link before the chown): the sockets are made, handed over and,
+    by the janitor, removed, in a directory of nobody's that only it may enter (as postfix's private/)."""
+    with open(os.path.join(ROOT, "systemd", "pfrest.service")) as f:
+        caps = next(line.split("=", 1)[1].split() for line in f if line.startswith("CapabilityBoundingSet="))
+    spool.chmod(0o700)
+    bounding = ",".join(["-all"] + ["+" + cap.lower().removeprefix("cap_") for cap in caps])
+    proc = served("-c", config_for(write_config, backend, spool, ["ep"]),
+                  prefix=["setpriv", f"--bounding-set={bounding}", "--"])
+    proc.wait_for("ready:")
+    nobody = pwd.getpwnam("nobody")
+    for name in ("ep.sock", "control.sock"):
+        assert os.lstat(spool / name).st_uid == nobody.pw_uid, name
+    backend.answers["k"] = (200, ["v"])
+    with connect(str(spool / "ep.sock")) as sock:
+        assert tcp_get(sock, b"k") == b"200 v\n"
+    proc.send(signal.SIGTERM)
+    assert proc.exit_status() == 0
+    wait_gone(spool / "control.sock")
+    assert os.listdir(spool) == []

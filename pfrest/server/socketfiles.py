@@ -54,7 +54,7 @@ def _open_directory(path, what):
     try:
         return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise BindError(f"{what}: cannot open the directory {directory}: {exc.strerror}") from None
+        raise BindError(f"{what}: cannot listen on {path}: its directory: {exc.strerror}") from None
 
 
 def listen(path, mode, what, owner=None):
