@@ -1,7 +1,7 @@
 """No path followed as root: `pfrest serve`, started as root, makes, hands over, re-modes and removes its
 unix socket files, and opens its --log-file, without following a link that the account owning the
 directory swapped in (socketfiles.py, log.open_log_file).  The hostile account is played by the test:
-a thread, as root, renaming entries of the socket's directory as fast as it can."""
+a process running as nobody, the owner of the socket's directory, renaming its entries as fast as it can."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pwd
 import shutil
 import signal
 import stat
-import threading
+import subprocess
 import time
 
 import pytest
@@ -17,13 +17,15 @@ import pytest
 from pfrest import log
 from pfrest.server import socketfiles
 from conftest import ROOT
-from postfix_instance import remove_tree, world_tmpdir
+from postfix_instance import interpreter_for, remove_tree, stop_process, world_tmpdir
 from test_serve import (connect, ephemeral, listening, pfrest_log, served, tcp_get,  # noqa: F401 (fixtures)
                         unix_endpoint)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: serve drops privileges only as root")
 SECRET = "root:$y$j9T$not-for-nobody:19000:0:99999:7:::\n"
-RACE_TIMEOUT = 30.0   # seconds the hostile thread watches for the socket before giving up
+RACE_TIMEOUT = 30.0   # seconds the hostile process watches for the socket before giving up
+SWAPPER_NICE = -20    # the hostile process's priority: the highest
+OTHERS = 31           # endpoints bound after the raced one: the old serve chown-ed them all, later
 
 
 @pytest.fixture
@@ -58,28 +60,41 @@ def spool(site):
     return path
 
 
-class Swapper(threading.Thread):
-    """The directory's owner: as soon as a socket appears at ``path``, it puts a symlink to ``target``
-    in its place (symlink, then rename over: the name is never missing)."""
+# The directory's owner, a process of its own: as soon as a socket appears at argv[1], it puts a symlink
+# to argv[2] in its place (symlink, then rename over: the name is never missing); says "swapped".
+SWAPPER = """
+import os, stat, sys, time
+path, target, deadline = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
+print("watching", flush=True)
+while time.monotonic() < deadline:
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.symlink(target, path + ".new")
+            os.rename(path + ".new", path)
+            print("swapped", flush=True)
+            break
+    except FileNotFoundError:
+        pass
+"""
+
+
+class Swapper:
+    """SWAPPER running as nobody, the owner of the socket's directory, on ``path``."""
 
     def __init__(self, path, target):
-        super().__init__(daemon=True)
-        self.path, self.target, self.swapped = str(path), str(target), False
-        self.start()
+        self.proc = subprocess.Popen([interpreter_for("nobody"), "-I", "-c", SWAPPER, str(path), str(target),
+                                      str(RACE_TIMEOUT)], user="nobody", cwd="/", stdout=subprocess.PIPE,
+                                     text=True)
+        # first to the CPU when both want it (the machine may be busy): the race is the review's, won
+        # in a few milliseconds, and the test must win it against the old code every time
+        os.setpriority(os.PRIO_PROCESS, self.proc.pid, SWAPPER_NICE)
+        assert self.proc.stdout.readline() == "watching\n"
 
-    def run(self):
-        deadline = time.monotonic() + RACE_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                    break
-            except FileNotFoundError:
-                pass
-        else:
-            return
-        os.symlink(self.target, self.path + ".new")
-        os.rename(self.path + ".new", self.path)
-        self.swapped = True
+    def swapped(self):
+        try:
+            return self.proc.communicate(timeout=RACE_TIMEOUT)[0] == "swapped\n"
+        finally:
+            stop_process(self.proc)
 
 
 def config_for(write_config, backend, spool, names, **top):
@@ -94,22 +109,21 @@ def test_socket_swapped_for_a_symlink_hands_nothing_over(backend, write_config, 
     chmod-ed (0666) and chown-ed (to nobody) the link's target.  Now the target stays as it was; the
     sockets nobody raced are nobody's, with their bind-mode, and no private directory is left."""
     nobody = pwd.getpwnam("nobody")
-    cfg = config_for(write_config, backend, spool, ["first", *(f"other{i}" for i in range(7))])
+    cfg = config_for(write_config, backend, spool, ["first", *(f"other{i}" for i in range(OTHERS))])
     swapper = Swapper(spool / "first.sock", secret)
     proc = served("-c", cfg)
     proc.wait_for("ready:")
-    swapper.join(RACE_TIMEOUT)
-    assert swapper.swapped, "the race never ran: the test proves nothing"
+    assert swapper.swapped(), "the race never ran: the test proves nothing"
     assert "running as user nobody" in proc.log
     assert untouched(secret)
-    for name in ("other0.sock", "other6.sock", "control.sock"):
+    for name in ("other0.sock", f"other{OTHERS - 1}.sock", "control.sock"):
         st = os.lstat(spool / name)
         expected = 0o666 if name.startswith("other") else 0o600
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == expected, name
         assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), name
     assert not [entry for entry in os.listdir(spool) if entry.startswith(".pfrest-")]
     backend.answers["k"] = (200, ["v"])
-    with connect(str(spool / "other6.sock")) as sock:
+    with connect(str(spool / f"other{OTHERS - 1}.sock")) as sock:
         assert tcp_get(sock, b"k") == b"200 v\n"
     proc.send(signal.SIGTERM)
     assert proc.exit_status() == 0
