@@ -16,10 +16,10 @@ import pytest
 
 from pfrest import log
 from pfrest.server import socketfiles
-from conftest import ROOT
+from conftest import ROOT, pfrest_cmd, pfrest_env
 from postfix_instance import interpreter_for, remove_tree, stop_process, world_tmpdir
-from test_serve import (connect, ephemeral, listening, pfrest_log, served, tcp_get,  # noqa: F401 (fixtures)
-                        unix_endpoint)
+from test_serve import (connect, endpoint, ephemeral, listening, pfrest_log,  # noqa: F401 (fixtures)
+                        served, tcp_get, unix_endpoint)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: serve drops privileges only as root")
 SECRET = "root:$y$j9T$not-for-nobody:19000:0:99999:7:::\n"
@@ -233,6 +233,21 @@ def test_log_file_swapped_for_a_symlink_is_not_reopened(backend, write_config, s
     assert untouched(secret)
     proc.send(signal.SIGTERM)
     assert proc.exit_status() == 0
+
+
+def test_handle_with_a_log_file_that_is_a_symlink_answers_and_logs_to_syslog(backend, write_config, tmp_path,
+                                                                               secret):
+    """pfrest handle (spawn(8) may run it as root) answers as ever; its log goes to syslog, not through
+    the link."""
+    backend.answers["k"] = (200, ["v"])
+    link = tmp_path / "handle.log"
+    link.symlink_to(secret)
+    cfg = write_config([endpoint(backend)])
+    proc = subprocess.run(pfrest_cmd("handle", "-c", cfg, "--log-file", str(link), "ep"), input=b"get k\n",
+                          capture_output=True, timeout=30, env=pfrest_env(), cwd=ROOT)
+    assert (proc.stdout, proc.stderr, proc.returncode) == (b"200 v\n", b"", 0)
+    assert os.path.islink(link) and os.stat(secret).st_mode & 0o777 == 0o600
+    assert secret.read_text() == SECRET
 
 
 def wait_for_line(path, text, timeout=20.0):

@@ -67,24 +67,23 @@ def listen(path, mode, what, owner=None):
         _clear_stale(parent, name, path, what)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            made = _make(sock, parent, name, path, mode, owner)
-            sock.listen(BACKLOG)
-        except OSError as exc:
+            return sock, _make(sock, parent, name, path, mode, owner)
+        except BaseException as exc:
             sock.close()
-            raise BindError(f"{what}: cannot listen on {path}: {exc.strerror or exc}") from None
-        except BaseException:
-            sock.close()
+            if isinstance(exc, OSError):
+                raise BindError(f"{what}: cannot listen on {path}: {exc.strerror or exc}") from None
             raise
-        return sock, made
     finally:
         os.close(parent)
 
 
 def _make(sock, parent, name, path, mode, owner):
-    """Bind ``sock`` in a private directory, finish the file there, link it in as ``name``."""
+    """Bind ``sock`` in a private directory, finish the file there, link it in as ``name`` (listening
+    already: a client that finds the name is served)."""
     private, fd = _private_directory(parent)
     try:
         sock.bind(f"/proc/self/fd/{fd}/{BOUND_NAME}")
+        sock.listen(BACKLOG)
         os.chmod(BOUND_NAME, mode, dir_fd=fd)   # nobody can reach the file yet: no window
         made = SocketFile(path, _identity(os.lstat(BOUND_NAME, dir_fd=fd)), _identity(os.fstat(parent)))
         try:  # linkat never replaces: what appeared at the name since _clear_stale stays
