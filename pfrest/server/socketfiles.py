@@ -82,7 +82,10 @@ def _make(sock, parent, name, path, mode, owner):
     already: a client that finds the name is served)."""
     private, fd = _private_directory(parent)
     try:
-        sock.bind(f"/proc/self/fd/{fd}/{BOUND_NAME}")
+        try:
+            sock.bind(f"/proc/self/fd/{fd}/{BOUND_NAME}")
+        except FileNotFoundError:   # the descriptor and its directory are there: /proc is not
+            raise OSError("pfrest binds through /proc/self/fd, and /proc is not mounted") from None
         sock.listen(BACKLOG)
         os.chmod(BOUND_NAME, mode, dir_fd=fd)   # nobody can reach the file yet: no window
         made = SocketFile(path, _identity(os.lstat(BOUND_NAME, dir_fd=fd)), _identity(os.fstat(parent)))
