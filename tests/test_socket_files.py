@@ -144,7 +144,7 @@ def test_janitor_removes_only_the_sockets_it_made(backend, write_config, served,
     not a symlink to the very socket moved aside (following it, the old janitor saw its inode), not a
     regular file, not a symlink to a root file."""
     cfg = config_for(write_config, backend, spool, ["moved", "replaced", "linked", "kept"])
-    proc = served("-c", cfg)
+    proc = served("-c", cfg, "--workers", "2")   # the arbiter's janitor, as the single process's
     proc.wait_for("ready:")
     os.rename(spool / "moved.sock", spool / "aside.sock")
     os.symlink(spool / "aside.sock", spool / "moved.sock")
