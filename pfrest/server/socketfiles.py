@@ -9,11 +9,11 @@ swapped in for the socket hands the link's target (``/etc/shadow``, say) to serv
 - The directory is opened once; every later step names entries relative to that descriptor, and the
   directory is recognised again (device, inode) before the socket is removed.
 - The socket is bound in a private directory made for it (mode 0700, ours: checked through its own
-  descriptor, whatever the hostile account renames), reached as ``/proc/self/fd/N/``: its mode and
-  owner are set there, where nobody else can reach it, and its inode is learnt there.  Then it is
-  hard-linked into place (``linkat``: never replacing an entry that appeared meanwhile) and the
-  private directory removed.  The file appears at its name with its mode, ``bind-mode``; it is
-  handed to the account serve is about to become through its private name, the same file.
+  descriptor, whatever the hostile account renames), reached as ``/proc/self/fd/N/``: its mode is set
+  there, where nobody else can reach it, and its inode learnt.  Then it is hard-linked into place
+  (``linkat``: never replacing an entry that appeared meanwhile), so that it appears at its name
+  with its ``bind-mode``; it is handed to the account serve is about to become through its private
+  name (the same file, still out of reach), and the private directory removed.
 - Later changes (a new ``bind-mode`` on reload) go through a descriptor of the name opened with
   ``O_PATH | O_NOFOLLOW`` and found to be our socket (device, inode) before acting on it.
 - Removal (at the end, a stale socket before binding) unlinks only the entry that ``lstat``, relative
@@ -49,12 +49,9 @@ def _identity(st):
     return st.st_dev, st.st_ino
 
 
-def _open_directory(path, what):
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise BindError(f"{what}: cannot listen on {path}: its directory: {exc.strerror}") from None
+def _directory_of(path):
+    """A descriptor of the directory that holds ``path`` (its path is followed: it is the admin's)."""
+    return os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def listen(path, mode, what, owner=None):
@@ -62,7 +59,10 @@ def listen(path, mode, what, owner=None):
     ``owner`` ((uid, gid), as root), owned by that account; see the module text.  A stale socket file
     at ``path`` is removed first; anything else there is refused.  BindError naming ``what``."""
     name = os.path.basename(path)
-    parent = _open_directory(path, what)
+    try:
+        parent = _directory_of(path)
+    except OSError as exc:
+        raise BindError(f"{what}: cannot listen on {path}: its directory: {exc.strerror}") from None
     try:
         _clear_stale(parent, name, path, what)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -170,8 +170,7 @@ def _unlink_if(parent, name, identity):
 def remove(made):
     """Remove a socket file we made, never a successor's, nor what replaced it (a link to it included)."""
     try:
-        parent = os.open(os.path.dirname(os.path.abspath(made.path)),
-                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        parent = _directory_of(made.path)
     except OSError:
         return
     try:
