@@ -5,6 +5,8 @@ nothing but protocol replies may ever be written there.  Logs go to syslog (faci
 ``pfrest`` with the pid, like other Postfix helpers), or to ``--log-file``.  Where no syslog socket
 exists, libc drops the messages and handling goes on unharmed.
 
+A ``--log-file`` is a regular file written by its own name, never through a link (open_log_file).
+
 Foreground mode (serve, demo, query): stderr, or syslog on request.  Under systemd, when stderr is
 the journal's stream (``JOURNAL_STREAM``), each line starts with its syslog priority (``<3>`` error ...
 ``<7>`` debug, sd-daemon(3)), so that ``journalctl -p err`` finds pfrest's errors, and without a time
@@ -18,8 +20,10 @@ the event loop at a time (one write for every line of that turn), and the per-re
 logging module's record machinery (``request``), which cost as much CPU as answering the request.
 """
 
+import errno
 import logging
 import os
+import stat
 import sys
 import time
 
@@ -183,9 +187,38 @@ class LineHandler(logging.Handler):
         super().close()
 
 
+# The log file is opened as root (serve before dropping privileges, reopened on SIGHUP by a serve that
+# kept root), often in a directory the service account may write, for logrotate or for a reopen after
+# the drop: a link that account swapped in would have root append to, or create, any file.  So the
+# name must be the file itself: no symlink (O_NOFOLLOW), a regular file (O_NONBLOCK: a FIFO swapped in
+# cannot hold the open), and none with a second name (a hard link to another's file).
+LOG_FILE_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+LOG_FILE_MODE = 0o666   # less the umask, as open() makes it
+
+
+def open_log_file(path):
+    """``path`` opened for appending, a new one created; OSError for a link or any but a regular file."""
+    try:
+        fd = os.open(path, LOG_FILE_FLAGS, LOG_FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, "a symbolic link; pfrest writes to no file through a link") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_nlink > 1:
+            raise OSError(errno.EMLINK, "a file with another name (a hard link); pfrest writes to no such file")
+        os.set_blocking(fd, True)
+        return open(fd, "a", encoding="utf-8", errors="backslashreplace")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _file_handler(path):
-    return LineHandler(open(path, "a", encoding="utf-8", errors="backslashreplace"), FORMAT_FILE,
-                       owns_stream=True)
+    return LineHandler(open_log_file(path), FORMAT_FILE, owns_stream=True)
 
 
 def _install(handler, level):

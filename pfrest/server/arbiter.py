@@ -87,7 +87,7 @@ class Arbiter:
             if self.monitor is not None:
                 self.monitor.bind()
             self.control.bind()
-            privileges.drop(self.listener.cfg.user, self.listener.unix_paths() + self.control.unix_paths())
+            privileges.drop(self.listener.cfg.user, self.listener.socket_files() + self.control.socket_files())
         except config.ConfigError as exc:
             return daemon.fatal(exc.problems, daemon.EX_CONFIG, to_stderr_too)
         except (BindError, privileges.PrivilegeError, OSError) as exc:

@@ -27,6 +27,7 @@ import os
 
 from pfrest.backend import sharedformat
 from pfrest.config import DEFAULT_CONTROL_SOCKET
+from pfrest.server import privileges
 from pfrest.server.httpd import HttpServer
 from pfrest.server.httprequest import MAX_BODY
 from pfrest.server.sockets import BindError
@@ -50,6 +51,7 @@ class ControlSocket:
     def __init__(self, cfg, source):
         self.source = source
         self.path = path_of(cfg)
+        self.user = cfg.user
         self.required = cfg.control_socket is not None
         self.httpd = HttpServer(self.path, methods=("POST",), name="control-socket", max_body=MAX_BODY)
         self.bound = self.tried = False
@@ -62,7 +64,7 @@ class ControlSocket:
         try:
             if not self.required:
                 os.makedirs(os.path.dirname(self.path), DIRECTORY_MODE, exist_ok=True)
-            self.httpd.bind()
+            self.httpd.bind(privileges.owner(self.user))
             self.bound = True
         except (BindError, OSError) as exc:
             if self.required:
@@ -80,8 +82,8 @@ class ControlSocket:
     def close(self):
         self.httpd.close()
 
-    def unix_paths(self):
-        return self.httpd.unix_paths()
+    def socket_files(self):
+        return self.httpd.socket_files()
 
     def all_sockets(self):
         return self.httpd.all_sockets()

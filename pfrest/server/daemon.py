@@ -40,7 +40,11 @@ class Options:
 
 
 def run(options) -> int:
-    log.for_foreground(options.use_syslog, options.log_file)
+    try:
+        log.for_foreground(options.use_syslog, options.log_file)
+    except OSError as exc:   # the log file (open_log_file); nowhere to log but the terminal
+        print(f"pfrest serve: cannot open --log-file {options.log_file}: {exc.strerror}", file=sys.stderr)
+        return 1
     to_stderr_too = options.use_syslog or bool(options.log_file)
     try:
         cfg = check.load(options.config_path)   # refused as `pfrest check` refuses it
@@ -58,7 +62,7 @@ def run(options) -> int:
     server = Server(cfg, options.names, inherited)
     try:
         server.bind()
-        privileges.drop(cfg.user, server.unix_paths())
+        privileges.drop(cfg.user, server.socket_files())
     except config.ConfigError as exc:
         return fatal(exc.problems, EX_CONFIG, to_stderr_too)
     except (BindError, privileges.PrivilegeError, OSError) as exc:

@@ -29,7 +29,7 @@ import socket
 import time
 from collections import Counter
 
-from pfrest.server import sockets
+from pfrest.server import socketfiles, sockets
 from pfrest.server.httprequest import RequestReader
 from pfrest.server.sockets import BindError
 
@@ -75,19 +75,19 @@ class HttpServer:
         self.address, self.methods, self.name, self.max_body = address, tuple(methods), name, max_body
         self.networks = sockets.networks(allow_from)
         self.sock = self.watcher = self.app = None
-        self.inode = None     # of the unix socket's file
+        self.made = None      # the unix socket's file (socketfiles.SocketFile)
         self.open = set()     # at most MAX_CLIENTS
         self.ticking = False  # the deadlines' timer is set
         self.warned = {}      # kind -> when it was last warned of
 
-    def bind(self):
+    def bind(self, owner=None):
         """Listen now (before dropping privileges); BindError naming the address if it cannot.  Once:
-        ``pfrest serve`` binds before dropping privileges, and its Server's ``start`` binds what is not."""
+        ``pfrest serve`` binds before dropping privileges, and its Server's ``start`` binds what is not.
+        ``owner``: (uid, gid) a unix socket's file is handed to (privileges.owner)."""
         if self.sock is not None:
             return self
         if isinstance(self.address, str):
-            self.sock = sockets.open_unix_path(self.address, UNIX_MODE, self.name)
-            self.inode = os.stat(self.address).st_ino
+            self.sock, self.made = socketfiles.listen(self.address, UNIX_MODE, self.name, owner)
             self.sock.setblocking(False)
             return self
         host, port = self.address
@@ -120,9 +120,9 @@ class HttpServer:
         this process closes it, not when the child exits)."""
         return ([self.sock] if self.sock is not None else []) + [exchange.sock for exchange in self.open]
 
-    def unix_paths(self):
-        """[(path, inode)] of the unix socket it made, to be removed at the end (privileges.drop)."""
-        return [(self.address, self.inode)] if self.inode is not None else []
+    def socket_files(self):
+        """The unix socket file it made (socketfiles.SocketFile), for the janitor (privileges.drop)."""
+        return [self.made] if self.made is not None else []
 
     def close(self):
         if self.sock is None:
@@ -131,8 +131,8 @@ class HttpServer:
             self.watcher.unwatch(self.sock)
         self.sock.close()
         self.sock = None
-        if self.inode is not None:
-            sockets.remove_socket_file(self.address, self.inode)
+        if self.made is not None:
+            socketfiles.remove(self.made)
         for exchange in list(self.open):
             self._end(exchange)
 

@@ -12,13 +12,12 @@ address stays keep accepting throughout.
 """
 
 import logging
-import os
 import resource
 import socket
 import time
 
 from pfrest import config
-from pfrest.server import sockets
+from pfrest.server import privileges, socketfiles, sockets
 from pfrest.server.sockets import BindError
 from pfrest.server.stats import Stats
 
@@ -69,9 +68,9 @@ def connection_room():
 class Slot:
     """One listening socket and the endpoint its new connections are for."""
 
-    def __init__(self, key, sock, inherited=False, path=None):
-        self.key, self.sock, self.inherited, self.path = key, sock, inherited, path
-        self.inode = os.stat(path).st_ino if path else None
+    def __init__(self, key, sock, inherited=False, made=None):
+        """``made``: the socketfiles.SocketFile of a unix socket bound here."""
+        self.key, self.sock, self.inherited, self.made = key, sock, inherited, made
         self.endpoint = self.networks = None
         self.open = 0          # connections from this socket not yet closed
         sock.setblocking(False)
@@ -80,8 +79,13 @@ class Slot:
         if self.inherited:
             return  # systemd holds the socket; a later configuration may serve it again
         self.sock.close()
-        if self.path:
-            sockets.remove_socket_file(self.path, self.inode)
+        if self.made:
+            socketfiles.remove(self.made)
+
+    @property
+    def address(self):
+        """``(host, port)``, or the path of a unix socket (its file's: bound elsewhere, linked there)."""
+        return self.made.path if self.made else sockets.address(self.sock)
 
 
 class Listener:
@@ -159,7 +163,9 @@ class Listener:
         if key[0] == "fd":
             return Slot(key, self.inherited[ep.name], inherited=True)
         if key[0] == "unix":
-            return Slot(key, sockets.open_unix(ep), path=ep.bind_path)
+            sock, made = socketfiles.listen(ep.bind_path, ep.bind_mode, f"endpoint {ep.name}",
+                                            privileges.owner(self.cfg.user))
+            return Slot(key, sock, made=made)
         return Slot(key, sockets.open_tcp(ep))
 
     def _apply(self, cfg):
@@ -205,27 +211,27 @@ class Listener:
                      " (from systemd)" if slot.inherited else "")
             if self.watcher is not None:
                 self.watcher.watch(slot.sock, self._accept, slot)
-        elif slot.path and old.bind_mode != ep.bind_mode:
+        elif slot.made and old.bind_mode != ep.bind_mode:
             try:
-                os.chmod(slot.path, ep.bind_mode)
+                socketfiles.chmod(slot.made, ep.bind_mode)
             except OSError as exc:
-                log.error("endpoint=%s cannot change the mode of %s: %s", ep.name, slot.path, exc.strerror)
+                log.error("endpoint=%s cannot change the mode of %s: %s", ep.name, slot.made.path,
+                          exc.strerror or exc)
 
     @staticmethod
     def _where(slot):
-        return sockets.show(sockets.address(slot.sock))
+        return sockets.show(slot.address)
 
     # --- what a program or the process asks -----------------------------------------------------
 
     @property
     def addresses(self):
         """Endpoint name -> bound address: ``(host, port)`` for TCP, the path for a unix socket."""
-        return {slot.endpoint.name: sockets.address(slot.sock) for slot in self.slots.values()}
+        return {slot.endpoint.name: slot.address for slot in self.slots.values()}
 
-    def unix_paths(self):
-        """The socket files this listener created, with their inodes (to hand them to the
-        unprivileged user, and to remove them at the end)."""
-        return [(slot.path, slot.inode) for slot in self.slots.values() if slot.path]
+    def socket_files(self):
+        """The socket files this listener made (socketfiles.SocketFile: for the janitor to remove)."""
+        return [slot.made for slot in self.slots.values() if slot.made]
 
     def connections(self, name):
         return sum(slot.open for slot in self.slots.values() if slot.endpoint.name == name)

@@ -1,18 +1,19 @@
 """Started as root, ``pfrest serve`` binds first and then becomes the config's ``user`` for good: groups,
 gid, uid, in that order, so that no way back to root remains.
 
-The unix sockets it made live in directories that account may not write (Postfix's
+The unix sockets it makes are that account's from the start (``owner``: socketfiles.py makes them so
+without following a link).  They live in directories that account may not write (Postfix's
 ``/var/spool/postfix/private`` belongs to postfix), so it could not remove them at the end.  A *janitor*
 does: a child forked while still root that keeps nothing open but one pipe and waits, ignoring
 signals, until the pipe closes (the server has exited, however it ended), then removes those socket
-files (only if they are still the ones made: same inode) and exits.
+files (only if they are still the ones made, socketfiles.remove) and exits.
 """
 
 import logging
 import os
 import signal
 
-from pfrest.server.sockets import remove_socket_file
+from pfrest.server import socketfiles
 
 log = logging.getLogger("pfrest")
 
@@ -21,30 +22,41 @@ class PrivilegeError(Exception):
     pass
 
 
-def drop(user, unix_paths):
-    """As root: start the janitor for ``unix_paths`` ([(path, inode)]), hand the sockets to ``user`` and
-    become it.  Otherwise nothing, with a word when that is worth knowing."""
+def _account(user):
+    import pwd
+    try:
+        return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, ValueError):
+        raise PrivilegeError(f"user: no such user {user!r}") from None
+
+
+def owner(user):
+    """(uid, gid) the socket files made now are for: ``user``'s when running as root (drop will become
+    it), else None (they stay this process's).  PrivilegeError for an unknown user."""
+    if os.geteuid() != 0 or not user:
+        return None
+    pw = _account(user)
+    return pw.pw_uid, pw.pw_gid
+
+
+def drop(user, socket_files):
+    """As root: start the janitor for ``socket_files`` (socketfiles.SocketFile, already ``user``'s) and
+    become ``user``.  Otherwise nothing, with a word when that is worth knowing."""
     if os.geteuid() != 0:
         return
     if not user:
         log.warning("running as root: set \"user\" in the config to drop privileges after binding")
         return
-    import pwd
-    try:
-        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except (KeyError, ValueError):
-        raise PrivilegeError(f"user: no such user {user!r}") from None
-    for path, _ in unix_paths:
-        os.chown(path, pw.pw_uid, pw.pw_gid)
-    if unix_paths:
-        _start_janitor(unix_paths)
+    pw = _account(user)
+    if socket_files:
+        _start_janitor(socket_files)
     os.initgroups(pw.pw_name, pw.pw_gid)
     os.setgid(pw.pw_gid)
     os.setuid(pw.pw_uid)
     log.info("running as user %s (uid %d, gid %d)", pw.pw_name, pw.pw_uid, pw.pw_gid)
 
 
-def _start_janitor(unix_paths):
+def _start_janitor(socket_files):
     read_end, write_end = os.pipe()
     if os.fork() != 0:
         os.close(read_end)
@@ -57,7 +69,7 @@ def _start_janitor(unix_paths):
         os.closerange(read_end + 1, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
         while os.read(read_end, 1):
             pass
-        for path, inode in unix_paths:
-            remove_socket_file(path, inode)
+        for made in socket_files:
+            socketfiles.remove(made)
     finally:
         os._exit(0)

@@ -171,8 +171,8 @@ class Server:
     def addresses(self):
         return self.listener.addresses
 
-    def unix_paths(self):
-        return self.listener.unix_paths() + self.control.unix_paths()
+    def socket_files(self):
+        return self.listener.socket_files() + self.control.socket_files()
 
     def connection_count(self):
         return len(self.conversations.open)

@@ -1,5 +1,5 @@
-"""Listening sockets for the endpoints of ``pfrest serve``: TCP (IPv4/IPv6), unix-domain, or handed over
-by systemd; and the ``allow-from`` check on accepted peers.
+"""Listening sockets for the endpoints of ``pfrest serve``: TCP (IPv4/IPv6), unix-domain (their files:
+socketfiles.py), or handed over by systemd; and the ``allow-from`` check on accepted peers.
 
 Every failure is a BindError whose text names the endpoint, because that is what the admin reads
 when the service does not start.
@@ -9,7 +9,6 @@ import errno
 import ipaddress
 import os
 import socket
-import stat
 import struct
 
 # The kernel caps this at net.core.somaxconn (4096 on current kernels).  A burst of Postfix processes
@@ -58,68 +57,6 @@ def open_tcp(endpoint) -> socket.socket:
         raise BindError(f"endpoint {endpoint.name}: cannot listen on {where(endpoint)}: "
                         f"{exc.strerror or exc}") from None
     return sock
-
-
-def _clear_stale(path, what):
-    """Remove a socket file left by a process that is gone; refuse anything else.  ``what`` names the
-    socket in messages ("endpoint NAME", "control-socket")."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise BindError(f"{what}: cannot check {path}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(mode):
-        raise BindError(f"{what}: {path} exists and is not a socket; not removing it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(2)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            pass  # nobody listens: stale
-        except OSError as exc:
-            raise BindError(f"{what}: cannot check {path}: {exc.strerror or exc}") from None
-        else:
-            raise BindError(f"{what}: cannot listen on {path}: another process is listening on it")
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise BindError(f"{what}: cannot remove stale socket {path}: {exc.strerror}") from None
-
-
-def open_unix(endpoint) -> socket.socket:
-    return open_unix_path(endpoint.bind_path, endpoint.bind_mode, f"endpoint {endpoint.name}")
-
-
-def open_unix_path(path, mode, what) -> socket.socket:
-    """A listening unix socket at ``path`` with file mode ``mode``; BindError naming ``what``."""
-    _clear_stale(path, what)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # Linux creates the file with the socket's mode minus the umask: set it first, so the file is
-        # never more open than bind-mode, then exactly bind-mode once it exists.
-        try:
-            os.fchmod(sock.fileno(), mode)
-        except OSError:
-            pass
-        sock.bind(path)
-        os.chmod(path, mode)
-        sock.listen(BACKLOG)
-    except OSError as exc:
-        sock.close()
-        raise BindError(f"{what}: cannot listen on {path}: {exc.strerror or exc}") from None
-    return sock
-
-
-def remove_socket_file(path, inode):
-    """Remove a unix socket file we made, never a successor's (same path, another inode)."""
-    try:
-        if os.stat(path).st_ino == inode:
-            os.unlink(path)
-    except OSError:
-        pass
 
 
 def adopt(fd: int, name: str) -> socket.socket:
