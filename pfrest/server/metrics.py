@@ -152,7 +152,10 @@ def families(figures: Figures):
         restarts = CounterMetricFamily("pfrest_worker_restarts", "worker processes replaced after they "
                                        "ended unexpectedly")
         restarts.add_metric([], figures.restarts)
-        found += [workers, restarts]
+        silent = GaugeMetricFamily("pfrest_workers_silent", "worker processes silent now (stopped or stuck): "
+                                   "they get no new connections and are replaced if they stay silent")
+        silent.add_metric([], len(figures.silent))
+        found += [workers, restarts, silent]
     return found
 
 
