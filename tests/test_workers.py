@@ -199,8 +199,9 @@ def _answer(port, answers):
 
 
 def test_a_stop_signal_to_every_process_still_drains(backend, write_config, served):
-    """systemd's default KillMode signals the whole unit; Ctrl-C the whole process group: the workers
-    get the signal as well as the arbiter's order and must still drain, not exit at once."""
+    """systemd's default KillMode (the unit sets mixed) signals the whole unit; Ctrl-C the whole process
+    group: the workers get the signal as well as the arbiter's order and must still drain, not exit at
+    once."""
     backend.answers["k"] = (200, ["v"])
     port = free_port()
     proc = served("-c", write_config([endpoint(backend, **{"bind-port": port})]), "--workers", "2")

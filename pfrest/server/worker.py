@@ -11,9 +11,9 @@ worker that went silent.  Sending never blocks the loop (control.Channel); the l
 not taken yet goes out when the channel has room, and before the worker exits (up to FLUSH_TIMEOUT).
 An arbiter that takes nothing until MAX_BACKLOG messages wait is stuck: the worker drains and exits
 rather than lose word of a connection that ended.  The channel closing means the arbiter is gone: the
-worker then drains and exits.  SIGTERM/SIGINT sent to
-the worker itself (systemd's KillMode=control-group, Ctrl-C to the process group) drain it too; a
-second one exits at once.
+worker then drains and exits.  SIGTERM/SIGINT sent to the worker itself (Ctrl-C to the process group;
+systemd's default KillMode, which the shipped unit replaces with mixed) drain it too; a second one exits
+at once.
 """
 
 import asyncio
