@@ -15,6 +15,7 @@ import time
 import pytest
 
 from conftest import Backend
+from pfrest.server import control
 from postfix_instance import free_port
 from test_monitoring import get, samples, total
 from test_serve import connect, endpoint, served, tcp_get  # noqa: F401 (served is a fixture)
@@ -229,6 +230,42 @@ def channel_capacity():
     finally:
         ours.close()
         theirs.close()
+
+
+def test_the_channel_keeps_every_message_in_order_and_says_when_it_is_full(monkeypatch):
+    """What finds the socket full waits, in order, with its connection; at the bound nothing is taken."""
+    monkeypatch.setattr(control, "MAX_BACKLOG", 10)
+    ours, theirs = control.pair()
+    passed, peer = socket.socketpair()
+    try:
+        sent = 0   # messages taken, numbered in order
+        while not ours.backlog:
+            assert ours.send(("closed", sent))
+            sent += 1
+        assert ours.send(("connection", sent), passed) and passed.fileno() >= 0   # waits: still open
+        sent += 1
+        while len(ours.backlog) < control.MAX_BACKLOG:
+            assert ours.send(("closed", sent))
+            sent += 1
+        assert not ours.send(("closed", "no room"))   # the owner acts: nothing dropped silently
+        got, fds = [], []
+        deadline = time.monotonic() + 10
+        while len(got) < sent and time.monotonic() < deadline:
+            try:
+                message, passed_fds = theirs.receive()
+            except BlockingIOError:
+                ours.flush()
+                continue
+            got.append(message[1])
+            fds += passed_fds
+        assert got == list(range(sent)) and not ours.backlog
+        assert passed.fileno() == -1 and len(fds) == 1   # closed here once the other end had its copy
+        with socket.socket(fileno=fds[0]) as copy:
+            copy.sendall(b"x")
+            assert peer.recv(1) == b"x"
+    finally:
+        for sock in (ours, theirs, passed, peer):
+            sock.close()
 
 
 def open_connections(metrics_port):

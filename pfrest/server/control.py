@@ -52,28 +52,36 @@ class Channel:
         """Send ``message`` (with the descriptor of the socket ``passed``, which the Channel then owns
         and closes once sent) now or, when the socket is full, once ``flush`` finds room.  False when
         the backlog is full: nothing was taken (``passed`` is still the caller's).  Raises OSError when
-        the other end is gone."""
+        the other end is gone (nothing taken either)."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        if not self.backlog:
+            try:
+                self._send(data, passed)
+                return True
+            except BlockingIOError:
+                pass
         if len(self.backlog) >= MAX_BACKLOG:
             return False
-        self.backlog.append((pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), passed))
-        self.flush()
+        self.backlog.append((data, passed))
         return True
 
     def flush(self) -> bool:
-        """Send what waits, as far as the socket has room; True when nothing waits any more."""
+        """Send what waits, as far as the socket has room; True when nothing waits any more.  Raises
+        OSError when the other end is gone."""
         while self.backlog:
-            data, passed = self.backlog[0]
             try:
-                if passed is None:
-                    self.sock.send(data)
-                else:
-                    socket.send_fds(self.sock, [data], [passed.fileno()])
+                self._send(*self.backlog[0])
             except BlockingIOError:
                 return False
             self.backlog.popleft()
-            if passed is not None:
-                passed.close()   # the other end has its own copy now
         return True
+
+    def _send(self, data, passed):
+        if passed is None:
+            self.sock.send(data)
+        else:
+            socket.send_fds(self.sock, [data], [passed.fileno()])
+            passed.close()   # the other end has its own copy now
 
     def receive(self):
         """The next message and the descriptors that came with it; (None, []) at the end of the channel.
