@@ -17,7 +17,7 @@ import pytest
 from conftest import Backend
 from pfrest.server import control
 from postfix_instance import free_port
-from test_monitoring import get, samples, total
+from test_monitoring import get, run_pfrest, samples, total
 from test_serve import connect, endpoint, served, tcp_get  # noqa: F401 (served is a fixture)
 
 
@@ -316,9 +316,9 @@ def test_a_stopped_worker_gets_no_connections_is_reported_and_replaced(backend, 
     backend.answers["k"] = (200, ["v"])
     port, metrics_port = free_port(), free_port()
     drain = 4.0
-    proc = served("-c", write_config([endpoint(backend, **{"bind-port": port})],
-                                     **{"metrics-address": f"127.0.0.1:{metrics_port}"}),
-                  "--workers", "2", "--drain-timeout", str(drain))
+    cfg = write_config([endpoint(backend, **{"bind-port": port})],
+                       **{"metrics-address": f"127.0.0.1:{metrics_port}"})
+    proc = served("-c", cfg, "--workers", "2", "--drain-timeout", str(drain))
     proc.wait_for(r"2 workers")
     first = workers_of(proc)
     halted = []
@@ -328,6 +328,7 @@ def test_a_stopped_worker_gets_no_connections_is_reported_and_replaced(backend, 
         until(lambda: re.match(silent, get(metrics_port, "/readyz")[1]), what="/readyz never said it")
         assert get(metrics_port, "/readyz")[0] == 503
         assert total(samples(get(metrics_port)[1]), "pfrest_workers_silent") == 1
+        assert "replaced, 1 silent)" in run_pfrest("stats", "-c", cfg).stdout
         for _ in range(20):   # none goes to the stopped worker
             with connect(("127.0.0.1", port), timeout=5) as sock:
                 assert tcp_get(sock, b"k") == b"200 v\n"

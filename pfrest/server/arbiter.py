@@ -10,13 +10,15 @@ reload is the single-process reload: the arbiter opens and closes the sockets th
 drops, and sends the config to every worker, which applies it at once to the connections it has.
 
 A worker that dies is replaced, after RESTART_DELAY, by a fork of the arbiter: with the arbiter's
-current config, never the startup one.  Every message of a worker is a sign of life, and it sends one
-every second (worker.STATS_INTERVAL): a worker silent for SILENT_AFTER seconds (stopped, or its loop
+current config, never the startup one.  The workers send their counters every second (a word even
+when nothing changed) and at exit, which the arbiter adds up (SIGUSR1, at exit, and the metrics address,
+which it serves: monitor.py); the counters of a worker that ended are kept.  The arbiter alone talks to
+systemd (the main PID).
+
+Every word of a worker is its heartbeat: one silent for SILENT_AFTER seconds (stopped, or its loop
 stuck) gets no new connections and makes ``/readyz`` say so; after KILL_AFTER it is killed (SIGKILL),
-and so replaced.  So is a worker that leaves control.MAX_BACKLOG messages untaken.  A stop waits for the
-workers to drain for the drain timeout and STOP_GRACE more at most, and not at all for a silent one.  The workers send their counters every second and at exit,
-which the arbiter adds up (SIGUSR1, at exit, and the metrics address, which it serves: monitor.py);
-the counters of a worker that ended are kept.  The arbiter alone talks to systemd (the main PID).
+and so replaced.  So is a worker that leaves control.MAX_BACKLOG messages untaken.  A stop lets the
+workers drain for the drain timeout and STOP_GRACE more at most, and kills a silent one at once.
 
 The arbiter runs a plain selector loop, not asyncio: it forks while running, and a child must start
 its own event loop from a clean slate.

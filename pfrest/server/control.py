@@ -16,9 +16,9 @@ generation)`` (None: the reload failed, only reopen the log file), ``("probe", n
 (readiness, health.py), ``("invalidate", number, endpoint, [params] or None)`` (``pfrest cache``,
 controlsocket.py), ``("stop",)``.
 Worker -> arbiter: ``("ready",)``, ``("applied", generation)``, ``("closed", key)``,
-``("stats", {endpoint: Stats})`` (also the worker's heartbeat, every second), ``("probed", number,
-{endpoint: None or why not})``, ``("invalidated", number, answers dropped or None: no cache for that
-endpoint)``.
+``("stats", {endpoint: Stats})`` or ``("alive",)`` (the worker's heartbeat, every second),
+``("probed", number, {endpoint: None or why not})``, ``("invalidated", number, answers dropped or None:
+no cache for that endpoint)``.
 """
 
 import pickle

@@ -141,8 +141,8 @@ class Worker:
     def _send(self, message):
         try:
             if not self.channel.send(message):
-                logger.error("worker %d: the arbiter has taken no message for %d; stopping", self.index,
-                             control.MAX_BACKLOG)
+                logger.error("worker %d: %d messages wait for the arbiter, which takes none; stopping",
+                             self.index, control.MAX_BACKLOG)
                 return self._stopping("the arbiter is stuck")
         except OSError:
             return  # the arbiter is gone; the channel's EOF stops this worker
