@@ -356,6 +356,8 @@ def test_a_reload_that_disowns_a_partial_request_closes_it(backend, write_config
     closed at once (its request would never be answered), whatever its timeouts; one still allowed and
     idle stays; one disowned while its request is with the backend gets its answer first."""
     backend.answers["k"] = (200, ["v"])
+    release = threading.Event()
+    backend.answers["slow"] = lambda request: (release.wait(10), (200, ["late"]))[1]
     port = free_port()
     ep = endpoint(backend, **{"bind-port": port, "allow-from": ["127.0.0.0/8"], "idle-timeout": 60,
                               "partial-request-timeout": 30})
@@ -363,11 +365,13 @@ def test_a_reload_that_disowns_a_partial_request_closes_it(backend, write_config
     proc.wait_for(r"ready: serving")
     kept = connect(("127.0.0.1", port), source="127.0.0.2")
     partial = connect(("127.0.0.1", port), source="127.0.0.1", timeout=5)
+    busy = connect(("127.0.0.1", port), source="127.0.0.1", timeout=5)
     try:
         assert tcp_get(kept, b"k") == b"200 v\n"
         assert tcp_get(partial, b"k") == b"200 v\n"
         partial.sendall(b"get hal")
-        time.sleep(0.2)   # received before the reload
+        busy.sendall(b"get slow\nget k\n")   # the second one waits behind the first
+        until(lambda: "slow" in map(backend.key_of, backend.requests), what="the slow request never came")
         write_config([dict(ep, **{"allow-from": ["127.0.0.2/32"]})])
         mark = proc.mark()
         proc.send(signal.SIGHUP)
@@ -375,7 +379,10 @@ def test_a_reload_that_disowns_a_partial_request_closes_it(backend, write_config
         assert partial.recv(100) == b""   # within the socket's 5 s: long before the 30 s limits
         proc.wait_for(r"peer=127\.0\.0\.1:\d+ closing: the endpoint no longer takes this connection",
                       after=mark)
+        release.set()
+        assert busy.recv(100) == b"200 late\n" and busy.recv(100) == b""
         assert tcp_get(kept, b"k") == b"200 v\n"
     finally:
-        kept.close()
-        partial.close()
+        release.set()
+        for sock in (kept, partial, busy):
+            sock.close()
