@@ -164,8 +164,9 @@ class Conversation(asyncio.Protocol):
                 self._arm()
 
     def _disowned(self):
-        log.info("endpoint=%s peer=%s closing: the endpoint no longer takes this connection",
-                 self.origin.endpoint, self.peer)
+        if self.transport is None or not self.transport.is_closing():   # said once
+            log.info("endpoint=%s peer=%s closing: the endpoint no longer takes this connection",
+                     self.origin.endpoint, self.peer)
         self._end()
 
     def _service(self):
