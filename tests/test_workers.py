@@ -351,10 +351,12 @@ def test_a_stopped_worker_gets_no_connections_is_reported_and_replaced(backend, 
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_reload_that_disowns_a_partial_request_closes_it(backend, write_config, served, workers):
-    """Defect 8: a connection holding half a request when a reload takes its peer out of allow-from is
-    closed at once (its request would never be answered), whatever its timeouts; one still allowed and
-    idle stays; one disowned while its request is with the backend gets its answer first."""
+@pytest.mark.parametrize("change", ["peer", "endpoint"])
+def test_a_reload_that_disowns_a_partial_request_closes_it(backend, write_config, served, workers, change):
+    """Defect 8: a connection holding half a request when a reload takes its peer out of allow-from (or
+    removes its endpoint) is closed at once (its request would never be answered), whatever its
+    timeouts; one disowned while its request is with the backend gets its answer first; one still
+    allowed stays."""
     backend.answers["k"] = (200, ["v"])
     release = threading.Event()
     backend.answers["slow"] = lambda request: (release.wait(10), (200, ["late"]))[1]
@@ -372,7 +374,10 @@ def test_a_reload_that_disowns_a_partial_request_closes_it(backend, write_config
         partial.sendall(b"get hal")
         busy.sendall(b"get slow\nget k\n")   # the second one waits behind the first
         until(lambda: "slow" in map(backend.key_of, backend.requests), what="the slow request never came")
-        write_config([dict(ep, **{"allow-from": ["127.0.0.2/32"]})])
+        if change == "peer":
+            write_config([dict(ep, **{"allow-from": ["127.0.0.2/32"]})])
+        else:
+            write_config([endpoint(backend, name="other", **{"bind-port": free_port()})])
         mark = proc.mark()
         proc.send(signal.SIGHUP)
         proc.wait_for(r"reloaded ", after=mark)
@@ -381,7 +386,10 @@ def test_a_reload_that_disowns_a_partial_request_closes_it(backend, write_config
                       after=mark)
         release.set()
         assert busy.recv(100) == b"200 late\n" and busy.recv(100) == b""
-        assert tcp_get(kept, b"k") == b"200 v\n"
+        if change == "peer":
+            assert tcp_get(kept, b"k") == b"200 v\n"
+        else:
+            assert kept.recv(100) == b""
     finally:
         release.set()
         for sock in (kept, partial, busy):
