@@ -164,10 +164,10 @@ class Worker:
         last = None
         while True:
             await asyncio.sleep(STATS_INTERVAL)
-            self.services.measure()
-            now = {name: s.snapshot() for name, s in self.services.stats.items()}
             if self.channel.backlog:
                 continue   # the arbiter has not taken the last one yet
+            self.services.measure()
+            now = {name: s.snapshot() for name, s in self.services.stats.items()}
             if now != last:
                 self._send(("stats", self.services.stats))
                 last = now
