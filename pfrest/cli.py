@@ -40,8 +40,8 @@ def _parser():
     p.add_argument("--drain-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long requests in progress may take to finish (default 10)")
     p.add_argument("--workers", type=_workers, default=1, metavar="N",
-                   help="pre-forked processes sharing the sockets; one per CPU core uses them all "
-                        "(default 1)")
+                   help="worker processes the connections are passed to, each replaced when it dies or "
+                        "goes silent; one per CPU core uses them all (default 1)")
 
     command("stats", "print the figures of the running pfrest serve (from its metrics-address)")
 

@@ -67,7 +67,7 @@ def table(figures, url) -> str:
     head = f"{url}: "
     if figures.workers is not None:
         head += (f"{len(figures.workers)} workers (connections {','.join(map(str, figures.workers)) or '-'}; "
-                 f"{figures.restarts} replaced), ")
+                 f"{figures.restarts} replaced{f', {len(figures.silent)} silent' if figures.silent else ''}), ")
     names = sorted(figures.endpoints)
     requests = [["endpoint", "mode", "open", "accepted", "refused", "requests", "replies", "p50 ms", "p99 ms"]]
     backend = [["endpoint", "exchanges", "errors", "p50 ms", "p99 ms", "cache hits", "misses", "stale",

@@ -53,6 +53,18 @@ def test_sandbox_rating(unit):
     assert exposure(Path(ROOT, "systemd", unit)) <= LIMITS[unit]
 
 
+def test_the_serve_unit_stops_as_the_arbiter_stops_its_workers():
+    """KillMode=mixed: SIGTERM to the arbiter alone (systemd's default would signal the workers while it
+    may still pass them connections); the arbiter kills a worker STOP_GRACE past the drain timeout, and
+    systemd's SIGKILL comes after that."""
+    from pfrest.server.arbiter import STOP_GRACE
+    with open(os.path.join(ROOT, "systemd", "pfrest.service")) as f:
+        unit = unit_settings(f.read())
+    assert unit["KillMode"] == ["mixed"]
+    drain = re.search(r"--drain-timeout (\S+)", unit["ExecStart"][0])
+    assert float(unit["TimeoutStopSec"][0]) > (float(drain.group(1)) if drain else 10.0) + STOP_GRACE
+
+
 def test_package_version_is_the_code_version():
     """debian/changelog names the version the package gets: the one pyproject.toml and pfrest say."""
     from pfrest import __version__

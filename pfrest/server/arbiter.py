@@ -10,9 +10,15 @@ reload is the single-process reload: the arbiter opens and closes the sockets th
 drops, and sends the config to every worker, which applies it at once to the connections it has.
 
 A worker that dies is replaced, after RESTART_DELAY, by a fork of the arbiter: with the arbiter's
-current config, never the startup one.  The workers send their counters every second and at exit,
-which the arbiter adds up (SIGUSR1, at exit, and the metrics address, which it serves: monitor.py);
-the counters of a worker that ended are kept.  The arbiter alone talks to systemd (the main PID).
+current config, never the startup one.  The workers send their counters every second (a word even
+when nothing changed) and at exit, which the arbiter adds up (SIGUSR1, at exit, and the metrics address,
+which it serves: monitor.py); the counters of a worker that ended are kept.  The arbiter alone talks to
+systemd (the main PID).
+
+Every word of a worker is its heartbeat: one silent for SILENT_AFTER seconds (stopped, or its loop
+stuck) gets no new connections and makes ``/readyz`` say so; after KILL_AFTER it is killed (SIGKILL),
+and so replaced.  So is a worker that leaves control.MAX_BACKLOG messages untaken.  A stop lets the
+workers drain for the drain timeout and STOP_GRACE more at most, and kills a silent one at once.
 
 The arbiter runs a plain selector loop, not asyncio: it forks while running, and a child must start
 its own event loop from a clean slate.
@@ -39,6 +45,10 @@ RESTART_DELAY = 1.0    # seconds before replacing a worker that died, so that a 
 READY_TIMEOUT = 10.0   # seconds the workers get to start before the service says it is ready
 RELOAD_TIMEOUT = 5.0   # seconds the workers get to confirm a reload before it is called done anyway
 INVALIDATE_TIMEOUT = 2.0   # seconds the workers get to confirm a pfrest cache drop or flush
+WATCH_INTERVAL = 0.5   # seconds between two looks at how long each worker has been silent
+SILENT_AFTER = 3.0     # seconds without a word (3 heartbeats missed) before a worker gets no new connections
+KILL_AFTER = 6.0       # seconds without a word before a worker is killed and replaced
+STOP_GRACE = 3.0       # seconds past the drain timeout a worker gets to exit on stop before it is killed
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 
 
@@ -51,10 +61,17 @@ class WorkerHandle:
         self.generation = 0      # the last config it confirmed
         self.open = Counter()    # bind key -> connections passed to it and not ended yet
         self.stats = {}          # endpoint name -> Stats, as it last reported them
+        self.heard = time.monotonic()   # when its last message came
+        self.quiet = False       # said to be silent (logged once)
+        self.ending = False      # its channel closed, or SIGKILL sent: only reaping is left
+        self.writing = False     # its channel is watched for room too (messages wait in its backlog)
 
     @property
     def connections(self):
         return sum(self.open.values())
+
+    def silent(self, now):
+        return now - self.heard >= SILENT_AFTER
 
 
 class Arbiter:
@@ -100,6 +117,7 @@ class Arbiter:
         deadline = time.monotonic() + READY_TIMEOUT
         while not all(w.ready for w in self.workers.values()) and time.monotonic() < deadline:
             self._turn(deadline - time.monotonic())
+        self._watchdog()
         self.listener.start(self, self._pass)
         if self.monitor is not None:
             self.monitor.start(self)
@@ -219,6 +237,31 @@ class Arbiter:
             self.monitor.close()
         self.control.close()
         self._broadcast(("stop",))
+        self.later(self.options.drain_timeout + STOP_GRACE, self._overdue)
+
+    def _overdue(self):
+        for handle in self.workers.values():
+            self._kill(handle, "still running %.0f s after the drain timeout" % STOP_GRACE)
+
+    def _watchdog(self):
+        """Every WATCH_INTERVAL: a worker silent too long gets no connections, then is killed; while
+        stopping, a silent one is killed at once (it cannot be draining)."""
+        now = time.monotonic()
+        for handle in self.workers.values():
+            quiet = now - handle.heard
+            if quiet >= (KILL_AFTER if handle.ready else READY_TIMEOUT) or (self.stopping and handle.silent(now)):
+                self._kill(handle, "silent for %.1f s" % quiet)
+            elif handle.silent(now) and not handle.quiet:
+                handle.quiet = True
+                logger.error("worker %d (pid %d) silent for %.1f s: it gets no new connections (killed after "
+                             "%.0f s)", handle.index, handle.pid, quiet, KILL_AFTER)
+        self.later(WATCH_INTERVAL, self._watchdog)
+
+    def _kill(self, handle, why):
+        if not handle.ending:
+            handle.ending = True
+            logger.error("worker %d (pid %d) %s; killing it", handle.index, handle.pid, why)
+            _kill(handle.pid, signal.SIGKILL)
 
     # --- workers ------------------------------------------------------------------------------------
 
@@ -234,10 +277,9 @@ class Arbiter:
             finally:
                 os._exit(1)
         theirs.close()
-        ours.setblocking(False)
         handle = self.workers[pid] = WorkerHandle(index, pid, ours)
         handle.generation = self.generation  # forked with the current config
-        self.watch(ours, self._from_worker, handle)
+        self.watch(ours.sock, self._channel, handle)
 
     def _become_worker(self, index, channel):
         """In the child: drop everything of the arbiter's, then serve; never returns."""
@@ -262,10 +304,16 @@ class Arbiter:
             logging.shutdown()
             os._exit(status)
 
+    def _channel(self, handle):
+        """The worker's channel is readable or has room again."""
+        self._from_worker(handle)
+        if handle.writing:
+            self._flush(handle)
+
     def _from_worker(self, handle):
         while True:
             try:
-                message, fds = control.receive(handle.channel)
+                message, fds = handle.channel.receive()
             except BlockingIOError:
                 return
             except OSError:
@@ -273,8 +321,13 @@ class Arbiter:
             for fd in fds:  # workers pass none; never leak one
                 os.close(fd)
             if message is None:
-                self.unwatch(handle.channel)  # it is ending: SIGCHLD follows
+                self.unwatch(handle.channel.sock)  # it is ending: SIGCHLD follows
+                handle.ending = True
                 return
+            handle.heard = time.monotonic()
+            if handle.quiet:
+                handle.quiet = False
+                logger.warning("worker %d (pid %d) speaks again", handle.index, handle.pid)
             kind = message[0]
             if kind == "ready":
                 handle.ready = True
@@ -303,8 +356,8 @@ class Arbiter:
             if handle is None:
                 continue  # not a worker (the janitor never ends before us)
             self._from_worker(handle)  # its last word: the final counters
-            self.unwatch(handle.channel)
-            handle.channel.close()
+            self.unwatch(handle.channel.sock)
+            handle.channel.close()   # connections still waiting to be passed to it close too
             for key, count in handle.open.items():
                 self.listener.closed(key, count)
             for stats in handle.stats.values():
@@ -322,30 +375,46 @@ class Arbiter:
         for handle in list(self.workers.values()):
             self._send(handle, message)
 
-    def _send(self, handle, message, fd=None):
-        try:
-            control.send(handle.channel, message, fd)
-            return True
-        except OSError as exc:
-            logger.error("worker %d (pid %d) does not take messages (%s); stopping it", handle.index,
-                         handle.pid, exc)
-            _kill(handle.pid, signal.SIGKILL)
+    def _send(self, handle, message, passed=None):
+        """Send (or queue) ``message`` to a worker, with the socket ``passed`` (then the channel's);
+        False, and the worker killed, when it takes no more."""
+        if handle.ending:
             return False
+        try:
+            if handle.channel.send(message, passed):
+                self._flush(handle)
+                return True
+            why = f"{control.MAX_BACKLOG} messages wait"
+        except OSError as exc:
+            why = str(exc)
+        self._kill(handle, f"does not take messages ({why})")
+        return False
+
+    def _flush(self, handle):
+        """Watch the channel for room while messages wait in its backlog, and only then."""
+        try:
+            done = handle.channel.flush()
+        except OSError:
+            done = True   # the worker is gone: SIGCHLD follows
+        if done == handle.writing and not handle.ending:
+            handle.writing = not done
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if handle.writing else 0)
+            self.selector.modify(handle.channel.sock, events, (self._channel, (handle,)))
 
     # --- connections --------------------------------------------------------------------------------
 
     def _pass(self, slot, sock, peer, host):
         """The Listener's sink: the admitted connection goes to the least busy worker."""
-        ready = [w for w in self.workers.values() if w.ready]
+        now = time.monotonic()
+        ready = [w for w in self.workers.values() if w.ready and not w.ending and not w.silent(now)]
         if not ready:
             return "workers"
-        handle = min(ready, key=lambda w: (w.connections, w.index))
+        handle = min(ready, key=lambda w: (bool(w.channel.backlog), w.connections, w.index))
         if handle.connections >= connection_room():
             return "open-files"
-        if not self._send(handle, ("connection", slot.key, slot.endpoint.name, peer, host), sock.fileno()):
+        if not self._send(handle, ("connection", slot.key, slot.endpoint.name, peer, host), sock):
             return "workers"
-        sock.close()  # the worker has its own copy now
-        handle.open[slot.key] += 1
+        handle.open[slot.key] += 1   # the channel closes sock once the worker has its own copy
         return None
 
     def figures(self):
@@ -354,7 +423,10 @@ class Arbiter:
         workers = sorted(self.workers.values(), key=lambda w: w.index)
         connections = {slot.endpoint.name: sum(w.open[slot.key] for w in workers)
                        for slot in self.listener.slots.values()}
-        return Figures(totals, connections, self.reloads, tuple(w.connections for w in workers), self.restarts)
+        now = time.monotonic()
+        silent = tuple((w.index, w.pid, now - w.heard) for w in workers if w.silent(now))
+        return Figures(totals, connections, self.reloads, tuple(w.connections for w in workers), self.restarts,
+                       silent)
 
     def summary(self):
         """Counter lines for the whole service."""
@@ -363,7 +435,9 @@ class Arbiter:
     def probe(self, names, done):
         """Readiness: a worker probes these endpoints' backends (it has the event loop and the clients);
         ``done(results)`` when it answers, or with every probe failed after health.probe_wait."""
-        ready = sorted((w for w in self.workers.values() if w.ready), key=lambda w: w.connections)
+        now = time.monotonic()
+        ready = sorted((w for w in self.workers.values() if w.ready and not w.ending and not w.silent(now)),
+                       key=lambda w: w.connections)
         self.probe_number += 1
         self.probes[self.probe_number] = (names, done)
         if not ready or not self._send(ready[0], ("probe", self.probe_number, names)):

@@ -11,10 +11,12 @@ Timeouts, all by one lazily re-armed timer (no timer churn per request):
   per request, not per read, so that a client dripping a byte at a time is dropped as surely as one that
   stops): close, with a warning;
 - write: a client that takes none of our replies for WRITE_TIMEOUT (Postfix's own I/O timeout): abort.
-While a request is with the backend, its request-timeout bounds the wait instead.
+While a request is with the backend, its request-timeout bounds the wait instead.  The limits are the
+service's as of the last request (or reload), so a connection a reload disowned keeps them.
 
 Ends: EOF after the last request (replies still owed are written first), a protocol error (``Close``),
-a timeout, ``close_when_idle()`` at the next request boundary (drain, reload), ``abort()``.
+a timeout, ``close_when_idle()`` at the next request boundary (drain), ``reconsider()`` after a reload
+that disowns the connection (at once, or after the reply to the request with the backend), ``abort()``.
 """
 
 import asyncio
@@ -44,6 +46,7 @@ class Conversation(asyncio.Protocol):
         self.service = services.current(origin)
         self.generation = services.generation
         self.mode_name = self.service.mode.name
+        self.limits = self._limits(self.service)   # (partial-request, idle) seconds, kept if disowned
         self.decoder = self.service.mode.decoder()
         self.items = deque()
         self.transport = None
@@ -58,6 +61,8 @@ class Conversation(asyncio.Protocol):
 
     def connection_made(self, transport):
         self.transport = transport
+        if self.closing:   # drained or disowned before the loop got to it
+            return self._end()
         self._arm()
 
     def data_received(self, data):
@@ -119,10 +124,15 @@ class Conversation(asyncio.Protocol):
             self.transport.abort()
 
     def reconsider(self):
-        """After a reload: end at the next request boundary if the endpoint no longer takes this
-        connection (removed, another protocol, moved, or its peer no longer allowed)."""
+        """After a reload: if the endpoint no longer takes this connection (removed, another protocol,
+        moved, or its peer no longer allowed), end it: now, or after the reply to the request the backend
+        has.  Nothing else on it would be answered: a partial request or requests still queued would
+        only be closed once complete or due, so they are closed now."""
         if self._service() is None:
-            self.close_when_idle()
+            self.items.clear()
+            self.closing = True
+            if self.answering is None:
+                self._disowned()
 
     # --- answering --------------------------------------------------------------------------------
 
@@ -140,18 +150,24 @@ class Conversation(asyncio.Protocol):
                 continue
             service = self._service()
             if service is None:
-                log.info("endpoint=%s peer=%s closing: the endpoint no longer takes this connection",
-                         self.origin.endpoint, self.peer)
-                return self._end()
+                return self._disowned()
             self._start(service, item)
         if self.reading_paused and len(self.items) < MAX_QUEUED // 2 and not self.lost:
             self.reading_paused = False
             self.transport.resume_reading()
         if self.answering is None and not self.items:
-            if self.eof or (self.closing and not self.decoder.pending):
+            if self.closing and self.service is None:
+                self._disowned()
+            elif self.eof or (self.closing and not self.decoder.pending):
                 self._end()
             else:
                 self._arm()
+
+    def _disowned(self):
+        if self.transport is None or not self.transport.is_closing():   # said once
+            log.info("endpoint=%s peer=%s closing: the endpoint no longer takes this connection",
+                     self.origin.endpoint, self.peer)
+        self._end()
 
     def _service(self):
         """The service for the next request: the same unless a reload happened since the last one."""
@@ -159,7 +175,12 @@ class Conversation(asyncio.Protocol):
             self.generation = self.services.generation
             svc = self.services.current(self.origin)
             self.service = svc if svc is not None and svc.mode.name == self.mode_name else None
+            self.limits = self._limits(self.service) or self.limits
         return self.service
+
+    @staticmethod
+    def _limits(service):
+        return service and (service.endpoint.partial_limit, service.endpoint.idle_limit)
 
     def _start(self, service, request):
         # time.monotonic, not loop.time: uvloop's clock ticks in milliseconds
@@ -221,13 +242,12 @@ class Conversation(asyncio.Protocol):
     # --- timeouts and the end ---------------------------------------------------------------------
 
     def _deadline(self):
-        if self.service is None:
-            return None
+        partial_limit, idle_limit = self.limits
         if self.decoder.pending:
-            return self.partial_since + self.service.endpoint.partial_limit
+            return self.partial_since + partial_limit
         if self.answering is not None or self.items:
             return None  # the backend's request-timeout bounds the wait
-        return self.last_io + self.service.endpoint.idle_limit
+        return self.last_io + idle_limit
 
     def _arm(self):
         deadline = self._deadline()

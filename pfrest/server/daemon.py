@@ -5,7 +5,8 @@ Signals, handled in the event loop (never in between two statements of the reque
 - SIGTERM, SIGINT: stop accepting, close idle connections, let requests in flight finish
   (``--drain-timeout``), exit 0.  A second one exits at once, with status 1.
 - SIGHUP: re-read the config file.  A valid one applies to every request from now on, on connections
-  already open too; endpoints may be added, removed or moved.  An invalid one (or one whose new
+  already open too; endpoints may be added, removed or moved (a connection its endpoint no longer
+  takes is closed: conversation.py).  An invalid one (or one whose new
   sockets cannot be bound) is logged and the old one kept.  A ``--log-file`` is reopened.
 - SIGUSR1: log the counters of every endpoint (also logged at exit).
 

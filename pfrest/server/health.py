@@ -1,5 +1,8 @@
 """Readiness (``/readyz``): does every endpoint's backend answer?
 
+With ``--workers``, a worker that has gone silent (arbiter.py) makes the service not ready too, named
+``worker N``, until it is replaced or speaks again.
+
 Per endpoint served, from its counters first (stats.Stats.last_ok / last_failed), so that a busy
 service answers without sending anything:
 - its backend gave a fresh HTTP answer (any status: it is up and speaks HTTP; a 404 is the usual one)
@@ -46,6 +49,9 @@ class Check:
             else:
                 self.found[name] = (True, f"no failed policy request in the last {READY_WINDOW:.0f} s "
                                           "(policy endpoints are never probed)")
+        for index, pid, seconds in figures.silent:   # serve --workers: arbiter.SILENT_AFTER
+            self.found[f"worker {index}"] = (False, f"pid {pid} silent for {seconds:.1f} s: it gets no new "
+                                                    "connections, and is replaced if it stays silent")
 
     @property
     def to_probe(self):

@@ -152,13 +152,16 @@ def families(figures: Figures):
         restarts = CounterMetricFamily("pfrest_worker_restarts", "worker processes replaced after they "
                                        "ended unexpectedly")
         restarts.add_metric([], figures.restarts)
-        found += [workers, restarts]
+        silent = GaugeMetricFamily("pfrest_workers_silent", "worker processes silent now (stopped or stuck): "
+                                   "they get no new connections and are replaced if they stay silent")
+        silent.add_metric([], len(figures.silent))
+        found += [workers, restarts, silent]
     return found
 
 
 def read(text: str) -> Figures:
     """The Figures behind a ``/metrics`` text (targets as their origins): what ``pfrest stats`` shows."""
-    endpoints, connections, reloads, workers, restarts = {}, {}, {}, None, 0
+    endpoints, connections, reloads, workers, restarts, silent = {}, {}, {}, None, 0, ()
     index = {bound: i for i, bound in enumerate(BUCKETS_S)}
     events = {f"{name}_total": event for event, (name, _) in CACHE_EVENTS.items()}
     shared_events = {f"{name}_total": event for event, (name, _) in SHARED_EVENTS.items()}
@@ -209,9 +212,12 @@ def read(text: str) -> Figures:
                 workers[int(labels["worker"])] = count
             elif name == "pfrest_worker_restarts_total":
                 restarts = count
+            elif name == "pfrest_workers_silent":
+                silent = ((None, None, None),) * int(value)   # how many only: /readyz says which
     for stats in endpoints.values():
         for counts in (stats.latency, stats.exchange_latency):
             for i in range(len(counts) - 1, 0, -1):
                 counts[i] -= counts[i - 1]
     return Figures(endpoints, connections, reloads,
-                   None if workers is None else tuple(count for _, count in sorted(workers.items())), restarts)
+                   None if workers is None else tuple(count for _, count in sorted(workers.items())), restarts,
+                   silent)

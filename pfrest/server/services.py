@@ -5,7 +5,7 @@ Connections look their service up again for every request (``Services.current``)
 to connections that were already open too: Postfix keeps a ``tcp:`` connection for the life of its
 process, and a rotated token or a moved target must take effect.  A connection whose endpoint is gone,
 changed its protocol, moved to another socket or no longer allows its peer gets None: it is closed at
-the next request boundary.
+once, or after the reply to the request it has with the backend (conversation.py).
 """
 
 import logging

@@ -190,6 +190,7 @@ class Figures(NamedTuple):
     reloads: dict                    # "ok" / "failed" -> count
     workers: Optional[tuple] = None  # with --workers: connections open per worker
     restarts: int = 0                # with --workers: workers replaced after they died
+    silent: tuple = ()               # with --workers: (index, pid, seconds) of each worker silent now
 
     def lines(self):
         """The counter lines: one per endpoint, and with --workers how the connections are spread."""

@@ -5,11 +5,15 @@ Its channel to the arbiter (control.py) brings connections, the config after eac
 once, to the connections already open too), readiness probes to run (health.py), invalidations of its
 cache (``pfrest cache`` through the control socket) and the order to stop; it takes back word of every
 connection that ended (the arbiter keeps the counts: max-connections, balance), the probes' results,
-how many answers each invalidation dropped, and the counters, every STATS_INTERVAL seconds and at the
-end.  The
-channel closing means the arbiter is gone: the worker then drains and exits.  SIGTERM/SIGINT sent to
-the worker itself (systemd's KillMode=control-group, Ctrl-C to the process group) drain it too; a
-second one exits at once.
+how many answers each invalidation dropped, and the counters at the end and every STATS_INTERVAL
+seconds (or ``("alive",)`` when they did not change): the arbiter's heartbeat, by which it replaces a
+worker that went silent.  Sending never blocks the loop (control.Channel); the little the arbiter has
+not taken yet goes out when the channel has room, and before the worker exits (up to FLUSH_TIMEOUT).
+An arbiter that takes nothing until MAX_BACKLOG messages wait is stuck: the worker drains and exits
+rather than lose word of a connection that ended.  The channel closing means the arbiter is gone: the
+worker then drains and exits.  SIGTERM/SIGINT sent to the worker itself (Ctrl-C to the process group;
+systemd's default KillMode, which the shipped unit replaces with mixed) drain it too; a second one exits
+at once.
 """
 
 import asyncio
@@ -27,19 +31,21 @@ from pfrest.server.sockets import bind_key
 
 logger = logging.getLogger("pfrest")
 
-STATS_INTERVAL = 1.0   # seconds between counter updates to the arbiter (while anything changed)
+STATS_INTERVAL = 1.0   # seconds between heartbeats to the arbiter: the counters, when anything changed
+FLUSH_TIMEOUT = 2.0    # seconds an exiting worker waits for the arbiter to take its last messages
 
 
 class Worker:
     def __init__(self, index, channel, cfg, options, inherited_names):
-        self.index, self.channel, self.options = index, channel, options
-        channel.setblocking(False)
+        self.index, self.channel, self.options = index, channel, options   # channel: a control.Channel
         self.inherited = frozenset(inherited_names)
         self.services = Services()
         self.conversations = Conversations(self.services, on_closed=self._closed)
         self.stop = None
         self.probing = set()   # readiness probes running
         self.cfg = cfg         # applied once the event loop runs: a shared cache subscribes on it
+        self.loop = None
+        self.flushed = None    # a future while messages wait for room on the channel
 
     def _apply(self, cfg):
         endpoints = selected(cfg, self.options.names, self.inherited)[0]
@@ -47,7 +53,7 @@ class Worker:
         self.conversations.reconsider()
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self.stop = loop.create_future()
         self._apply(self.cfg)
         self._signals(loop)
@@ -61,6 +67,11 @@ class Worker:
         await self.conversations.drain(self.options.drain_timeout)
         reporter.cancel()
         self._send(("stats", self.services.stats))   # the last word: the arbiter keeps these counts
+        if self.flushed is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.flushed), FLUSH_TIMEOUT)
+            except asyncio.TimeoutError:   # the arbiter counts our connections as ended when it reaps us
+                logger.warning("worker %d: the arbiter took not all of its last messages", self.index)
         return 0
 
     def _signals(self, loop):
@@ -85,7 +96,7 @@ class Worker:
     def _receive(self):
         while True:
             try:
-                message, fds = control.receive(self.channel)
+                message, fds = self.channel.receive()
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -129,16 +140,36 @@ class Worker:
 
     def _send(self, message):
         try:
-            control.send(self.channel, message)
+            if not self.channel.send(message):
+                logger.error("worker %d: %d messages wait for the arbiter, which takes none; stopping",
+                             self.index, control.MAX_BACKLOG)
+                return self._stopping("the arbiter is stuck")
         except OSError:
-            pass  # the arbiter is gone; the channel's EOF stops this worker
+            return  # the arbiter is gone; the channel's EOF stops this worker
+        if self.channel.backlog and self.flushed is None:
+            self.flushed = self.loop.create_future()
+            self.loop.add_writer(self.channel.fileno(), self._flush)
+
+    def _flush(self):
+        try:
+            done = self.channel.flush()
+        except OSError:
+            done = True   # the arbiter is gone
+        if done:
+            self.loop.remove_writer(self.channel.fileno())
+            self.flushed.set_result(None)
+            self.flushed = None
 
     async def _report(self):
         last = None
         while True:
             await asyncio.sleep(STATS_INTERVAL)
+            if self.channel.backlog:
+                continue   # the arbiter has not taken the last one yet
             self.services.measure()
             now = {name: s.snapshot() for name, s in self.services.stats.items()}
             if now != last:
                 self._send(("stats", self.services.stats))
                 last = now
+            else:
+                self._send(("alive",))
