@@ -316,12 +316,12 @@ PFREST = [sys.executable, os.path.join(ROOT, "bin", "pfrest")]  # runs the check
 
 
 class ServeProcess:
-    """`pfrest serve -c CONFIG --log-file LOG`, started and waited for; ``stop()`` ends it."""
+    """`pfrest serve -c CONFIG --log-file LOG [ARGS]`, started and waited for; ``stop()`` ends it."""
 
-    def __init__(self, config_path, log_path, preexec_fn=None, ready_timeout=20.0):
+    def __init__(self, config_path, log_path, preexec_fn=None, ready_timeout=20.0, args=()):
         self.log_path = log_path
         with open(log_path, "wb") as out:  # the log, and whatever reaches stderr (a fatal error)
-            self.proc = subprocess.Popen([*PFREST, "serve", "-c", config_path, "--log-file", log_path],
+            self.proc = subprocess.Popen([*PFREST, "serve", "-c", config_path, "--log-file", log_path, *args],
                                          stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=ROOT,
                                          preexec_fn=preexec_fn)
         self.pid = self.proc.pid

@@ -34,7 +34,7 @@ class HttpResult(NamedTuple):
 
 class Failure(NamedTuple):
     """The HTTP exchange did not complete.  ``kind`` is one of the words below."""
-    kind: str        # timeout, refused, reset, dns, tls, too-large, protocol, internal
+    kind: str        # timeout, refused, reset, dns, tls, too-large, protocol, stray, internal
     detail: str = ""  # for the log only, never for Postfix
 
 
@@ -58,6 +58,7 @@ def _failure(result: Failure) -> Verdict:
         "tls": "TLS error talking to the backend",
         "too-large": "backend answer too large",
         "protocol": "backend answer is not valid HTTP",
+        "stray": "backend answer was not this request's",
     }.get(result.kind, "internal error"))
 
 
