@@ -14,7 +14,8 @@ httptools (llhttp) does the framing; this reader adds pfrest's rules on top:
 - a body without Content-Length or chunked framing ends at EOF (httptools has no finish(), so the
   headers tell), any other early EOF is a failure;
 - bytes after the final response in the same read (a copy of the answer, an unsolicited response, a
-  Content-Length lie) are bytes no request asked for: a failure of kind "stray".  Bare CR/LF between messages are skipped by the parser (RFC 9112 2.2).
+  Content-Length lie) are bytes no request asked for: a failure of kind "stray".  Bare CR/LF between
+  messages are skipped by the parser (RFC 9112 2.2).
 
 Only APIs that httptools 0.1.1 already had are used (Debian 12's).
 """
@@ -187,7 +188,7 @@ class ResponseReader:
             raise self._fail("too-large", f"body over {MAX_BODY} bytes")
         if self._inflater is not None:
             data = self._inflate(data)
-        self._chunks.append(data)
+        self._chunks.append(data)   # MAX_BODY bytes in all, checked above
 
     def on_message_complete(self):
         if self._status >= 200:

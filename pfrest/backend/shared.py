@@ -99,7 +99,9 @@ class SharedStore:
         self.on_invalidation = None         # f(params list, or None for all): the local cache's
         self.closed = False
         self._loop = self._pipe = self._deadlines = self._listener = self._up = None
-        self._gets, self._puts = [], []     # reads waiting for the end of this turn, writes for WRITE_DELAY
+        # reads waiting for the end of this turn, writes for WRITE_DELAY: at most one per lookup in flight
+        # (bounded by every endpoint's max-connections), sent MAX_BATCH a call
+        self._gets, self._puts = [], []
         self._reads_scheduled, self._write_timer = False, None
         self._tasks = set()
         self._writes = set()                # the tasks of _write among them

@@ -12,7 +12,8 @@ salt of the endpoint's name and targets (the same on every host): a reader of Re
 low-entropy token from a key name by trying candidates at the speed of SHA-256.  Same config, same
 namespace on every host; a new token starts a new one.  The key is the namespace and the lookup's
 query string as the backend gets it (``pfrest:domains:5f0c...:key=example.com``,
-``...:name=aliases&key=a%40b.example``), readable with redis-cli.  Invalidations go out on a channel named after the namespace.
+``...:name=aliases&key=a%40b.example``), readable with redis-cli.  Invalidations go out on a channel
+named after the namespace.
 
 Entries.  ``pfrest/1 KEY\\nSTATUS FRESH-UNTIL STALE-UNTIL\\nBODY``: the answer (HTTP status and body),
 until when it is fresh and until when it may serve as a stale answer (RFC 5861 stale-if-error), in
