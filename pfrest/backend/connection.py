@@ -87,6 +87,8 @@ class Connection(asyncio.Protocol):
             return
         reader.feed(data)
         if reader.done:
+            if not reader.keep_alive:
+                self.on_stray = None   # it closes after this exchange: bytes still coming are not told
             self._settle()
 
     def eof_received(self):
