@@ -19,6 +19,9 @@ from rogue import Scripted
 CLIENTS = 4          # Postfix connections per endpoint, each asking its own keys one after another
 REQUESTS = 120       # per client
 COPY_DELAYS = (0.0001, 0.0005, 0.002)   # seconds between an answer and its copy
+# generous: a timed-out exchange closes its connection before its copy is caught, and a loaded machine
+# must not make that happen
+TIMEOUT_MS = 10000
 REQUEST_ID = re.compile(rb"\r\nX-Request-Id: ([0-9a-f]+)", re.I)
 
 
@@ -121,7 +124,7 @@ def served(tmp_path):
         ports = {"tcp-lookup": free_port(), "policy": free_port()}
         metrics = free_port()
         endpoints = [dict({"name": mode.split("-")[0], "mode": mode, "target": f"{url}/{mode.split('-')[-1]}",
-                           "bind-port": port, "request-timeout": 2000}, **extra) for mode, port in ports.items()]
+                           "bind-port": port, "request-timeout": TIMEOUT_MS}, **extra) for mode, port in ports.items()]
         path = tmp_path / f"serve{len(started)}.json"
         path.write_text(json.dumps({"endpoints": endpoints, "metrics-address": f"127.0.0.1:{metrics}"}))
         started.append(ServeProcess(str(path), str(tmp_path / f"serve{len(started)}.log"),
