@@ -87,7 +87,12 @@ class SharedStore:
     def __init__(self, endpoint, observer=NOBODY, clock=time.time):
         self.name, self.url = endpoint.name, endpoint.cache_url
         self.where = redisclient.where(endpoint.cache_url)
-        self.namespace = sharedformat.namespace(endpoint)
+        try:
+            self.namespace = sharedformat.namespace(endpoint)
+        except OSError as exc:   # the client-cert (TLS to the backend fails too, unless it is a link)
+            self.namespace = sharedformat.alone(endpoint)
+            log.warning("endpoint=%s shared cache: cannot read client-cert %s without following a link (%s): "
+                        "this process shares no answers", self.name, endpoint.client_cert, exc.strerror)
         self.timeout_ms = endpoint.cache_timeout
         self.observer = observer
         self.clock = clock                  # wall clock: entries carry instants every host reads alike

@@ -56,7 +56,8 @@ class Entry(NamedTuple):
 
 
 def namespace(endpoint) -> str:
-    """``pfrest:NAME:HASH`` for the endpoint (see the module's notes)."""
+    """``pfrest:NAME:HASH`` for the endpoint (see the module's notes); OSError when its client-cert
+    cannot be read."""
     shape = "\0".join((endpoint.name, endpoint.mode, *endpoint.targets)).encode("utf-8")
     secret = credentials(endpoint)
     if secret:
@@ -76,17 +77,18 @@ def credentials(endpoint) -> bytes:
     return found
 
 
+def alone(endpoint) -> str:
+    """A namespace of this process only, for an endpoint whose ``namespace`` cannot be known: no other
+    process reads what it keeps, nor keeps anything it reads."""
+    return f"pfrest:{endpoint.name}:alone-{os.urandom(HASH_DIGITS // 2).hex()}"
+
+
 def client_certificate(path: str) -> bytes:
     """The certificates of the client-cert file (not the key it may hold too): the identity the backend
-    sees.  Opened without following a link, as every path pfrest may open as root; a file that cannot
-    be read gives a marker no other host's file can give (the requests fail anyway: TLS cannot load
-    it either)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(MAX_CERT_FILE)
-    except OSError as exc:
-        return f"unreadable {path}: {exc.errno} {os.urandom(16).hex()}".encode("utf-8")
+    sees.  Opened without following a link, as every path pfrest may open as root."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_CERT_FILE)
     return b"\n".join(b"".join(block.split()) for block in _CERTIFICATE.findall(data))
 
 
