@@ -77,7 +77,15 @@ def _shared(endpoint, queries, out) -> int:
     from pfrest.backend import redisclient   # redis-py: only for a shared cache
     where = redisclient.where(endpoint.cache_url)
     try:
-        removed, heard = eventloop.run(asyncio.wait_for(_invalidate(endpoint, queries), TIMEOUT), fast=False)
+        space = sharedformat.namespace(endpoint)
+    except OSError as exc:
+        print(f"pfrest cache: cannot read client-cert {endpoint.client_cert} without following a link "
+              f"({exc.strerror}), so the shared-cache namespace of endpoint {endpoint.name} is unknown "
+              "(its processes share no answers, each logs why)", file=sys.stderr)
+        return os.EX_UNAVAILABLE
+    try:
+        removed, heard = eventloop.run(asyncio.wait_for(_invalidate(endpoint, space, queries), TIMEOUT),
+                                       fast=False)
     except (*redisclient.ERRORS, asyncio.TimeoutError) as exc:
         # it may have failed after removing the entries, before telling the processes (PUBLISH)
         print(f"pfrest cache: the shared cache {where} of endpoint {endpoint.name} failed: "
@@ -90,11 +98,10 @@ def _shared(endpoint, queries, out) -> int:
     return 0
 
 
-async def _invalidate(endpoint, queries):
-    """(entries removed from the store, processes that heard the invalidation)."""
+async def _invalidate(endpoint, space, queries):
+    """(entries removed from the store of namespace ``space``, processes that heard the invalidation)."""
     from pfrest.backend import redisclient
     client = redisclient.connect(endpoint.cache_url)
-    space = sharedformat.namespace(endpoint)
     try:
         if queries is None:
             removed, found = 0, []

@@ -100,6 +100,7 @@ class Endpoint:
     cache_url: Optional[str] = field(default=None, repr=False)   # may hold a password
     cache_local_ttl: float = DEFAULT_CACHE_LOCAL_TTL
     cache_timeout: int = DEFAULT_CACHE_TIMEOUT_MS
+    require_request_id: bool = False
 
     def __post_init__(self):
         if not self.targets:  # an Endpoint made in code with one target
@@ -379,6 +380,10 @@ def _seconds(v):
     return None if _is_number(v) and 0 <= v <= 86400 * 7 else "must be a number of seconds, 0..604800"
 
 
+def _boolean(v):
+    return None if isinstance(v, bool) else "must be true or false"
+
+
 def _positive_seconds(v):
     return None if _is_number(v) and 0 < v <= 86400 else "must be a number of seconds, above 0 and at most 86400"
 
@@ -417,6 +422,7 @@ ENDPOINT_KEYS = {
     "cache-url": ("cache_url", _cache_url, _LOOKUPS),
     "cache-local-ttl": ("cache_local_ttl", _seconds, _LOOKUPS),
     "cache-timeout": ("cache_timeout", _cache_timeout_ms, _LOOKUPS),
+    "require-request-id": ("require_request_id", _boolean, None),
 }
 REQUIRED_ENDPOINT_KEYS = ("name", "mode", "target")
 TOP_KEYS = {

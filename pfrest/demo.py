@@ -36,7 +36,15 @@ ENDPOINTS = (("domains", config.TCP, 0), ("aliases", config.SOCKETMAP, 1), ("pol
 
 
 def backend_app(request):
-    """The demo's REST backend: GET /domains?key=, GET /aliases?name=&key=, /policy with a form body."""
+    """The demo's REST backend: GET /domains?key=, GET /aliases?name=&key=, /policy with a form body.
+    Every answer echoes the request's X-Request-Id, as the HTTP contract asks: the proof that it is
+    that request's answer."""
+    status, headers, body = _answer(request)
+    request_id = request.headers.get("x-request-id")
+    return status, dict(headers, **{"X-Request-Id": request_id}) if request_id else headers, body
+
+
+def _answer(request):
     if request.headers.get("x-auth-token") != TOKEN:
         return 403, {}, b"wrong or missing X-Auth-Token"
     params = dict(request.query)

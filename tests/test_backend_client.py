@@ -278,6 +278,28 @@ def test_a_response_split_in_two_at_every_byte_reads_the_same(name):
         assert reader.done and reader.keep_alive and value(reader.result) == SPLIT_VALUES[name], cut
 
 
+def test_an_answer_is_its_requests_by_its_echoed_x_request_id():
+    """An echoed id must be the request's own (an interim response's is not looked at); without one
+    the answer stands, unless it is required."""
+    def read(headers, request_id=b"00ff", require=False, interim=b""):
+        reader = ResponseReader(request_id, require)
+        reader.feed(interim + response(200, b'["v"]', headers))
+        return reader
+    own = read({"X-Request-Id": "00ff"})
+    assert value(own.result) == "v" and own.echoed and own.keep_alive
+    assert value(read({"x-request-id": "00ff"}, interim=b"HTTP/1.1 100 Continue\r\nX-Request-Id: 1\r\n\r\n")
+                 .result) == "v"
+    for headers, require in (({"X-Request-Id": "0100"}, False), ({"X-Request-Id": "00FF"}, False),
+                             ({}, True)):
+        refused = read(headers, require=require)
+        assert refused.result.kind == "stray" and not refused.keep_alive and not refused.echoed
+    twice = ResponseReader(b"00ff")
+    twice.feed(b"HTTP/1.1 200 OK\r\nX-Request-Id: 00ff\r\nX-Request-Id: 00ff\r\nContent-Length: 0\r\n\r\n")
+    assert twice.result.kind == "stray"
+    silent = read({})
+    assert value(silent.result) == "v" and not silent.echoed and silent.keep_alive
+
+
 def test_a_response_dripped_one_byte_per_write_reads_the_same(run, serve):
     """Through a socket: each byte in its own write (TCP_NODELAY), so every boundary occurs."""
     def answer(request):
@@ -494,7 +516,7 @@ def test_a_connection_is_reused_only_after_a_clean_200_or_404(run, serve, first,
     assert server.keys(1)[-1] == ("ok-next" if reused else first)
     assert server.connections == (1 if reused else 2)
     if first == "extra":
-        assert one.kind == "protocol" and "after the response" in one.detail
+        assert one.kind == "stray" and "after the response" in one.detail
 
 
 def test_a_cancelled_exchange_leaves_nothing_behind(run, serve):
@@ -569,29 +591,35 @@ def test_a_backend_closing_idle_connections_costs_no_lookup(run, serve):
     assert run(scenario()) == [f"k{i}" for i in range(20)]
 
 
-def test_a_connection_with_unread_bytes_or_eof_is_not_taken_for_a_request_never_sent_twice(run):
-    """A policy request is not sent again on a new connection when a reused one turns out closed, so
-    the pool looks at the socket itself for it: the backend's FIN may be there before the event loop
-    has read it (the next request of a conversation follows at once)."""
+def test_a_connection_with_unread_bytes_or_eof_is_not_taken_unless_its_answers_echo_the_request_id(run):
+    """The pool looks at the socket itself before a reuse: the backend's FIN, or a copy of its last
+    answer, may be there before the event loop has read it (the next request of a conversation
+    follows at once).  A policy request (never sent twice) always gets the look; a lookup wherever
+    the last answer did not echo its X-Request-Id (where it did, the id check catches a copy, and a
+    lookup is sent again after a FIN).  Bytes found are told as stray, a FIN is not."""
     import socket
 
     async def scenario():
         loop = asyncio.get_running_loop()
-        taken = []
-        for arrives in (None, b"", b"stray"):
-            ours, theirs = socket.socketpair()
-            _, conn = await loop.create_connection(lambda: Connection(loop), sock=ours)
-            idle = pool.Pool()
-            idle.put(conn, loop.time())
-            if arrives == b"":  # the backend's FIN, and no turn of the loop before the next take
-                theirs.shutdown(socket.SHUT_WR)
-            elif arrives:
-                theirs.sendall(arrives)
-            taken.append(idle.take(loop.time(), quiet=True) is conn)
-            conn.abort()
-            theirs.close()
-        return taken
-    assert run(scenario()) == [True, False, False]
+        taken, strays = [], []
+        for look, echoes in ((True, False), (False, False), (True, True), (False, True)):
+            for arrives in (None, b"", b"stray"):
+                ours, theirs = socket.socketpair()
+                _, conn = await loop.create_connection(lambda: Connection(loop), sock=ours)
+                conn.echoes, conn.on_stray = echoes, lambda: strays.append(arrives)
+                idle = pool.Pool()
+                idle.put(conn, loop.time())
+                if arrives == b"":  # the backend's FIN, and no turn of the loop before the next take
+                    theirs.shutdown(socket.SHUT_WR)
+                elif arrives:
+                    theirs.sendall(arrives)
+                taken.append(idle.take(loop.time(), look=look) is conn)
+                conn.abort()
+                theirs.close()
+        return taken, strays
+    taken, strays = run(scenario())
+    assert taken == [True, False, False] * 3 + [True, True, True]
+    assert strays == [b"stray"] * 3
 
 
 def test_a_client_moves_to_a_new_loop_without_its_connections(run, serve):
@@ -781,7 +809,7 @@ FRAMING_ANSWERS = {
     "endless-interims": b"HTTP/1.1 100 Continue\r\n\r\n" * (MAX_HEAD // 20),
 }
 FRAMING_RESULTS = {
-    "length-short": "protocol", "length-long": "reset", "chunk-extras": "chunked",
+    "length-short": "stray", "length-long": "reset", "chunk-extras": "chunked",
     "deflate": "deflated", "x-gzip": "zipped", "brotli": "protocol", "truncated-gzip": "protocol",
     "bomb": "too-large", "max-body": "m" * (MAX_BODY - 4), "until-eof": "eof", "until-eof-1.0": "eof",
     "gzip-until-eof": "eof", "te-gzip": "protocol", "interim-body": "protocol", "no-store": "x",

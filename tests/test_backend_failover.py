@@ -646,3 +646,21 @@ def test_the_request_log_line_tells_a_stale_answer():
     assert line.endswith(" cache=stale")
     assert requestlog.line("e", "i", "key=k", result._replace(stale=False), answer, 1.0).endswith(
         " cache=hit")
+
+
+def test_the_verdicts_of_cached_answers_are_remembered_within_their_bounds():
+    """Worked out once per cached answer, but never holding more than MAX_REMEMBERED_BYTES of bodies
+    (an answer may be 1 MiB, and every endpoint's cache may hold thousands), nor MAX_REMEMBERED."""
+    remembered = verdict._REMEMBERED
+    small = HttpResult(200, b'["small"]', cached=True)
+    assert verdict.lookup(small) is verdict.lookup(small)   # remembered: the same object
+    big = [HttpResult(200, b'["%s"]' % (b"%d" % i * (100_000 // len(b"%d" % i))), cached=True)
+           for i in range(1, 200)]
+    for result in big:
+        assert verdict.lookup(result).kind == verdict.FOUND
+        assert remembered.size <= verdict.MAX_REMEMBERED_BYTES
+        assert remembered.size == sum(2 * len(body) for _, body, _ in remembered.verdicts)
+    assert len(remembered.verdicts) < len(big)
+    for i in range(verdict.MAX_REMEMBERED + 5):
+        verdict.lookup(HttpResult(200, b'["%d"]' % i, cached=True))
+        assert len(remembered.verdicts) <= verdict.MAX_REMEMBERED

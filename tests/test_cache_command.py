@@ -125,6 +125,14 @@ def test_what_the_command_refuses(serve, write_config, tmp_path, capsys):
     done = cache("-c", down, "drop", "tcp", "k")
     assert done.returncode == EX_UNAVAILABLE and "failed: ConnectionError" in done.stderr, done.stderr
     assert "run it again" in done.stderr and "hush-hush" not in done.stderr + done.stdout
+    # a client-cert that is a link: not followed, so no namespace to drop from
+    (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n")
+    (tmp_path / "link.pem").symlink_to(tmp_path / "cert.pem")
+    linked = write_config([{"name": "tcp", "mode": "tcp-lookup", "target": "https://127.0.0.1:1/x", "cache-ttl": 5,
+                            "cache-url": f"redis://127.0.0.1:{free_port()}/0",
+                            "client-cert": str(tmp_path / "link.pem")}], name="linked.json")
+    done = cache("-c", linked, "flush", "tcp")
+    assert done.returncode == EX_UNAVAILABLE and "cannot read client-cert" in done.stderr, done.stderr
 
 
 def test_the_control_socket_answers_root_and_its_own_user_only(serve):

@@ -2,9 +2,11 @@
 
 import json
 import os
+import subprocess
 
 import pytest
 
+from conftest import ROOT, pfrest_cmd, pfrest_env
 from pfrest import config
 
 SEED = {
@@ -186,3 +188,16 @@ def test_control_socket_is_an_absolute_path():
         "/run/x/c.sock"
     assert any(p.startswith("control-socket:") for p in problems({"endpoints": ONE_ENDPOINT,
                                                                   "control-socket": "c.sock"}))
+
+
+@pytest.mark.parametrize("mode", ["tcp-lookup", "socketmap-lookup", "policy"])
+def test_require_request_id_is_a_boolean_of_every_mode(mode, write_config):
+    base = {"name": "r", "mode": mode, "target": "http://h/"}
+    assert config.parse({"endpoints": [base]}).endpoints[0].require_request_id is False
+    assert config.parse({"endpoints": [dict(base, **{"require-request-id": True})]}).endpoints[0].require_request_id
+    for wrong in ("yes", 1, None):
+        assert problems({"endpoints": [dict(base, **{"require-request-id": wrong})]}) == [
+            "endpoints[0].require-request-id: must be true or false"]
+    proc = subprocess.run(pfrest_cmd("check", "-c", write_config([dict(base, **{"require-request-id": "yes"})])),
+                          capture_output=True, text=True, timeout=30, env=pfrest_env(), cwd=ROOT)
+    assert proc.returncode == 78 and "endpoints[0].require-request-id: must be true or false" in proc.stderr

@@ -92,3 +92,24 @@ def test_busy_port_is_a_clear_error():
     assert proc.returncode != 0 and out == ""
     assert f"127.0.0.1:{port}" in err and "in use" in err.lower()
     assert "--port-base" in err and "Traceback" not in err
+
+
+def test_the_demo_backend_echoes_the_request_id():
+    """As the HTTP contract asks of a backend, so that pfrest can prove each answer is its request's."""
+    import urllib.error
+    import urllib.request
+
+    from pfrest import demo, minihttp
+    server = minihttp.serve_app(demo.backend_app)
+    try:
+        for path, token in (("/domains?key=example.com", demo.TOKEN), ("/domains?key=nope", demo.TOKEN),
+                            ("/domains?key=example.com", "wrong")):
+            request = urllib.request.Request(server.url + path, headers={"X-Request-Id": "00ff00ff00ff00ff",
+                                                                         "X-Auth-Token": token})
+            try:
+                headers = urllib.request.urlopen(request, timeout=10).headers
+            except urllib.error.HTTPError as exc:   # 404, 403: answers too
+                headers = exc.headers
+            assert headers["X-Request-Id"] == "00ff00ff00ff00ff", path
+    finally:
+        server.stop()

@@ -287,3 +287,48 @@ def test_concurrent_misses_of_one_process_make_one_backend_request(fleet, backen
             sock.close()
     assert sum(backend.key_of(r) == "co" for r in backend.requests) == 1
     until(lambda: [k for k in redis.client().keys("pfrest:*") if k.endswith(b":key=co")], "the store has it", 1)
+
+
+def test_tenants_of_one_backend_never_read_each_others_answers(redis, backend, write_config, served, tmp_path):
+    """Two configs alike but for the auth-token (two tenants of one provider, on one Redis): each gets
+    its own answers; a host with the same config shares them; no key name holds the token or a fast
+    hash of it; `pfrest cache drop` with one tenant's config drops that tenant's answers only."""
+    import hashlib
+    redis.client().flushall()
+    backend.answers.clear()
+    backend.requests.clear()
+    backend.answers["k"] = lambda request: (200, [f"{request.headers.get('x-auth-token')}-k"])
+    hosts = {}
+    for label, token in (("a", "tenant-a"), ("b", "tenant-b"), ("a2", "tenant-a")):
+        port = free_port()
+        path = write_config([{"name": NAME, "mode": "tcp-lookup", "target": backend.url + "/lookup",
+                              "bind-port": port, "request-timeout": 3000, "cache-ttl": 600, "auth-token": token,
+                              "cache-url": redis.url, "cache-local-ttl": 60, "cache-timeout": TIMEOUT_MS}],
+                            name=f"{label}.json", **{"control-socket": str(tmp_path / f"{label}.sock")})
+        hosts[label] = (port, path, served("-c", path))
+    for _, _, proc in hosts.values():
+        proc.wait_for(r"ready: serving 1 endpoint")
+    socks = {label: connect(("127.0.0.1", port)) for label, (port, _, _) in hosts.items()}
+    try:
+        assert tcp_get(socks["a"], b"k") == b"200 tenant-a-k\n"
+        time.sleep(0.05)   # the entry reaches the store
+        assert tcp_get(socks["b"], b"k") == b"200 tenant-b-k\n"
+        assert len(backend.requests) == 2
+        time.sleep(0.05)
+        assert tcp_get(socks["a2"], b"k") == b"200 tenant-a-k\n"
+        assert len(backend.requests) == 2, "a host of the same config asked the backend"
+        names = [k.decode() for k in redis.client().keys("pfrest:*")]
+        assert len({name.rsplit(":", 1)[0] for name in names if name.endswith(":key=k")}) == 2, names
+        for token in ("tenant-a", "tenant-b"):
+            fast = [getattr(hashlib, h)(token.encode()).hexdigest() for h in ("md5", "sha1", "sha256", "sha512")]
+            assert not any(token in name or any(f[:8] in name for f in fast) for name in names), names
+        dropped = cache("-c", hosts["a"][1], "drop", NAME, "k")
+        assert dropped.returncode == 0 and "(1 entries were there)" in dropped.stdout, dropped.stdout
+        backend.answers["k"] = lambda request: (200, [f"{request.headers.get('x-auth-token')}-new"])
+        until(lambda: tcp_get(socks["a"], b"k") == b"200 tenant-a-new\n", "dropped for tenant a", 2)
+        assert tcp_get(socks["b"], b"k") == b"200 tenant-b-k\n"   # tenant b's answer stays
+    finally:
+        for sock in socks.values():
+            sock.close()
+    for _, _, proc in hosts.values():
+        assert "tenant-" not in proc.log

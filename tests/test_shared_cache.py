@@ -14,6 +14,7 @@ installed) and a real HTTP backend: two clients of one endpoint stand for two ho
 """
 
 import asyncio
+import hashlib
 import logging
 import subprocess
 import sys
@@ -462,3 +463,40 @@ def test_for_endpoint_puts_the_store_behind_the_local_cache(redis):
     client = run(build())
     assert isinstance(client, cache_module.CachingClient) and client.local_ttl == 2.0
     assert isinstance(client.shared, shared_module.SharedStore)
+
+
+def test_the_namespace_is_everything_that_shapes_an_answer(tmp_path, pfrest_log):
+    """Name, mode, targets and credentials; the credentials through scrypt only; the same config gives
+    the same namespace (as on every host); a client certificate by its certificates, not its key."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    pki, other = make_pki(tmp_path / "one"), make_pki(tmp_path / "two")
+    bundle = tmp_path / "bundle.pem"   # the same certificate, with its key in the file
+    bundle.write_bytes(open(pki["cert"], "rb").read() + open(pki["key"], "rb").read())
+    (tmp_path / "link.pem").symlink_to(pki["cert"])
+
+    def ns(**extra):
+        values = dict(name="ep", mode=config.TCP, target="http://b.example/x", cache_ttl=60.0,
+                      cache_url="redis://127.0.0.1:1")
+        values.update(extra)
+        return sharedformat.namespace(config.Endpoint(**values))
+    base = ns()
+    variants = [ns(auth_token="t1"), ns(auth_token="t2"), ns(headers=(("X-Tenant", "a"),)),
+                ns(headers=(("X-Tenant", "b"),)), ns(basic_auth="u:p1"), ns(basic_auth="u:p2"),
+                ns(client_cert=pki["cert"]), ns(client_cert=other["cert"]), ns(mode=config.SOCKETMAP),
+                ns(name="other"), ns(targets=("http://b.example/x", "http://c.example/x")), base]
+    assert len(set(variants)) == len(variants)
+    assert ns(auth_token="t1") == ns(auth_token="t1") and ns(headers=(("X-Tenant", "a"),)) == \
+        ns(headers=(("x-tenant", "a"),))
+    assert ns(client_cert=str(bundle)) == ns(client_cert=pki["cert"])
+    # a link is not followed: no namespace, and a store alone, of this process only, said so
+    with pytest.raises(OSError):
+        ns(client_cert=str(tmp_path / "link.pem"))
+    linked = config.Endpoint(name="ep", mode=config.TCP, target="http://b.example/x", cache_ttl=60.0,
+                             cache_url="redis://127.0.0.1:1", client_cert=str(tmp_path / "link.pem"))
+    spaces = {shared_module.SharedStore(linked).namespace for _ in range(2)}
+    assert len(spaces) == 2 and all(space.startswith("pfrest:ep:alone-") for space in spaces)
+    assert pfrest_log.text.count("cannot read client-cert") == 2
+    token = b"t1"
+    fast = [hashlib.new(h, token).hexdigest()[:8] for h in ("md5", "sha1", "sha256", "sha512")]
+    assert not any(f in ns(auth_token="t1") for f in fast) and "t1" not in ns(auth_token="t1")[len("pfrest:ep"):]

@@ -5,6 +5,12 @@ headers, body) by ``request-timeout``, ended by cancellation: whatever step is r
 connection is aborted (nothing of that request is written after), and the caller gets a timeout.
 Calls return an HttpResult or a Failure and never raise; only a cancellation from outside propagates.
 
+An answer is its request's: one that echoes another request's X-Request-Id (or none, with
+``require-request-id``), bytes after an answer, and bytes on an idle connection are stray: the request
+gets a Failure of kind "stray", the connection is closed, and the observer hears ``stray`` (with a log
+line: once per connection, since it is closed).  A pooled connection is looked at before its reuse
+(pool.take) unless its last answer echoed the id.
+
 A lookup whose reused connection ends before any byte of an answer (the backend closed it while idle
 as the request went out) is sent once more on a new connection, within the same deadline.  Policy
 requests are never sent twice: a rate-limiting backend must not count a message twice.
@@ -28,6 +34,8 @@ cancelled by its caller is not an outcome of the target, and is not told.
 """
 
 import asyncio
+import logging
+from functools import partial
 
 from pfrest.backend import route as routes
 from pfrest.backend import tls
@@ -40,6 +48,8 @@ from pfrest.backend.pool import Pool
 from pfrest.backend.request import Template
 from pfrest.backend.response import ResponseReader
 from pfrest.protocol.verdict import Failure, HttpResult
+
+log = logging.getLogger("pfrest")
 
 REUSABLE_STATUSES = (200, 404)   # the answers a healthy backend gives; after any other, a new connection
 # Failures of the connection to a target, not of its answer: they mark it down, and a lookup moves on.
@@ -75,7 +85,7 @@ class _Cutoff:
 class _Target(Backoff):
     """One URL of the endpoint's ``target`` list: its route, request template, idle connections and
     health (Backoff: up, or down until ``down_until``)."""
-    __slots__ = ("url", "route", "template", "where", "pool")
+    __slots__ = ("url", "route", "template", "where", "pool", "on_stray")
 
     def __init__(self, url: str, endpoint, user_agent: str):
         super().__init__(BACKOFF_FIRST, BACKOFF_MAX)
@@ -100,7 +110,10 @@ class Client:
         self._user_agent = user_agent
         self._observer = observer
         self._files = tls.Files.of(endpoint)
+        self._require_id = endpoint.require_request_id
         self._targets = tuple(_Target(url, endpoint, user_agent) for url in endpoint.targets)
+        for target in self._targets:
+            target.on_stray = partial(self._stray, target, "bytes came on an idle connection")
         self._loop = None
         self._deadlines = Deadlines(self._timeout)
         self._first_cutoffs = Deadlines(self._timeout * ATTEMPT_SHARE)
@@ -179,14 +192,15 @@ class Client:
         started = loop.time()
         try:
             build = target.template.lookup if idempotent else target.template.policy
-            request, conn = build(items, request_id), target.pool.take(started, quiet=not idempotent)
+            request, conn = build(items, request_id), target.pool.take(started, look=not idempotent)
             while True:
                 fresh = conn is None
                 if fresh:
                     conn = await open_connection(loop, target.route, self._files, self._user_agent)
+                    conn.on_stray = target.on_stray
                 if cutoff is not None and not idempotent:
                     cutoff.disarm()   # once written, a policy request waits out the rest of the deadline
-                reader = ResponseReader()
+                reader = ResponseReader(request_id.encode("ascii"), self._require_id)
                 try:
                     await conn.exchange(request, reader)
                 except BaseException:   # cancelled: the deadline, a cutoff, or the caller
@@ -215,7 +229,16 @@ class Client:
         self._observer.exchange(target.url, outcome, ended - started)
         if target.down_until or outcome in DOWN_KINDS:
             self._health(target, outcome, ended, held)
+        if outcome == "stray":
+            self._stray(target, f"request {request_id}: {result.detail}")
         return result, move_on
+
+    def _stray(self, target, what: str):
+        """An answer that was not its request's: counted, and logged once per connection (it is
+        closed)."""
+        self._observer.stray(target.url)
+        log.warning("endpoint=%s backend %s: %s; connection closed", self.endpoint.name, target.where,
+                    what)
 
     def _cut_off(self, loop, target, deadline, cutoff, started: float):
         """The Failure of an attempt its cutoff ended, or None for a cancellation that ends the call:
@@ -257,6 +280,7 @@ class Client:
     @staticmethod
     def _release(pool, conn, reader, now: float):
         if reader.keep_alive and reader.result.status in REUSABLE_STATUSES:
+            conn.echoes = reader.echoed
             pool.put(conn, now)
         else:
             conn.abort()

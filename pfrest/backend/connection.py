@@ -4,22 +4,28 @@ An exchange writes one request and waits for the reader it was given (response.R
 the proxy's CONNECT reply) to be done; ``data_received`` feeds the reader, EOF and connection loss end
 it.  Between exchanges the connection is idle, and anything arriving then (bytes, EOF) makes it dead:
 a well-behaved backend says nothing unasked, and stale bytes must never be read as the next answer.
+Bytes that came unasked (a backend answering twice) are told to ``on_stray``, once.
 """
 
 import asyncio
+import fcntl
 import select
+import struct
+import termios
 
 from pfrest.backend.errors import failure_for
 
 
 class Connection(asyncio.Protocol):
-    __slots__ = ("transport", "dead", "idle_since", "_loop", "_reader", "_done")
+    __slots__ = ("transport", "dead", "idle_since", "echoes", "on_stray", "_loop", "_reader", "_done")
 
     def __init__(self, loop):
         self._loop = loop
         self.transport = None
         self.dead = False          # closed, or must never carry another request
         self.idle_since = 0.0      # loop.time() when it last became idle (set by the pool)
+        self.echoes = False        # its last answer echoed its request's X-Request-Id (set by the client)
+        self.on_stray = None       # called once when bytes came that no request asked for
         self._reader = None        # the reader of the exchange in progress; None while idle
         self._done = None          # the future that exchange waits on
 
@@ -34,14 +40,27 @@ class Connection(asyncio.Protocol):
         return self._done
 
     def quiet(self) -> bool:
-        """Nothing waits to be read on the socket (one poll, no wait): it can carry a request."""
+        """Nothing waits to be read on the socket (one poll, no wait): it can carry a request.  When
+        something does, bytes and not only a FIN (the rare case: one more call to tell), they are
+        stray."""
         sock = self.transport.get_extra_info("socket") if self.transport is not None else None
         if sock is None:
             return False
         try:
-            return not select.select([sock.fileno()], [], [], 0)[0]
+            fd = sock.fileno()
+            if not select.select([fd], [], [], 0)[0]:
+                return True
+            unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
         except (OSError, ValueError):
             return False
+        if unread:
+            self._stray()
+        return False
+
+    def _stray(self):
+        told, self.on_stray = self.on_stray, None
+        if told is not None:
+            told()
 
     def abort(self):
         """Close at once, dropping anything not yet sent: a late request must never go out."""
@@ -64,9 +83,12 @@ class Connection(asyncio.Protocol):
         reader = self._reader
         if reader is None:
             self.abort()   # unasked bytes while idle
+            self._stray()
             return
         reader.feed(data)
         if reader.done:
+            if not reader.keep_alive:
+                self.on_stray = None   # it closes after this exchange: bytes still coming are not told
             self._settle()
 
     def eof_received(self):

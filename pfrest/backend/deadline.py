@@ -27,7 +27,7 @@ class Deadlines:
 
     def __init__(self, seconds):
         self.seconds = seconds
-        self._queue = deque()
+        self._queue = deque()   # one per call in flight, each gone once it ends or expires
         self._timer = None
 
     def start(self, loop, task) -> Deadline:

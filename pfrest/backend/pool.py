@@ -21,18 +21,22 @@ class Pool:
         self._idle = deque()   # oldest on the left, most recently used on the right
         self.closed = False
 
-    def take(self, now: float, quiet: bool = False):
-        """The most recently used live connection, or None.  ``quiet``: also make sure, with a look at
-        the socket, that nothing arrived on it that the event loop has not read yet, such as the FIN of
-        a backend that closes after every answer: for a request that must never be sent twice (a
-        policy request is not sent again on a new connection when a reused one turns out closed)."""
+    def take(self, now: float, look: bool = False):
+        """The most recently used live connection, or None.  A look at its socket makes sure that
+        nothing arrived on it that the event loop has not read yet: a copy of the last answer (a
+        backend answering twice), that the next request would read as its own, or the FIN of a backend
+        that closes after every answer.  ``look``: always, for a request that must never be sent
+        twice (a policy request is not sent again on a new connection when a reused one turns out
+        closed); else only where the last answer did not echo its X-Request-Id: where it did, the id
+        check of the next answer catches a copy (a lookup is sent again after a FIN), and the
+        look's system call is saved."""
         self._expire(now)
         idle = self._idle
         while idle:
             conn = idle.pop()
             if conn.dead:   # the server closed it while idle: it is gone already
                 continue
-            if quiet and not conn.quiet():
+            if (look or not conn.echoes) and not conn.quiet():
                 conn.abort()
                 continue
             return conn

@@ -54,7 +54,7 @@ class Pipe:
         if self.lost is not None:
             raise Lost(self.lost)
         future = asyncio.get_running_loop().create_future()
-        self.pending.append(future)
+        self.pending.append(future)   # one per call in flight, each ended by its cache-timeout
         try:
             await self.connection.send_packed_command(self.connection.pack_command(*args), check_health=False)
         except BaseException as exc:   # redis-py has closed the connection: nothing more comes on it

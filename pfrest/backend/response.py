@@ -3,13 +3,19 @@
 httptools (llhttp) does the framing; this reader adds pfrest's rules on top:
 - 1xx interim responses (RFC 9110 15.2: 100, 102, 103, ...) are read past wherever the bytes are
   split; 101 is a protocol failure (no upgrade was asked for), and so is a 1xx with content;
-- the head is bounded by MAX_HEAD (headers dripping in forever must not grow memory), bodies by
-  MAX_BODY before and after Content-Encoding is undone, inflating incrementally so that a gzip bomb
-  costs neither its memory nor its CPU;
+- the head is bounded by MAX_HEAD (headers dripping in forever must not grow memory) and MAX_FIELDS,
+  everything after it that is not body (chunk-size lines, chunk extensions, trailer fields) by
+  MAX_FRAMING: counted from the bytes fed, so that a trailer value httptools collects without ever
+  reporting it counts too; bodies by MAX_BODY before and after Content-Encoding is undone, inflating
+  incrementally so that a gzip bomb costs neither its memory nor its CPU;
+- an answer is its request's: when it carries ``X-Request-Id`` (a backend echoing the request's),
+  the id must be the request's own, else it is a failure of kind "stray" (a copy of an earlier answer,
+  read as this one's); with ``require`` an answer without it is one too;
 - a body without Content-Length or chunked framing ends at EOF (httptools has no finish(), so the
   headers tell), any other early EOF is a failure;
-- bytes after the final response in the same read (a Content-Length lie, an unsolicited response)
-  are a protocol failure.  Bare CR/LF between messages are skipped by the parser (RFC 9112 2.2).
+- bytes after the final response in the same read (a copy of the answer, an unsolicited response, a
+  Content-Length lie) are bytes no request asked for: a failure of kind "stray".  Bare CR/LF between
+  messages are skipped by the parser (RFC 9112 2.2).
 
 Only APIs that httptools 0.1.1 already had are used (Debian 12's).
 """
@@ -23,9 +29,11 @@ from pfrest.protocol.verdict import Failure, HttpResult
 
 MAX_BODY = 1 << 20   # bytes; more than any Postfix reply can carry, even JSON-escaped
 MAX_HEAD = 1 << 16   # bytes of status lines and headers (interim responses included) before the body
+MAX_FIELDS = 256     # header and trailer fields of a response, interim ones included
+MAX_FRAMING = 1 << 16   # bytes after the final head that are not body: chunk lines, extensions, trailers
 NO_BODY_STATUSES = (204, 304)
 _KEPT = frozenset((b"content-length", b"transfer-encoding", b"content-encoding", b"cache-control",
-                   b"location"))
+                   b"location", b"x-request-id"))
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)", re.I)
 _STALE_IF_ERROR = re.compile(r"(?:^|,)\s*stale-if-error\s*=\s*\"?(\d+)", re.I)
 _NO_STORE = re.compile(r"(?:^|,)\s*(?:no-store|no-cache|private)\b", re.I)
@@ -70,14 +78,20 @@ def inflater(encoding: bytes):
 class ResponseReader:
     """Feed it the bytes of a connection; ``done`` turns True once ``result`` (an HttpResult or a
     Failure) is known.  ``keep_alive`` says whether the connection may carry another request as far
-    as this response goes: complete, length-framed, keep-alive, nothing after it."""
-    __slots__ = ("done", "result", "keep_alive", "started", "_fed", "_parser", "_status", "_length",
-                 "_transfer", "_encoding", "_cache_control", "_location", "_until_eof", "_size",
-                 "_chunks", "_inflater", "_inflated")
+    as this response goes: complete, length-framed, keep-alive, nothing after it.  ``request_id``: the
+    request's X-Request-Id (bytes), that an echoed one must be; ``require``: an answer must echo it.
+    ``echoed`` tells that the answer did."""
+    __slots__ = ("done", "result", "keep_alive", "started", "echoed", "_request_id", "_require", "_fed",
+                 "_fields", "_head_done", "_parser", "_status", "_length", "_transfer", "_encoding",
+                 "_cache_control", "_location", "_echo", "_until_eof", "_size", "_chunks", "_inflater",
+                 "_inflated")
 
-    def __init__(self):
+    def __init__(self, request_id: bytes = None, require: bool = False):
         self.done, self.result, self.keep_alive, self.started = False, None, False, False
-        self._fed = 0   # bytes fed while the final head was incomplete
+        self.echoed, self._request_id, self._require = False, request_id, require
+        self._fed = 0           # bytes fed in all
+        self._fields = 0        # header and trailer fields seen
+        self._head_done = False  # the final head is complete: MAX_FRAMING counts from then on
         self._parser = HttpResponseParser(self)
         self._new_message()
 
@@ -91,12 +105,18 @@ class ResponseReader:
         try:
             self._parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as exc:
-            what = "bytes after the response" if self.done else "malformed response"
-            self._fail("protocol", f"{what}: {exc}")
-        if self._fed >= 0:   # still reading a head: everything fed so far was head
-            self._fed += len(data)
-            if self._fed > MAX_HEAD and not self.done:
+            if self.done:   # bytes no request asked for
+                self._fail("stray", f"bytes after the response: {exc}")
+            else:
+                self._fail("protocol", f"malformed response: {exc}")
+        self._fed += len(data)
+        if self.done:
+            return
+        if not self._head_done:   # everything fed so far was head
+            if self._fed > MAX_HEAD:
                 self._fail("too-large", f"response head over {MAX_HEAD} bytes")
+        elif self._fed - self._size > MAX_HEAD + MAX_FRAMING:   # fed, less the body: head and framing
+            self._fail("too-large", f"over {MAX_FRAMING} bytes of chunk framing and trailers")
 
     def eof(self):
         """The peer closed the connection: the end of an EOF-delimited body, or a failure."""
@@ -123,16 +143,19 @@ class ResponseReader:
 
     def on_message_begin(self):
         if self.done:
-            raise self._fail("protocol", "bytes after the response: another response")
+            raise self._fail("stray", "bytes after the response: another response")
         if self._status is not None:   # an interim response came first: forget its headers
             self._new_message()
 
     def _new_message(self):
         self._status = self._length = self._transfer = self._encoding = None
-        self._cache_control = self._location = self._inflater = None
+        self._cache_control = self._location = self._echo = self._inflater = None
         self._until_eof, self._size, self._chunks, self._inflated = False, 0, [], 0
 
     def on_header(self, name: bytes, value: bytes):
+        self._fields += 1
+        if self._fields > MAX_FIELDS:
+            raise self._fail("too-large", f"over {MAX_FIELDS} header fields")
         name = name.lower()
         if name not in _KEPT:
             return
@@ -147,13 +170,16 @@ class ResponseReader:
                 else self._cache_control + b"," + value
         elif name == b"location":
             self._location = value
+        elif name == b"x-request-id":
+            self._echo = value if self._echo is None else self._echo + b"," + value
 
     def on_headers_complete(self):
         self._status = status = self._parser.get_status_code()
         if status < 200:
             self._check_interim(status)
         else:
-            self._fed = -1   # the final head is complete: no more counting
+            self._head_done = True
+            self._check_request_id()
             self._check_framing(status)
 
     def on_body(self, data: bytes):
@@ -162,7 +188,7 @@ class ResponseReader:
             raise self._fail("too-large", f"body over {MAX_BODY} bytes")
         if self._inflater is not None:
             data = self._inflate(data)
-        self._chunks.append(data)
+        self._chunks.append(data)   # MAX_BODY bytes in all, checked above
 
     def on_message_complete(self):
         if self._status >= 200:
@@ -176,6 +202,18 @@ class ResponseReader:
             raise self._fail("protocol", "101 Switching Protocols, but no upgrade was asked for")
         if self._length or self._transfer is not None:
             raise self._fail("protocol", f"interim response {status} with content")
+
+    def _check_request_id(self):
+        """An answer echoing another request's id is a copy of an earlier answer: HTTP/1.1 cannot tell
+        it from this request's, only the id can."""
+        echo = self._echo
+        if echo is None:
+            if self._require and self._request_id is not None:
+                raise self._fail("stray", "answer without X-Request-Id (require-request-id)")
+        elif echo == self._request_id:
+            self.echoed = True
+        elif self._request_id is not None:
+            raise self._fail("stray", "answer with the X-Request-Id of another request")
 
     def _check_framing(self, status: int):
         if self._transfer is not None and self._transfer.strip().lower() != b"chunked":

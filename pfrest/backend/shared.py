@@ -87,7 +87,12 @@ class SharedStore:
     def __init__(self, endpoint, observer=NOBODY, clock=time.time):
         self.name, self.url = endpoint.name, endpoint.cache_url
         self.where = redisclient.where(endpoint.cache_url)
-        self.namespace = sharedformat.namespace(endpoint)
+        try:
+            self.namespace = sharedformat.namespace(endpoint)
+        except OSError as exc:   # the client-cert (TLS to the backend fails too, unless it is a link)
+            self.namespace = sharedformat.alone(endpoint)
+            log.warning("endpoint=%s shared cache: cannot read client-cert %s without following a link (%s): "
+                        "this process shares no answers", self.name, endpoint.client_cert, exc.strerror)
         self.timeout_ms = endpoint.cache_timeout
         self.observer = observer
         self.clock = clock                  # wall clock: entries carry instants every host reads alike
@@ -99,7 +104,9 @@ class SharedStore:
         self.on_invalidation = None         # f(params list, or None for all): the local cache's
         self.closed = False
         self._loop = self._pipe = self._deadlines = self._listener = self._up = None
-        self._gets, self._puts = [], []     # reads waiting for the end of this turn, writes for WRITE_DELAY
+        # reads waiting for the end of this turn, writes for WRITE_DELAY: at most one per lookup in flight
+        # (bounded by every endpoint's max-connections), sent MAX_BATCH a call
+        self._gets, self._puts = [], []
         self._reads_scheduled, self._write_timer = False, None
         self._tasks = set()
         self._writes = set()                # the tasks of _write among them

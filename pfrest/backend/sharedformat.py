@@ -1,12 +1,19 @@
 """What the shared cache (cache-url) holds and says, as bytes: the names of its keys and channels, its
-entries, its invalidation messages.  Pure, standard library only: the store (shared.py), its
-invalidation channel (invalidation.py) and ``pfrest cache`` (cachecmd.py) all spell them from here.
+entries, its invalidation messages.  Pure but for reading the client certificate of a namespace,
+standard library only: the store (shared.py), its invalidation channel (invalidation.py) and
+``pfrest cache`` (cachecmd.py) all spell them from here.
 
 Names.  Every key of an endpoint starts with its *namespace*, ``pfrest:NAME:HASH``: the endpoint's name
-and a hash of its target list, so that two endpoints, or two sites with their own backends, sharing
-one Redis never see each other's answers.  The key is the namespace and the lookup's query string as
-the backend gets it (``pfrest:domains:5f0c...:key=example.com``, ``...:name=aliases&key=a%40b.example``),
-readable with redis-cli.  Invalidations go out on a channel named after the namespace.
+and a hash of everything that shapes its answers (``namespace``): its name, mode and target list, and
+the credentials it asks with (auth-token, headers, basic-auth, the client certificate), so that two
+endpoints, two sites with their own backends, or two tenants of one backend, sharing one Redis never
+see each other's answers.  The credentials go in only through scrypt, a slow one-way function with a
+salt of the endpoint's name and targets (the same on every host): a reader of Redis cannot recover a
+low-entropy token from a key name by trying candidates at the speed of SHA-256.  Same config, same
+namespace on every host; a new token starts a new one.  The key is the namespace and the lookup's
+query string as the backend gets it (``pfrest:domains:5f0c...:key=example.com``,
+``...:name=aliases&key=a%40b.example``), readable with redis-cli.  Invalidations go out on a channel
+named after the namespace.
 
 Entries.  ``pfrest/1 KEY\\nSTATUS FRESH-UNTIL STALE-UNTIL\\nBODY``: the answer (HTTP status and body),
 until when it is fresh and until when it may serve as a stale answer (RFC 5861 stale-if-error), in
@@ -20,6 +27,8 @@ channel, and in a ``pfrest cache`` request to a serve's control socket (controls
 """
 
 import hashlib
+import os
+import re
 from typing import NamedTuple, Optional
 from urllib.parse import unquote_to_bytes
 
@@ -27,7 +36,12 @@ from pfrest.backend.request import query
 from pfrest.protocol.verdict import HttpResult
 
 VERSION = b"pfrest/1"
-HASH_DIGITS = 16        # of the SHA-256 of the target list: 64 bits tell sites apart
+HASH_DIGITS = 16        # of the namespace's SHA-256: 64 bits tell sites and tenants apart
+# scrypt of the credentials: 2**14 rounds of 8 blocks, 16 MiB and some 0.1 s once per process and
+# endpoint with cache-url (within OpenSSL's default 32 MiB memory limit), as much per guessed token
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
+MAX_CERT_FILE = 1 << 20   # bytes of client-cert read for the namespace (a certificate chain is far less)
+_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----[^-]*-----END CERTIFICATE-----")
 DROP, FLUSH = b"drop", b"flush"
 
 
@@ -42,8 +56,40 @@ class Entry(NamedTuple):
 
 
 def namespace(endpoint) -> str:
-    targets = "\n".join(endpoint.targets).encode("utf-8")
-    return f"pfrest:{endpoint.name}:{hashlib.sha256(targets).hexdigest()[:HASH_DIGITS]}"
+    """``pfrest:NAME:HASH`` for the endpoint (see the module's notes); OSError when its client-cert
+    cannot be read."""
+    shape = "\0".join((endpoint.name, endpoint.mode, *endpoint.targets)).encode("utf-8")
+    secret = credentials(endpoint)
+    if secret:
+        shape += b"\0" + hashlib.scrypt(secret, salt=b"pfrest namespace\0" + shape, n=SCRYPT_N, r=SCRYPT_R,
+                                        p=SCRYPT_P, dklen=32)
+    return f"pfrest:{endpoint.name}:{hashlib.sha256(shape).hexdigest()[:HASH_DIGITS]}"
+
+
+def credentials(endpoint) -> bytes:
+    """What the endpoint asks with that a backend may answer differently to, as one byte string (empty
+    for none): never to be stored or logged as it is."""
+    parts = [endpoint.auth_token or "", endpoint.basic_auth or "",
+             *(f"{name.lower()}: {value}" for name, value in sorted(endpoint.headers))]
+    found = "\0".join(parts).encode("utf-8") if any(parts) else b""
+    if endpoint.client_cert:
+        found += b"\0cert\0" + client_certificate(endpoint.client_cert)
+    return found
+
+
+def alone(endpoint) -> str:
+    """A namespace of this process only, for an endpoint whose ``namespace`` cannot be known: no other
+    process reads what it keeps, nor keeps anything it reads."""
+    return f"pfrest:{endpoint.name}:alone-{os.urandom(HASH_DIGITS // 2).hex()}"
+
+
+def client_certificate(path: str) -> bytes:
+    """The certificates of the client-cert file (not the key it may hold too): the identity the backend
+    sees.  Opened without following a link, as every path pfrest may open as root."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_CERT_FILE)
+    return b"\n".join(b"".join(block.split()) for block in _CERTIFICATE.findall(data))
 
 
 def key(space: str, params) -> bytes:

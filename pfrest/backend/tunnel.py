@@ -12,6 +12,7 @@ MAX_REPLY = 16384   # bytes of status line and headers; proxies send a few hundr
 class TunnelReply:
     """``done`` once the reply is read; ``result`` is then None (tunnel open) or a Failure."""
     __slots__ = ("done", "result", "_head")
+    keep_alive = True   # as connection.py asks of a reader: the connection goes on, to the TLS handshake
 
     def __init__(self):
         self.done, self.result, self._head = False, None, b""

@@ -34,7 +34,7 @@ class HttpResult(NamedTuple):
 
 class Failure(NamedTuple):
     """The HTTP exchange did not complete.  ``kind`` is one of the words below."""
-    kind: str        # timeout, refused, reset, dns, tls, too-large, protocol, internal
+    kind: str        # timeout, refused, reset, dns, tls, too-large, protocol, stray, internal
     detail: str = ""  # for the log only, never for Postfix
 
 
@@ -58,6 +58,7 @@ def _failure(result: Failure) -> Verdict:
         "tls": "TLS error talking to the backend",
         "too-large": "backend answer too large",
         "protocol": "backend answer is not valid HTTP",
+        "stray": "backend answer was not this request's",
     }.get(result.kind, "internal error"))
 
 
@@ -89,21 +90,41 @@ def values(body: bytes):
     return data
 
 
-_VERDICTS_OF_CACHED = {}   # (status, body, separator) -> Verdict, for answers served from a cache
-MAX_REMEMBERED = 10000
+MAX_REMEMBERED = 10000            # verdicts of cached answers remembered at most
+MAX_REMEMBERED_BYTES = 8 << 20    # and the bytes of the bodies they are remembered by (and of their values)
+
+
+class _Remembered:
+    """The verdicts of cached answers, by (status, body, separator): the bodies are keys, so both
+    bounds hold whatever the caches keep (bodies up to 1 MiB each, in every endpoint's cache): when
+    either is reached, everything is forgotten and worked out again."""
+
+    def __init__(self):
+        self.verdicts, self.size = {}, 0
+
+    def get(self, result, separator):
+        key = (result.status, result.body, separator)
+        found = self.verdicts.get(key)
+        if found is None:
+            found = _lookup(result, separator)
+            size = 2 * len(result.body)   # the body, and at most as much of value
+            if len(self.verdicts) >= MAX_REMEMBERED or self.size + size > MAX_REMEMBERED_BYTES:
+                self.verdicts.clear()
+                self.size = 0
+            if size <= MAX_REMEMBERED_BYTES:
+                self.verdicts[key] = found
+                self.size += size
+        return found
+
+
+_REMEMBERED = _Remembered()
 
 
 def lookup(result, separator: str = ",") -> Verdict:
     """The verdict for a tcp-lookup or socketmap-lookup answer.  A cached answer comes again and
     again: its verdict is worked out once (JSON and all), not on every hit."""
     if isinstance(result, HttpResult) and result.cached:
-        key = (result.status, result.body, separator)
-        found = _VERDICTS_OF_CACHED.get(key)
-        if found is None:
-            if len(_VERDICTS_OF_CACHED) >= MAX_REMEMBERED:
-                _VERDICTS_OF_CACHED.clear()
-            found = _VERDICTS_OF_CACHED[key] = _lookup(result, separator)
-        return found
+        return _REMEMBERED.get(result, separator)
     return _lookup(result, separator)
 
 

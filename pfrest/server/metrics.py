@@ -95,6 +95,9 @@ def families(figures: Figures):
     errors = CounterMetricFamily("pfrest_backend_errors", "requests answered with an error because of "
                                  "the backend, by kind (timeout, refused, ..., http-NNN, invalid-answer)",
                                  labels=["endpoint", "kind"])
+    strays = CounterMetricFamily("pfrest_backend_stray_answers", "backend answers refused as not their "
+                                 "request's (another request's X-Request-Id, or bytes on an idle "
+                                 "connection), each closing its connection", labels=["endpoint"])
     cache = {event: CounterMetricFamily(name, text, labels=["endpoint"])
              for event, (name, text) in CACHE_EVENTS.items()}
     entries = GaugeMetricFamily("pfrest_cache_entries", "answers in the cache now (all workers)",
@@ -128,6 +131,7 @@ def families(figures: Figures):
         _add_histogram(exchange_latency, [name], stats.exchange_latency, stats.exchange_seconds)
         for kind, count in sorted(stats.errors.items()):
             errors.add_metric([name, kind], count)
+        strays.add_metric([name], stats.strays)
         if stats.cache_events or stats.cache_entries:
             for event, family in cache.items():
                 family.add_metric([name], stats.cache_events.get(event, 0))
@@ -142,8 +146,8 @@ def families(figures: Figures):
             refused.add_metric([name, reason], count)
     for name, count in sorted(figures.connections.items()):
         open_now.add_metric([name], count)
-    found = [build, info, requests, latency, exchanges, exchange_latency, errors, *cache.values(), entries,
-             *shared.values(), shared_up, open_now, accepted, refused, reloads]
+    found = [build, info, requests, latency, exchanges, exchange_latency, errors, strays, *cache.values(),
+             entries, *shared.values(), shared_up, open_now, accepted, refused, reloads]
     if figures.workers is not None:
         workers = GaugeMetricFamily("pfrest_worker_open_connections", "Postfix connections open per worker "
                                     "process (serve --workers)", labels=["worker"])
@@ -190,6 +194,8 @@ def read(text: str) -> Figures:
                 of(labels).exchanges[labels["target"], labels["outcome"]] += count
             elif name == "pfrest_backend_errors_total":
                 of(labels).errors[labels["kind"]] += count
+            elif name == "pfrest_backend_stray_answers_total":
+                of(labels).strays += count
             elif name in events:
                 of(labels).cache_events[events[name]] += count
             elif name == "pfrest_cache_entries":

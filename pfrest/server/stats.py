@@ -74,7 +74,7 @@ def _counts(counter):
 class Stats:
     """Counters for one endpoint.  Plain data: one event loop per process updates them, ``merge``
     adds another process's (the workers' of ``serve --workers``), pickle carries them.  Also the
-    backend's observer (pfrest.backend.observer): ``exchange`` and ``cache``."""
+    backend's observer (pfrest.backend.observer): ``exchange``, ``cache``, ``shared`` and ``stray``."""
 
     def __init__(self, mode=None):
         self.mode = mode                 # the endpoint's mode, for the metrics' labels
@@ -91,6 +91,7 @@ class Stats:
         self.cache_entries = 0           # a gauge: entries now (Services.measure sets it)
         self.shared_events = Counter()   # the shared cache's: hit, miss, error, skip -> count
         self.shared_up = None            # a gauge: the shared cache used now (None: there is none)
+        self.strays = 0                  # backend answers refused as not their request's
         self.last_ok = 0.0               # time.monotonic() of the last fresh HTTP answer (0: none yet)
         self.last_failed = 0.0           # ... of the last request the backend failed to answer
 
@@ -126,6 +127,9 @@ class Stats:
     def shared(self, event):
         self.shared_events[event] += 1
 
+    def stray(self, target):
+        self.strays += 1
+
     # --- adding up, reading ------------------------------------------------------------------------
 
     def merge(self, other):
@@ -138,6 +142,7 @@ class Stats:
                              (self.shared_events, other.shared_events)):
             mine.update(theirs)
         self.accepted += other.accepted
+        self.strays += other.strays
         self.latency = [a + b for a, b in zip(self.latency, other.latency)]
         self.latency_ms += other.latency_ms
         self.exchange_latency = [a + b for a, b in zip(self.exchange_latency, other.exchange_latency)]
