@@ -129,6 +129,7 @@ class Arbiter:
             self._turn()
         daemon.log_counters(self.summary())
         logger.info("stopped")
+        privileges.finish()
         return 0
 
     def _turn(self, timeout=None):

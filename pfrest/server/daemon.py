@@ -69,7 +69,9 @@ def run(options) -> int:
     except (BindError, privileges.PrivilegeError, OSError) as exc:
         server.listener.close()
         return fatal([str(exc)], 1, to_stderr_too)
-    return eventloop.run(serve(server, options))
+    status = eventloop.run(serve(server, options))
+    privileges.finish()
+    return status
 
 
 async def serve(server, options) -> int:

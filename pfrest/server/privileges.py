@@ -6,16 +6,22 @@ without following a link).  They live in directories that account may not write 
 ``/var/spool/postfix/private`` belongs to postfix), so it could not remove them at the end.  A *janitor*
 does: a child forked while still root that keeps nothing open but one pipe and waits, ignoring
 signals, until the pipe closes (the server has exited, however it ended), then removes those socket
-files (only if they are still the ones made, socketfiles.remove) and exits.
+files (only if they are still the ones made, socketfiles.remove) and exits.  A server that ends in
+order closes the pipe itself and waits for the janitor (``finish``): under the unit's KillMode=mixed,
+systemd kills what is left of the unit as soon as the main process is gone, the janitor too.
 """
 
 import logging
 import os
 import signal
+import time
 
 from pfrest.server import socketfiles
 
 log = logging.getLogger("pfrest")
+
+JANITOR_WAIT = 2.0   # seconds a server that ends waits for its janitor to remove the socket files
+_janitor = None      # (pid, the pipe's write end) of this process's janitor, until finish
 
 
 class PrivilegeError(Exception):
@@ -56,11 +62,32 @@ def drop(user, socket_files):
     log.info("running as user %s (uid %d, gid %d)", pw.pw_name, pw.pw_uid, pw.pw_gid)
 
 
+def finish():
+    """At the end of serve, its workers gone: the janitor removes the socket files now, and the server
+    waits for it (up to JANITOR_WAIT) before it exits."""
+    global _janitor
+    if _janitor is None:
+        return
+    (pid, write_end), _janitor = _janitor, None
+    os.close(write_end)
+    deadline = time.monotonic() + JANITOR_WAIT
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            return
+        time.sleep(0.01)
+
+
 def _start_janitor(socket_files):
+    global _janitor
     read_end, write_end = os.pipe()
-    if os.fork() != 0:
+    pid = os.fork()
+    if pid != 0:
         os.close(read_end)
         os.set_inheritable(write_end, False)  # only this process (and its forked workers) hold it
+        _janitor = pid, write_end
         return
     try:  # the janitor: never returns
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
