@@ -126,20 +126,20 @@ def handle_argv(argv):
 
 
 def _serve(args) -> int:
-    from pfrest.server import daemon
-    return daemon.run(daemon.Options(args.config, args.names, args.syslog, args.log_file,
+    from pfrest.commands import serve
+    return serve.run(serve.Options(args.config, args.names, args.syslog, args.log_file,
                                      args.drain_timeout, args.workers))
 
 
 def _demo(args) -> int:
-    from pfrest import demo
+    from pfrest.commands import demo
     return demo.run(args.port_base)
 
 
 def _check(args) -> int:
-    from pfrest import check
-    cfg = check.load(args.config)
-    for warning in check.warnings(cfg):
+    from pfrest.config import checks
+    cfg = checks.load(args.config)
+    for warning in checks.warnings(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     modes = ", ".join(f"{ep.name} ({ep.mode})" for ep in cfg.endpoints)
     print(f"{args.config}: valid; {modes}")
@@ -149,7 +149,7 @@ def _check(args) -> int:
 def _check_postfix(cfg, directory) -> int:
     """Exit 0 when Postfix uses the endpoints as configured, 1 on a mismatch, EX_UNAVAILABLE when
     postconf cannot tell."""
-    from pfrest import crosscheck, postconf
+    from pfrest.commands import crosscheck, postconf
     try:
         postfix = postconf.read(directory)
     except postconf.PostconfError as exc:
@@ -165,7 +165,8 @@ def _check_postfix(cfg, directory) -> int:
 
 
 def _query(args) -> int:
-    from pfrest import log, query
+    from pfrest import log
+    from pfrest.commands import query
     log.for_foreground()
     cfg = config.load(args.config)
     try:
@@ -176,18 +177,18 @@ def _query(args) -> int:
 
 
 def _stats(args) -> int:
-    from pfrest import stats
+    from pfrest.commands import stats
     return stats.run(config.load(args.config))
 
 
 def _cache(args) -> int:
-    from pfrest import cachecmd
-    return cachecmd.run(config.load(args.config), args.action, args.name, [os.fsencode(k) for k in args.keys],
+    from pfrest.commands import cache
+    return cache.run(config.load(args.config), args.action, args.name, [os.fsencode(k) for k in args.keys],
                         args.mapname)
 
 
 def _handle(args) -> int:
-    from pfrest.server import handle
+    from pfrest.commands import handle
     return handle.run(args.config, args.name, args.log_file)
 
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pfrest import minihttp
+from pfrest.commands import minihttp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IN_CI = os.environ.get("CI") == "true"
@@ -178,14 +178,14 @@ def postmap(conf, key, table, stdin=None):
 
 
 class ServerThread:
-    """A pfrest.server.serving.Server on an event loop in a thread of the test process, with a
+    """A pfrest.process.serving.Server on an event loop in a thread of the test process, with a
     synchronous face for tests: ``addresses``, ``reload(cfg)``, ``summary()``, ``connection_count()``,
     ``stop(drain_timeout)``."""
 
     def __init__(self, cfg, names=()):
         import asyncio
-        from pfrest.server import eventloop
-        from pfrest.server.serving import Server
+        from pfrest.process.serving import Server
+        from pfrest.system import eventloop
         self._asyncio = asyncio
         self.loop = eventloop.new_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="server-loop")

@@ -5,9 +5,9 @@ one reply per request in one write) that need no socket; the sockets are in test
 import asyncio
 
 from pfrest import config
+from pfrest.conversation.conversation import Conversation
+from pfrest.conversation.services import Origin, Services
 from pfrest.protocol.verdict import Failure, HttpResult
-from pfrest.server.conversation import Conversation
-from pfrest.server.services import Origin, Services
 
 
 class MemoryTransport(asyncio.Transport):

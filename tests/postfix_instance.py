@@ -198,7 +198,7 @@ def install_pfrest(dest, user=NOBODY):
     script.chmod(0o755)
     make_readable(dest)
     check = _run_as(user, [python, "-I", "-c", f"import sys; sys.path.insert(0, {str(lib)!r}); "
-                                               "import pfrest.server.handle, pfrest.backend, httptools, uvloop"])
+                                               "import pfrest.commands.handle, pfrest.backend, httptools, uvloop"])
     if check.returncode != 0:
         pytest.fail(f"pfrest copy in {dest} is not importable by {user}: {check.stderr}")
     return str(script)
@@ -567,7 +567,7 @@ def check_policy_transaction(backend, smtp_port, slow=True):
     """An SMTP transaction through a real smtpd whose policy service is pfrest: each recipient of
     POLICY_CASES gets the SMTP reply its backend answer means, and the backend received the attributes
     smtpd sent.  ``backend`` is a RoutedBackend; ``slow=False`` leaves out the 2.5 s timeout case."""
-    from pfrest.minihttp import form_bytes
+    from pfrest.commands.minihttp import form_bytes
     cases = {r: c for r, c in POLICY_CASES.items() if slow or not r.startswith("slow@")}
     backend.requests.clear()
     for rcpt, (answer, _, _) in cases.items():

@@ -18,9 +18,9 @@ import pytest
 import rogue
 from pfrest import config
 from pfrest.backend import CachingClient, Client, Observer, client as client_module, for_endpoint
+from pfrest.conversation import requestlog
 from pfrest.protocol import verdict
 from pfrest.protocol.verdict import Failure, HttpResult
-from pfrest.server import requestlog
 from rogue import CLOSE, Scripted, response
 from test_backend_client import TOKEN, ask, found, policy, run, serve, value  # noqa: F401 (fixtures)
 

@@ -11,10 +11,11 @@ import tempfile
 import pytest
 
 from conftest import ROOT, pfrest_cmd, pfrest_env
-from pfrest import cli, localhttp
-from pfrest.backend import sharedformat
+from pfrest import cli
+from pfrest.cache import sharedformat
+from pfrest.commands import localhttp
+from pfrest.ops import controlsocket
 from pfrest.protocol import netstring
-from pfrest.server import controlsocket
 from postfix_instance import free_port
 from test_serve import ask, connect, served, tcp_get  # noqa: F401 (served is a fixture)
 

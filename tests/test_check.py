@@ -13,8 +13,9 @@ import textwrap
 import pytest
 
 from conftest import ROOT, need_binary, pfrest_cmd, pfrest_env
-from pfrest import check, cli, config
-from pfrest.server import sockets
+from pfrest import cli, config
+from pfrest.config import checks
+from pfrest.system import sockets
 from postfix_instance import (backdate, commented_main_cf, free_port, interpreter_for, master_entries,
                               need_root, remove_tree, shipped, shipped_config, substitute, world_tmpdir)
 
@@ -49,12 +50,12 @@ def test_two_endpoints_are_refused_exactly_when_serve_cannot_bind_both(first, se
             sock.close()
     expected = [] if both_bind else [f"endpoints[1].bind-port: b would listen on {second}:{port}, where "
                                      f"endpoints[0] (a) listens on {first}:{port}"]
-    assert check.refusals(cfg) == expected
+    assert checks.refusals(cfg) == expected
 
 
 def test_other_refusals():
     def refused(*endpoints, **top):
-        return check.refusals(config.parse({"endpoints": list(endpoints), **top}))
+        return checks.refusals(config.parse({"endpoints": list(endpoints), **top}))
     assert refused(endpoint("a", **{"bind-path": "/run/pfrest/x.sock"}),
                    endpoint("b", **{"bind-path": "/run/pfrest/../pfrest/x.sock"})) == [
         "endpoints[1].bind-path: b would listen on /run/pfrest/../pfrest/x.sock, where endpoints[0] (a) "
@@ -112,7 +113,7 @@ def test_unreadable_for_user_exactly_when_it_is(shared_dir, mode, group, inside)
     path.write_text(json.dumps({"user": "nobody", "endpoints": [endpoint("a")]}))
     path.chmod(mode)
     shutil.chown(path, "root", group)
-    warned = [w for w in check.warnings(check.load(str(path))) if "user nobody" in w]
+    warned = [w for w in checks.warnings(checks.load(str(path))) if "user nobody" in w]
     if nobody_can_read(path):
         assert warned == []
     else:
@@ -133,7 +134,7 @@ def test_writable_config_and_tls_files(shared_dir):
         endpoint("b", **https, **{"client-cert": str(cert), "client-key": str(cert)})]}))
     shutil.chown(path, "root", "nogroup")
     path.chmod(0o660)
-    found = check.warnings(check.load(str(path)))
+    found = checks.warnings(checks.load(str(path)))
     assert found == [
         f"{path}: writable by its group, who could send requests and tokens anywhere; chmod go-w {path}",
         f"endpoints[0].ca-file: {shared_dir}/missing.pem does not exist; connections to "
@@ -145,7 +146,7 @@ def test_writable_config_and_tls_files(shared_dir):
     assert not nobody_can_read(cert)
     path.chmod(0o642)
     cert.chmod(0o644)
-    assert check.warnings(check.load(str(path))) == [found[0].replace("its group", "every user"), found[1]]
+    assert checks.warnings(checks.load(str(path))) == [found[0].replace("its group", "every user"), found[1]]
 
 
 # --- check --postfix -----------------------------------------------------------------------------------

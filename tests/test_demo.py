@@ -99,7 +99,7 @@ def test_the_demo_backend_echoes_the_request_id():
     import urllib.error
     import urllib.request
 
-    from pfrest import demo, minihttp
+    from pfrest.commands import demo, minihttp
     server = minihttp.serve_app(demo.backend_app)
     try:
         for path, token in (("/domains?key=example.com", demo.TOKEN), ("/domains?key=nope", demo.TOKEN),

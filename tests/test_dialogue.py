@@ -90,8 +90,8 @@ def test_connection_lost_while_answering_ends_once_the_answer_is_in():
             async def lookup(self, params, request_id):
                 await release.wait()
                 return HttpResult(200, b'["late"]')
-        from pfrest.server.conversation import Conversation
-        from pfrest.server.services import Origin, Services
+        from pfrest.conversation.conversation import Conversation
+        from pfrest.conversation.services import Origin, Services
         services = Services(backend_for=lambda _: Waiting({}))
         services.apply([endpoint("tcp-lookup")], "test")
         ended = []
@@ -113,8 +113,8 @@ def test_idle_and_partial_request_timeouts():
     """The partial-request limit counts from a request's first byte, however it drips; the idle limit
     from the last reply."""
     async def run():
-        from pfrest.server.conversation import Conversation
-        from pfrest.server.services import Origin, Services
+        from pfrest.conversation.conversation import Conversation
+        from pfrest.conversation.services import Origin, Services
         services = Services(backend_for=lambda _: FakeBackend(TCP_ANSWERS))
         services.apply([endpoint("tcp-lookup", idle_timeout=0.3, partial_request_timeout=0.4)], "test")
         ended = asyncio.get_running_loop().create_future()

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import ROOT, pfrest_cmd, pfrest_env
-from pfrest import minihttp
+from pfrest.commands import minihttp
 from pfrest.protocol import netstring
 from rogue import Rogue
 

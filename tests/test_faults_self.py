@@ -172,8 +172,8 @@ def test_open_file_limit_refuses_before_descriptors_run_out(truth, serving, tmp_
 EXHAUST = r"""
 import asyncio, dataclasses, os, sys, threading
 from pfrest import config, log
-from pfrest.server import eventloop
-from pfrest.server.serving import Server
+from pfrest.process.serving import Server
+from pfrest.system import eventloop
 log.for_foreground(log_file=sys.argv[2])
 cfg = config.load(sys.argv[1])
 cfg = dataclasses.replace(cfg, endpoints=tuple(dataclasses.replace(ep, bind_port=0) for ep in cfg.endpoints))

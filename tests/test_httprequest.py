@@ -1,10 +1,10 @@
-"""The request side of the metrics address and the control socket (server/httprequest.py), sans-I/O:
+"""The request side of the metrics address and the control socket (ops/httprequest.py), sans-I/O:
 requests in any pieces, and every bound (head, fields, chunk framing, trailers, body) refused with its
 status, whatever the bytes."""
 
 import pytest
 
-from pfrest.server.httprequest import MAX_FIELDS, MAX_HEAD, RequestReader
+from pfrest.ops.httprequest import MAX_FIELDS, MAX_HEAD, RequestReader
 
 CHUNKED = b"POST /cache/t HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
 

@@ -1,5 +1,5 @@
 """`pfrest stats` and `pfrest cache` against whatever answers at the metrics address or the control socket
-(pfrest/localhttp.py): a peer that drips its reply, or sends an endless one, costs them their deadline and
+(pfrest/commands/localhttp.py): a peer that drips its reply, or sends an endless one, costs them their deadline and
 a bounded read, never a hang or all the memory.  Real servers on loopback and on a unix socket."""
 
 import os
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pfrest import localhttp, stats
+from pfrest.commands import localhttp, stats
 
 SECONDS = 1.0         # the deadline the clients are given here
 ENDS_WITHIN = 10.0    # seconds the test waits for them (they used to hang)

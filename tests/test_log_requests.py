@@ -7,9 +7,9 @@ import sys
 
 from conftest import ROOT, pfrest_env
 from pfrest import config
+from pfrest.conversation.services import Service
+from pfrest.ops.counters import reply_class
 from pfrest.protocol.verdict import Failure, HttpResult
-from pfrest.server.services import Service
-from pfrest.server.stats import reply_class
 
 POLICY = (b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\n"
           b"sender=a@example.com\nrecipient=%s\n\n")
@@ -93,4 +93,4 @@ def test_handle_does_not_load_prometheus_client(backend, write_config, tmp_path)
                           cwd=ROOT, timeout=30)
     assert proc.returncode == 0 and proc.stdout == b"200 v\n", proc
     modules = report.read_text().split()
-    assert "pfrest.server.stats" in modules and not [m for m in modules if m.startswith("prometheus_client")]
+    assert "pfrest.ops.counters" in modules and not [m for m in modules if m.startswith("prometheus_client")]

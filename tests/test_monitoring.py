@@ -17,10 +17,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, Backend, ServerThread, need_binary, pfrest_cmd, pfrest_env
-from pfrest import config, minihttp
+from pfrest import config
 from pfrest.backend.pool import IDLE_REUSE_LIMIT
-from pfrest.server import httpd, monitor
-from pfrest.server.stats import Figures, Stats
+from pfrest.commands import minihttp
+from pfrest.ops import httpd, monitor
+from pfrest.ops.counters import Figures, Stats
 from postfix_instance import free_port, stop_process
 from test_serve import POLICY_REQUEST, Served, ask, connect, ephemeral, tcp_get
 

@@ -57,7 +57,7 @@ def test_the_serve_unit_stops_as_the_arbiter_stops_its_workers():
     """KillMode=mixed: SIGTERM to the arbiter alone (systemd's default would signal the workers while it
     may still pass them connections); the arbiter kills a worker STOP_GRACE past the drain timeout, and
     systemd's SIGKILL comes after that."""
-    from pfrest.server.arbiter import STOP_GRACE
+    from pfrest.process.arbiter import STOP_GRACE
     with open(os.path.join(ROOT, "systemd", "pfrest.service")) as f:
         unit = unit_settings(f.read())
     assert unit["KillMode"] == ["mixed"]

@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 from conftest import ROOT, need_binary, pfrest_cmd, pfrest_env
-from pfrest import config, query
+from pfrest import config
+from pfrest.commands import query
 from postfix_instance import free_port
 from rogue import Rogue, Scripted, response
 

@@ -73,7 +73,7 @@ def pfrest_logging(tmp_path):
 
 def test_token_in_an_internal_error_traceback_is_redacted(pfrest_logging):
     import asyncio
-    from pfrest.server.services import Service
+    from pfrest.conversation.services import Service
 
     class Broken:
         async def lookup(self, params, request_id):
@@ -88,7 +88,7 @@ def test_token_in_an_internal_error_traceback_is_redacted(pfrest_logging):
 
 
 def test_query_never_shows_the_token(backend, write_config, capsys):
-    from pfrest import query
+    from pfrest.commands import query
     from pfrest.protocol.verdict import Failure
     backend.answers["echo"] = echo_token
     path = write_config([{"name": "t", "mode": "tcp-lookup", "target": backend.url + "/l", "auth-token": TOKEN,

@@ -17,10 +17,10 @@ import pytest
 
 from conftest import ROOT, Backend, ServerThread, need_binary, pfrest_cmd, pfrest_env, postmap
 from pfrest import config
+from pfrest.process.serving import Server
 from pfrest.protocol import netstring
-from pfrest.server import systemd
-from pfrest.server.serving import Server
-from pfrest.server.sockets import BindError
+from pfrest.system import systemd
+from pfrest.system.sockets import BindError
 from postfix_instance import free_port, stop_process
 
 POLICY_REQUEST = (b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\n"
@@ -582,7 +582,7 @@ def test_listen_fds_only_for_this_process(monkeypatch):
 def test_cli_help_does_not_import_the_listener():
     code = ("import sys; from pfrest import cli\n"
             "try:\n    cli.main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
-            "assert not {'pfrest.server.serving', 'asyncio', 'requests'} & set(sys.modules), sys.modules")
+            "assert not {'pfrest.process.serving', 'asyncio', 'requests'} & set(sys.modules), sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=pfrest_env(), cwd=ROOT)
 
 

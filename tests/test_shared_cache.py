@@ -24,12 +24,13 @@ import pytest
 
 from conftest import ROOT, Backend, pfrest_env
 from pfrest import config
-from pfrest.backend import cache as cache_module
-from pfrest.backend import for_endpoint, invalidation, sharedformat
-from pfrest.backend import shared as shared_module
-from pfrest.backend.cache import CachingClient
+from pfrest.backend import for_endpoint
 from pfrest.backend.client import Client
 from pfrest.backend.observer import Observer
+from pfrest.cache import invalidation, sharedformat
+from pfrest.cache import local as cache_module
+from pfrest.cache import shared as shared_module
+from pfrest.cache.local import CachingClient
 from pfrest.protocol import verdict
 from redis_server import RedisServer, binaries, make_pki
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from pfrest import log
-from pfrest.server import socketfiles
+from pfrest.system import socketfiles
 from conftest import ROOT, pfrest_cmd, pfrest_env
 from postfix_instance import interpreter_for, remove_tree, stop_process, world_tmpdir
 from test_serve import (connect, endpoint, ephemeral, listening, pfrest_log,  # noqa: F401 (fixtures)

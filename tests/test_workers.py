@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import Backend
-from pfrest.server import control
+from pfrest.process import control
 from postfix_instance import free_port
 from test_monitoring import get, run_pfrest, samples, total
 from test_serve import connect, endpoint, served, tcp_get  # noqa: F401 (served is a fixture)

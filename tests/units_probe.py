@@ -16,7 +16,7 @@ import time
 import traceback
 from urllib.parse import urlsplit
 
-from pfrest import minihttp
+from pfrest.commands import minihttp
 
 CONFIG = "/etc/pfrest/pfrest.json"
 PRIVATE = "/var/spool/postfix/private"

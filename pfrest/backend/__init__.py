@@ -22,11 +22,11 @@ health), client and cache (the interface); for the shared cache sharedformat (it
 messages, pure), redisclient, shared and invalidation.
 """
 
-from pfrest.backend.cache import CachingClient
 from pfrest.backend.client import Client
 from pfrest.backend.observer import NOBODY, Observer
 from pfrest.backend.request import new_request_id
 from pfrest.backend.response import MAX_BODY
+from pfrest.cache.local import CachingClient
 
 __all__ = ["CachingClient", "Client", "MAX_BODY", "Observer", "for_endpoint", "new_request_id"]
 
@@ -39,7 +39,7 @@ def for_endpoint(endpoint, user_agent: str, observer=NOBODY):
         return client
     shared = None
     if endpoint.cache_url:
-        from pfrest.backend.shared import SharedStore   # redis-py: only where a shared cache is used
+        from pfrest.cache.shared import SharedStore   # redis-py: only where a shared cache is used
         shared = SharedStore(endpoint, observer)
     return CachingClient(client, endpoint.cache_ttl, endpoint.cache_negative_ttl, endpoint.cache_max_entries,
                          endpoint.list_separator, stale_if_error=endpoint.cache_stale_if_error,

@@ -1,0 +1,197 @@
+"""``pfrest query``: one real backend call, shown as Postfix will read it, with an exit status a script
+can test.
+
+What is printed: the endpoint and target, the backend's HTTP status or, when no answer came, what went
+wrong in plain words (``connection refused by 127.0.0.1:8080``, ``no answer within 2 s``, ``TLS
+certificate not trusted``), the status class (found, not found, temporary, permanent), the decoded
+value or the policy action, and the exact reply bytes, escaped.
+
+The exit status (``postmap -q`` gives 0 and 1 the same meanings; the others are sysexits.h's):
+
+    0   found; for a policy, an action that is not a deferral (REJECT too: the backend decided)
+    1   not found
+    75  EX_TEMPFAIL: a temporary failure, or a policy action that defers the mail
+    69  EX_UNAVAILABLE: a permanent failure (the backend refused the request: 4xx), for socketmap
+        and policy endpoints; a tcp table has no permanent error, Postfix gets a temporary one
+    78  EX_CONFIG: the config is invalid or has no such endpoint (cli.py)
+"""
+
+import os
+import re
+import time
+from urllib.parse import urlsplit
+
+from pfrest import config
+from pfrest.backend.client import Client
+from pfrest.backend.request import new_request_id
+from pfrest.conversation.services import Service
+from pfrest.log import redact
+from pfrest.protocol import verdict
+from pfrest.protocol.answers import printable
+from pfrest.protocol.verdict import Failure, HttpResult
+from pfrest.system import eventloop
+
+FOUND, NOT_FOUND, TEMPORARY, PERMANENT = "found", "not found", "temporary", "permanent"
+EXIT_STATUS = {FOUND: 0, NOT_FOUND: 1, TEMPORARY: os.EX_TEMPFAIL, PERMANENT: os.EX_UNAVAILABLE}
+# Policy actions that defer the mail (smtpd answers 4xx), besides numeric 4NN replies.
+DEFERRALS = frozenset({"DEFER", "DEFER_IF_PERMIT", "DEFER_IF_REJECT"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# What Python puts into the failure details the backend collects from exceptions, for the log:
+# class names ("ConnectionRefusedError: "), errno and OpenSSL tags, the C source line.
+_PYTHON_NOISE = re.compile(r"\b[A-Za-z_][\w.]*(?:Error|Exception|error): |\[Errno -?\d+\] |\[SSL: \w+\] "
+                           r"| ?\(_ssl\.c:\d+\)")
+_CERTIFICATE = re.compile(r"certificate verify failed:?\s*(.*)", re.IGNORECASE)
+
+# What Postfix 3.7+ always sends, in its order; values given on the command line replace these.
+POLICY_DEFAULTS = (
+    ("request", "smtpd_access_policy"), ("protocol_state", "RCPT"), ("protocol_name", "ESMTP"),
+    ("client_address", "127.0.0.1"), ("client_name", "localhost"), ("client_port", "12345"),
+    ("reverse_client_name", "localhost"), ("server_address", "127.0.0.1"), ("server_port", "25"),
+    ("helo_name", "client.example"), ("sender", "sender@example.com"),
+    ("recipient", "recipient@example.com"), ("recipient_count", "0"), ("queue_id", ""),
+    ("instance", "1.2.3.4"), ("size", "0"), ("etrn_domain", ""), ("stress", ""),
+    ("sasl_method", ""), ("sasl_username", ""), ("sasl_sender", ""), ("ccert_subject", ""),
+    ("ccert_issuer", ""), ("ccert_fingerprint", ""), ("ccert_pubkey_fingerprint", ""),
+    ("encryption_protocol", ""), ("encryption_cipher", ""), ("encryption_keysize", "0"),
+    ("policy_context", ""),
+)
+
+
+def policy_attributes(args):
+    """name=value arguments merged into the defaults; unknown names are appended in order."""
+    attrs = [(n.encode(), v.encode()) for n, v in POLICY_DEFAULTS]
+    index = {n: i for i, (n, _) in enumerate(attrs)}
+    for arg in args:
+        name, sep, value = arg.partition(b"=")
+        if not sep or not name:
+            raise ValueError(f"policy attributes are name=value, not {arg!r}")
+        if name in index:
+            attrs[index[name]] = (name, value)
+        else:
+            index[name] = len(attrs)
+            attrs.append((name, value))
+    return attrs
+
+
+def build_request(endpoint, words, mapname):
+    if endpoint.mode == config.TCP:
+        if len(words) != 1:
+            raise ValueError("tcp-lookup endpoints take exactly one KEY")
+        return words[0]
+    if endpoint.mode == config.SOCKETMAP:
+        if len(words) != 1:
+            raise ValueError("socketmap-lookup endpoints take exactly one KEY")
+        return (mapname or endpoint.name).encode(), words[0]
+    return policy_attributes(words)
+
+
+def run(cfg, name, words, mapname=None, out=print, backend=None) -> int:
+    """words: the KEY or attr=value arguments, as bytes.  ``backend``: instead of the endpoint's HTTP
+    client (a test's).  Returns the exit status."""
+    endpoint = cfg.endpoint(name)
+    request = build_request(endpoint, words, mapname)
+    # the backend itself, past any cache: the answer as it is now
+    service = Service(endpoint, cfg.user_agent, backend=backend or Client(endpoint, cfg.user_agent))
+    result, answer, request_id, ms = eventloop.run(ask(service, request), fast=False)
+    status = status_class(endpoint, answer)
+    method = endpoint.method if endpoint.mode == config.POLICY else "GET"
+    out(f"endpoint: {endpoint.name} ({endpoint.mode}) -> {method} {endpoint.target}")
+    out(f"auth-token: {'(set, redacted)' if endpoint.auth_token else '(none)'}")
+    out(f"request id: {request_id}")
+    out(f"backend: {backend_words(result, endpoint)}")
+    out(f"time: {ms:.1f} ms")
+    v = answer.verdict
+    out(f"result: {status}" + (f": {v.value}" if v.is_error else ""))
+    if answer.action is not None:
+        action = answer.action.encode()
+        out(f"action: {printable(action, len(action))}")
+    elif v.kind == verdict.FOUND:
+        out(f"value: {printable(v.value, len(v.value))}")
+    out(f"reply: {escaped(answer.reply)}")
+    return EXIT_STATUS[status]
+
+
+def status_class(endpoint, answer) -> str:
+    """found, not found, temporary or permanent: what the answer means to Postfix.  A policy endpoint's
+    error is its backend's failure, whatever error action stands in for it; tcp_table knows no
+    permanent error (a 4xx from the backend goes to Postfix as ``400``, temporary)."""
+    kind = answer.verdict.kind
+    if kind == verdict.FOUND:
+        return FOUND
+    if kind == verdict.NOTFOUND:
+        return NOT_FOUND
+    if kind == verdict.ACTION:
+        return TEMPORARY if defers(answer.action) else FOUND
+    return PERMANENT if kind == verdict.PERM and endpoint.mode != config.TCP else TEMPORARY
+
+
+def defers(action: str) -> bool:
+    word = action.split(None, 1)[0].upper()
+    return word in DEFERRALS or (word.isdigit() and word.startswith("4"))
+
+
+def backend_words(result, endpoint) -> str:
+    if result is None:
+        return "no request made"
+    if isinstance(result, HttpResult):   # never from a cache: a query asks the backend itself
+        return f"HTTP {result.status}"
+    return failure_words(result, endpoint)
+
+
+def failure_words(failure: Failure, endpoint) -> str:
+    """What went wrong, in plain words, from the failure's kind (its detail is for the log, and
+    quotes exception class names)."""
+    peer = _peer(failure.detail, endpoint)
+    raw = failure.detail.replace(f"{peer}: ", "", 1)
+    detail = redact(_PYTHON_NOISE.sub("", raw)).strip()
+    own_words = _PYTHON_NOISE.search(raw) is None   # pfrest's words (a proxy's refusal), not an exception's
+    kind = failure.kind
+    if kind == "timeout":
+        return f"no answer within {endpoint.timeout:g} s from {peer}"
+    if kind == "refused":
+        return f"connection refused by {peer}" + (f" ({detail})" if own_words and detail else "")
+    if kind == "dns":
+        return f"host name {peer.rpartition(':')[0].strip('[]')} does not resolve ({detail})"
+    if kind == "tls":
+        certificate = _CERTIFICATE.search(detail)
+        if certificate:
+            return f"TLS certificate not trusted: {certificate.group(1) or 'verification failed'} ({peer})"
+        return f"TLS with {peer} failed: {detail}"
+    if kind == "reset":
+        return f"connection to {peer} failed: {detail}"
+    if kind == "too-large":
+        return f"answer from {peer} too large: {detail}"
+    if kind == "protocol":
+        return f"answer from {peer} is not HTTP as it should be: {detail}"
+    return f"internal error in pfrest: {detail}"
+
+
+def _peer(detail: str, endpoint) -> str:
+    """``host:port`` of the first hop (the proxy, if any) of the target the failure is about: the one
+    the detail names, else the first."""
+    hops = [_authority(endpoint.proxy or target) for target in endpoint.targets]
+    return next((hop for hop in hops if hop in detail), hops[0])
+
+
+def _authority(url: str) -> str:
+    parts = urlsplit(url)
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port or DEFAULT_PORTS[parts.scheme]}"
+
+
+def escaped(data: bytes) -> str:
+    """The bytes in double quotes, C-style: printable ASCII as is, \\n \\r \\t, \\xHH for the rest."""
+    special = {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x22: '\\"', 0x5C: "\\\\"}
+    return '"' + "".join(special.get(b) or (chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}")
+                         for b in data) + '"'
+
+
+async def ask(service, request):
+    """(result, answer, request id, ms) of one request, as a conversation would answer it."""
+    request_id, started = new_request_id(), time.monotonic()
+    try:
+        result, answer = await service.answer(request, request_id)
+    finally:
+        service.close()
+    return result, answer, request_id, (time.monotonic() - started) * 1000
