@@ -7,6 +7,7 @@ import os
 import sys
 
 from pfrest import __version__, config
+from pfrest.commands.handleargs import HandleArgs, handle_argv  # noqa: F401 (cli.handle_argv)
 
 
 def _parser():
@@ -95,34 +96,6 @@ def _workers(text):
     if not text.isdigit() or not 1 <= int(text) <= 64:
         raise _invalid("must be a number of processes, 1..64")
     return int(text)
-
-
-class HandleArgs:
-    def __init__(self, name, config_path=config.DEFAULT_PATH, log_file=None):
-        self.command, self.name, self.config, self.log_file = "handle", name, config_path, log_file
-
-
-def handle_argv(argv):
-    """``handle [-c FILE | --config FILE | --config=FILE] [--log-file PATH | --log-file=PATH] NAME``
-    without argparse; None for anything else (help, errors, other orders), which argparse then takes."""
-    if not argv or argv[0] != "handle":
-        return None
-    options, rest = {"-c": None, "--config": None, "--log-file": None}, list(argv[1:])
-    name = None
-    while rest:
-        word = rest.pop(0)
-        key, eq, value = word.partition("=")
-        if key in options and key != "-c" and eq and value:
-            options[key] = value
-        elif word in options and rest and options[word] is None and not rest[0].startswith("-"):
-            options[word] = rest.pop(0)
-        elif name is None and word and not word.startswith("-"):
-            name = word
-        else:
-            return None
-    if name is None or (options["-c"] and options["--config"]):
-        return None
-    return HandleArgs(name, options["-c"] or options["--config"] or config.DEFAULT_PATH, options["--log-file"])
 
 
 def _serve(args) -> int:

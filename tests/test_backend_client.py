@@ -23,7 +23,8 @@ import uvloop
 import rogue
 from conftest import IN_CI, ROOT, Backend
 from pfrest import config
-from pfrest.backend import MAX_BODY, CachingClient, Client, for_endpoint, new_request_id, pool
+from pfrest.backend import MAX_BODY, Client, new_request_id, pool
+from pfrest.cache import CachingClient, for_endpoint
 from pfrest.backend.connection import Connection
 from pfrest.backend.response import MAX_HEAD, ResponseReader
 from pfrest.protocol import verdict

@@ -17,7 +17,8 @@ import pytest
 
 import rogue
 from pfrest import config
-from pfrest.backend import CachingClient, Client, Observer, client as client_module, for_endpoint
+from pfrest.backend import Client, Observer, client as client_module
+from pfrest.cache import CachingClient, for_endpoint
 from pfrest.conversation import requestlog
 from pfrest.protocol import verdict
 from pfrest.protocol.verdict import Failure, HttpResult

@@ -24,7 +24,7 @@ import pytest
 
 from conftest import ROOT, Backend, pfrest_env
 from pfrest import config
-from pfrest.backend import for_endpoint
+from pfrest.cache import for_endpoint
 from pfrest.backend.client import Client
 from pfrest.backend.observer import Observer
 from pfrest.cache import invalidation, sharedformat
@@ -443,7 +443,7 @@ def test_tls_verifies_the_certificate_and_its_name(tmp_path, backend, pfrest_log
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_redis_is_imported_only_for_a_shared_cache(shared):
-    code = ("import sys; from pfrest import config; from pfrest.backend import for_endpoint; "
+    code = ("import sys; from pfrest import config; from pfrest.cache import for_endpoint; "
             "ep = config.Endpoint(name='e', mode='tcp-lookup', target='http://127.0.0.1:1/x', cache_ttl=5.0, "
             f"cache_url={'redis://127.0.0.1:1' if shared else None!r}); for_endpoint(ep, 'UA'); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'redis')[:1])")

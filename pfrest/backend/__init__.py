@@ -1,13 +1,12 @@
 """The HTTP side on the event loop: one backend request per Postfix request.
 
-    backend = for_endpoint(endpoint, user_agent)
+    backend = Client(endpoint, user_agent)   # or pfrest.cache.for_endpoint(endpoint, user_agent)
     result = await backend.lookup((("key", b"a b"),), new_request_id())   # HttpResult or Failure
     result = await backend.policy([(b"recipient", b"x@example.com")], new_request_id())
     backend.close()
 
-Several targets fail over (client), a cache may answer stale when the backend fails (cache), and a
-shared cache on Redis or Valkey (shared; only loaded for an endpoint with ``cache-url``) sits behind the
-process's own.
+Several targets fail over (client).  The answer caches in front of it are pfrest/cache/'s
+(``pfrest.cache.for_endpoint``: the client of an endpoint behind its caches).
 
 Deliberate choices, as before the move to asyncio:
 - no redirects, no proxies or CA bundles from the environment, no .netrc: spawn(8) and systemd give a
@@ -18,29 +17,12 @@ Deliberate choices, as before the move to asyncio:
 
 Modules: route and request (what to send where, pure), response and tunnel (reading answers,
 sans-I/O), connection, connect, tls and pool (the sockets), deadline and backoff (time limits and
-health), client and cache (the interface); for the shared cache sharedformat (its keys, entries and
-messages, pure), redisclient, shared and invalidation.
+health), client (the interface).
 """
 
 from pfrest.backend.client import Client
 from pfrest.backend.observer import NOBODY, Observer
 from pfrest.backend.request import new_request_id
 from pfrest.backend.response import MAX_BODY
-from pfrest.cache.local import CachingClient
 
-__all__ = ["CachingClient", "Client", "MAX_BODY", "Observer", "for_endpoint", "new_request_id"]
-
-
-def for_endpoint(endpoint, user_agent: str, observer=NOBODY):
-    """The client for one endpoint: HTTP, behind a cache when a lookup endpoint configures one;
-    ``observer`` (observer.Observer) hears of every exchange and cache event."""
-    client = Client(endpoint, user_agent, observer)
-    if not endpoint.caches:
-        return client
-    shared = None
-    if endpoint.cache_url:
-        from pfrest.cache.shared import SharedStore   # redis-py: only where a shared cache is used
-        shared = SharedStore(endpoint, observer)
-    return CachingClient(client, endpoint.cache_ttl, endpoint.cache_negative_ttl, endpoint.cache_max_entries,
-                         endpoint.list_separator, stale_if_error=endpoint.cache_stale_if_error,
-                         observer=observer, shared=shared, local_ttl=endpoint.cache_local_ttl)
+__all__ = ["Client", "MAX_BODY", "NOBODY", "Observer", "new_request_id"]

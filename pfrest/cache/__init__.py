@@ -3,3 +3,24 @@ shared cache on Redis or Valkey behind it (shared, over one pipelined connection
 its keys, entries and messages as bytes (sharedformat, pure) and its invalidation channel (invalidation).
 Never a Postfix protocol and never a socket it listens on: it sits between a conversation and the HTTP
 side (pfrest/backend/)."""
+
+from pfrest.backend.client import Client
+from pfrest.backend.observer import NOBODY
+from pfrest.cache.local import CachingClient
+
+__all__ = ["CachingClient", "for_endpoint"]
+
+
+def for_endpoint(endpoint, user_agent: str, observer=NOBODY):
+    """The client for one endpoint: HTTP, behind a cache when a lookup endpoint configures one;
+    ``observer`` (observer.Observer) hears of every exchange and cache event."""
+    client = Client(endpoint, user_agent, observer)
+    if not endpoint.caches:
+        return client
+    shared = None
+    if endpoint.cache_url:
+        from pfrest.cache.shared import SharedStore   # redis-py: only where a shared cache is used
+        shared = SharedStore(endpoint, observer)
+    return CachingClient(client, endpoint.cache_ttl, endpoint.cache_negative_ttl, endpoint.cache_max_entries,
+                         endpoint.list_separator, stale_if_error=endpoint.cache_stale_if_error,
+                         observer=observer, shared=shared, local_ttl=endpoint.cache_local_ttl)

@@ -22,7 +22,7 @@ import re
 from typing import List, NamedTuple, Optional
 
 from pfrest import addresses, config
-from pfrest.cli import handle_argv
+from pfrest.commands.handleargs import handle_argv
 from pfrest.commands.postconf import PostfixConfig, Service
 from pfrest.config import checks
 

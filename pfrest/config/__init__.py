@@ -19,6 +19,7 @@ from typing import List, Optional, Tuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pfrest.protocol import actions
+from pfrest.protocol.modes import MODES, POLICY, SOCKETMAP, TCP  # noqa: F401 (config.MODES ...)
 
 DEFAULT_PATH = "/etc/pfrest/pfrest.json"
 DEFAULT_USER_AGENT = "Postfix REST Connector"
@@ -38,8 +39,6 @@ DEFAULT_CONTROL_SOCKET = "/run/pfrest/control.sock"
 CACHE_SCHEMES = ("redis", "rediss", "unix")
 CACHE_URL_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
-TCP, SOCKETMAP, POLICY = "tcp-lookup", "socketmap-lookup", "policy"
-MODES = (TCP, SOCKETMAP, POLICY)
 # log-requests: a line per request; only for temporary and permanent failures, timeouts, stale
 # answers, policy refusals and protocol errors; none (counters and metrics count everything anyway)
 LOG_ALL, LOG_PROBLEMS, LOG_NONE = "all", "problems", "none"

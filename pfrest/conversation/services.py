@@ -45,7 +45,7 @@ class Service:
         level = endpoint.log_requests or LOG_ALL   # None: an Endpoint made in code
         self.log_all, self.log_problems = level == LOG_ALL, level == LOG_PROBLEMS
         if backend is None:
-            from pfrest.backend import for_endpoint  # the HTTP side only where requests are answered
+            from pfrest.cache import for_endpoint  # the HTTP side only where requests are answered
             backend = for_endpoint(endpoint, user_agent, observer=self.stats)
         self.backend = backend
 

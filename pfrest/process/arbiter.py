@@ -34,7 +34,7 @@ import time
 from collections import Counter
 
 from pfrest import config
-from pfrest.commands import serve
+from pfrest.process import signals
 from pfrest.ops import controlsocket, health, monitor
 from pfrest.ops.counters import Figures, added
 from pfrest.process import control
@@ -109,10 +109,10 @@ class Arbiter:
             self.control.bind()
             privileges.drop(self.listener.cfg.user, self.listener.socket_files() + self.control.socket_files())
         except config.ConfigError as exc:
-            return serve.fatal(exc.problems, serve.EX_CONFIG, to_stderr_too)
+            return signals.fatal(exc.problems, signals.EX_CONFIG, to_stderr_too)
         except (BindError, privileges.PrivilegeError, OSError) as exc:
             self.listener.close()
-            return serve.fatal([str(exc)], 1, to_stderr_too)
+            return signals.fatal([str(exc)], 1, to_stderr_too)
         self.selector = selectors.DefaultSelector()
         self._catch_signals()
         for index in range(self.options.workers):
@@ -130,7 +130,7 @@ class Arbiter:
         logger.info("ready: serving %d endpoint(s), %d workers, pid %d", count, len(self.workers), os.getpid())
         while self.workers or not self.stopping:
             self._turn()
-        serve.log_counters(self.summary())
+        signals.log_counters(self.summary())
         logger.info("stopped")
         privileges.finish()
         return 0
@@ -181,7 +181,7 @@ class Arbiter:
         self.watch(self.wake, self._signals)
 
     def _on_signal(self, signum, frame):
-        if signum in serve.STOP_SIGNALS:
+        if signum in signals.STOP_SIGNALS:
             self.stop_signals += 1
             if self.stop_signals > 1:
                 logger.warning("second %s: exiting at once", signal.Signals(signum).name)
@@ -196,19 +196,19 @@ class Arbiter:
         except BlockingIOError:
             return
         for signum in received:
-            if signum in serve.STOP_SIGNALS:
+            if signum in signals.STOP_SIGNALS:
                 self._stop(signal.Signals(signum).name)
             elif signum == signal.SIGHUP and not self.stopping:
                 self._reload()
             elif signum == signal.SIGUSR1:
-                serve.log_counters(self.summary())
+                signals.log_counters(self.summary())
             elif signum == signal.SIGCHLD:
                 self._reap()
 
     def _reload(self):
         """The listener takes the new config here (sockets opened and closed); every worker gets it to
         apply to its connections, and confirms; "reloaded" is logged (and systemd told) once all have."""
-        cfg = serve.reload(self.listener.reload, self.options, self.reloads)
+        cfg = signals.reload(self.listener.reload, self.options, self.reloads)
         if cfg is None:
             self._broadcast(("config", None, self.generation))  # still: reopen the log file
             return
@@ -228,7 +228,7 @@ class Arbiter:
             return
         self.confirming = None
         note = f" (workers {', '.join(str(w.index) for w in slow)} did not confirm)" if slow else ""
-        serve.reloaded(self.options, note)
+        signals.reloaded(self.options, note)
 
     def _stop(self, name):
         if self.stopping:

@@ -15,7 +15,7 @@ the id in pfrest's log line, so that a deferral in Postfix's log leads to both.
 import re
 from typing import NamedTuple, Optional
 
-from pfrest.config import POLICY, SOCKETMAP, TCP
+from pfrest.protocol.modes import POLICY, SOCKETMAP, TCP
 from pfrest.protocol import policy, socketmap, tcptable, verdict
 from pfrest.protocol.verdict import Verdict
 
