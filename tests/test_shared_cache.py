@@ -30,6 +30,7 @@ from pfrest.backend.observer import Observer
 from pfrest.cache import invalidation, sharedformat
 from pfrest.cache import local as cache_module
 from pfrest.cache import shared as shared_module
+from pfrest.cache import sharedhealth
 from pfrest.cache.local import CachingClient
 from pfrest.protocol import verdict
 from redis_server import RedisServer, binaries, make_pki
@@ -83,8 +84,8 @@ def pfrest_log(caplog):
 
 @pytest.fixture
 def quick_backoff(monkeypatch):
-    monkeypatch.setattr(shared_module, "BACKOFF_FIRST", 0.2)
-    monkeypatch.setattr(shared_module, "SKIP_AFTER", 0.1)
+    monkeypatch.setattr(sharedhealth, "BACKOFF_FIRST", 0.2)
+    monkeypatch.setattr(sharedhealth, "SKIP_AFTER", 0.1)
 
 
 def endpoint(url, backend, name="ep", **extra):
@@ -278,7 +279,7 @@ def test_a_stopped_store_is_skipped_within_cache_timeout_and_used_again(tmp_path
             return stopped, skipped, up
         stopped, skipped, up = run(scenario())
         assert all(answer == "v" for answer, _ in stopped + skipped)
-        assert shared_module.FAILURES_TO_SKIP <= len(stopped) < 50
+        assert sharedhealth.FAILURES_TO_SKIP <= len(stopped) < 50
         # the first lookups wait for the store up to cache-timeout, then it is skipped: no wait at all
         assert max(seconds for _, seconds in stopped) < TIMEOUT_MS / 1000 + 0.2, stopped
         assert max(seconds for _, seconds in skipped) < TIMEOUT_MS / 1000, skipped

@@ -1,5 +1,5 @@
 """Up or down, and when to try again: the health of a backend target (client.py) and of the shared
-cache (shared.py).
+cache (cache/sharedhealth.py).
 
 A failure makes it down for ``first`` seconds; when that has passed, one caller at a time may try
 it again (``usable`` says yes once, to that caller), and while those retries fail the wait doubles,

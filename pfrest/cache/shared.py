@@ -14,13 +14,8 @@ It must never make pfrest less available than it is without it:
   handle's first, often its only one) wait for it, within their cache-timeout, and writes are held
   for it; ``close`` lets the last writes finish (each within cache-timeout), so that what a handle
   fetched reaches the store before it exits;
-- a store whose calls all fail for SKIP_AFTER seconds, FAILURES_TO_SKIP of them at least (no answer in
-  time, LOADING while it restarts), or that refuses once (OOM when it is full, READONLY from a replica,
-  a wrong password), or whose connection is lost or gives a reply that is not for the request, is
-  *skipped*: lookups go straight to the backend, as without it;
-  after BACKOFF_FIRST seconds the next lookup sends a probe out beside it, and the wait doubles up to
-  BACKOFF_MAX while probes fail (backoff.Backoff); only a probe ends a skip.  One log line when it is
-  skipped, one when it answers again;
+- a store whose calls keep failing, or that refuses, is *skipped*: lookups go straight to the backend,
+  as without it, until a probe after a back-off finds it answering again (sharedhealth.py says when);
 - what it returns is never taken on trust: an entry names its key (sharedformat), so that a reply
   meant for another request (a connection out of step) is a failure, never an answer; the connection
   is then dropped.
@@ -35,19 +30,15 @@ import asyncio
 import logging
 import time
 
-from pfrest.backend.backoff import Backoff
 from pfrest.backend.deadline import Deadlines, uncancel
 from pfrest.backend.observer import NOBODY
 from pfrest.cache import invalidation, redisclient, sharedformat
 from pfrest.cache.redispipe import Lost, Pipe
 from pfrest.cache.sharedformat import Mismatch
+from pfrest.cache.sharedhealth import StoreHealth
 
 log = logging.getLogger("pfrest")
 
-FAILURES_TO_SKIP = 3   # failed calls in a row that make the store skipped, if they span SKIP_AFTER:
-SKIP_AFTER = 0.25      # seconds; calls that fail together (this process stalled, not the store) do not
-BACKOFF_FIRST = 1.0    # seconds the store is skipped, then probed
-BACKOFF_MAX = 10.0     # the wait doubles while probes fail, up to this
 MAX_BATCH = 256        # keys per MGET, per write
 # seconds writes wait, so that those of many lookups go out as one call (a call costs as much CPU as
 # a whole lookup; nobody waits for a write: the answer went to Postfix already)
@@ -96,11 +87,8 @@ class SharedStore:
         self.timeout_ms = endpoint.cache_timeout
         self.observer = observer
         self.clock = clock                  # wall clock: entries carry instants every host reads alike
-        self.health = Backoff(BACKOFF_FIRST, BACKOFF_MAX)
-        self.failures = 0                   # failed calls in a row
-        self.failing_since = 0.0            # loop time of the first of them
+        self.health = StoreHealth(self.name, self.where)   # used or skipped, and when to probe again
         self.ready = False                  # a probe has succeeded since the start
-        self.outage = False                 # a skip has been logged, and not its end yet
         self.on_invalidation = None         # f(params list, or None for all): the local cache's
         self.closed = False
         self._loop = self._pipe = self._deadlines = self._listener = self._up = None
@@ -377,38 +365,20 @@ class SharedStore:
     # --- health -------------------------------------------------------------------------------------
 
     def _succeeded(self, probe=False):
-        """A call that worked.  Only a probe ends a skip: a call begun before it (an MGET that came
-        back while the store refused a write, say) says nothing about the store now."""
-        self.failures = 0
+        """A call that worked (sharedhealth: only a probe ends a skip); after a probe, lookups use it."""
+        self.health.call_succeeded(probe)
         if probe:
             self.ready = True
-            self.health.succeeded()
             self._up.set()
-            if self.outage:
-                self.outage = False
-                log.info("endpoint=%s shared cache %s answers again", self.name, self.where)
 
     def _failed(self, why, at_once=False, probe=False):
-        """A call that failed; the store is skipped after FAILURES_TO_SKIP in a row over SKIP_AFTER, at
-        once for a refusal or a lost connection, or a failed probe (at the start: lookups never used it
-        yet).  Once closed, calls still under way
-        fail as their connections close: that says nothing about the store."""
+        """A call that failed (sharedhealth: when it skips the store).  Once closed, calls still under
+        way fail as their connections close: that says nothing about the store."""
         if self.closed:
             return
         self.observer.shared("error")
-        now = self._loop.time()
-        self.failures += 1
-        if self.failures == 1:
-            self.failing_since = now
-        if self.health.down_until or at_once or probe or (
-                self.failures >= FAILURES_TO_SKIP and now - self.failing_since >= SKIP_AFTER):
-            self.health.failed(now)
+        if self.health.call_failed(self._loop.time(), why, at_once, probe):
             self._up.clear()
-            if not self.outage:
-                self.outage = True
-                log.warning("endpoint=%s shared cache %s skipped: %s; lookups go to the backend meanwhile "
-                            "(tried again in %g s, then less often while it fails)", self.name, self.where,
-                            why, self.health.backoff)
 
 
 def _give_up(future):
