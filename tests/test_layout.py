@@ -34,10 +34,6 @@ MAX_TOP = 5             # modules at the top besides __init__.py and __main__.py
 MAX_LINES = 400
 SAYS_WHY = re.compile(r"\b(over|more than|longer than) 400 lines\b", re.I)
 SAYS_NEVER = re.compile(r"\b(never|no|nothing|not|only)\b", re.I)
-# Over 400 lines, not split yet (issue 19's third step: config into schema, loading and cross-field
-# checks; the arbiter's accept, balance, supervise and reload).  A module leaves this list when it is
-# split; none joins it: a new long module says why at its top instead.
-NOT_SPLIT_YET = {"pfrest/process/arbiter.py"}
 
 
 def modules(root=ROOT):
@@ -162,13 +158,10 @@ def test_folders_stay_small_and_the_top_holds_a_handful():
 
 
 def test_a_long_module_says_why():
-    long, split = [], set(NOT_SPLIT_YET)
+    long = []
     for name, path in modules().items():
         text = path.read_text(encoding="utf-8")
         lines, rel = text.count("\n"), path.relative_to(ROOT).as_posix()
-        if lines > MAX_LINES and rel in NOT_SPLIT_YET:
-            split.discard(rel)
-        elif lines > MAX_LINES and not SAYS_WHY.search(ast.get_docstring(ast.parse(text)) or ""):
+        if lines > MAX_LINES and not SAYS_WHY.search(ast.get_docstring(ast.parse(text)) or ""):
             long.append(f"{rel}: {lines} lines")
     assert long == [], f"over {MAX_LINES} lines without saying why at the top:\n" + "\n".join(long)
-    assert split == set(), "split or gone: take them off NOT_SPLIT_YET"

@@ -1,7 +1,7 @@
 """Readiness (``/readyz``): does every endpoint's backend answer?
 
-With ``--workers``, a worker that has gone silent (arbiter.py) makes the service not ready too, named
-``worker N``, until it is replaced or speaks again.
+With ``--workers``, a worker that has gone silent (process/supervisor.py) makes the service not ready
+too, named ``worker N``, until it is replaced or speaks again.
 
 Per endpoint served, from its counters first (stats.Stats.last_ok / last_failed), so that a busy
 service answers without sending anything:
@@ -49,7 +49,7 @@ class Check:
             else:
                 self.found[name] = (True, f"no failed policy request in the last {READY_WINDOW:.0f} s "
                                           "(policy endpoints are never probed)")
-        for index, pid, seconds in figures.silent:   # serve --workers: arbiter.SILENT_AFTER
+        for index, pid, seconds in figures.silent:   # serve --workers: supervisor.SILENT_AFTER
             self.found[f"worker {index}"] = (False, f"pid {pid} silent for {seconds:.1f} s: it gets no new "
                                                     "connections, and is replaced if it stays silent")
 
