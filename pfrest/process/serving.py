@@ -130,7 +130,7 @@ class Server:
         self.services = Services()
         self.listener = Listener(cfg, names, inherited, stats=self.services.stats)
         self.conversations = Conversations(self.services, on_closed=self.listener.closed)
-        self.reloads = Counter()         # "ok" / "failed" -> count (daemon.reload counts them)
+        self.reloads = Counter()         # "ok" / "failed" -> count (signals.reload counts them)
         self.monitor = monitor.for_config(cfg, self)
         self.control = controlsocket.ControlSocket(cfg, self)
         self.probing = set()             # readiness probes running
