@@ -101,7 +101,7 @@ def _workers(text):
 def _serve(args) -> int:
     from pfrest.commands import serve
     return serve.run(serve.Options(args.config, args.names, args.syslog, args.log_file,
-                                     args.drain_timeout, args.workers))
+                                   args.drain_timeout, args.workers))
 
 
 def _demo(args) -> int:
@@ -110,31 +110,8 @@ def _demo(args) -> int:
 
 
 def _check(args) -> int:
-    from pfrest.config import checks
-    cfg = checks.load(args.config)
-    for warning in checks.warnings(cfg):
-        print(f"warning: {warning}", file=sys.stderr)
-    modes = ", ".join(f"{ep.name} ({ep.mode})" for ep in cfg.endpoints)
-    print(f"{args.config}: valid; {modes}")
-    return 0 if args.postfix is None else _check_postfix(cfg, args.postfix or None)
-
-
-def _check_postfix(cfg, directory) -> int:
-    """Exit 0 when Postfix uses the endpoints as configured, 1 on a mismatch, EX_UNAVAILABLE when
-    postconf cannot tell."""
-    from pfrest.commands import crosscheck, postconf
-    try:
-        postfix = postconf.read(directory)
-    except postconf.PostconfError as exc:
-        print(f"pfrest check --postfix: {exc}", file=sys.stderr)
-        return os.EX_UNAVAILABLE
-    findings = crosscheck.compare(cfg, postfix)
-    for finding in findings:
-        print(f"{finding.kind}: {finding.text}", file=sys.stderr)
-    mismatches = sum(finding.kind == crosscheck.MISMATCH for finding in findings)
-    print(f"Postfix ({directory or 'default configuration'}): "
-          + (f"{mismatches} mismatch(es) with {cfg.path}" if mismatches else f"consistent with {cfg.path}"))
-    return 1 if mismatches else 0
+    from pfrest.commands import check
+    return check.run(args.config, args.postfix)
 
 
 def _query(args) -> int:
@@ -157,7 +134,7 @@ def _stats(args) -> int:
 def _cache(args) -> int:
     from pfrest.commands import cache
     return cache.run(config.load(args.config), args.action, args.name, [os.fsencode(k) for k in args.keys],
-                        args.mapname)
+                     args.mapname)
 
 
 def _handle(args) -> int:

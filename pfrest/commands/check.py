@@ -1,0 +1,36 @@
+"""``pfrest check``: validate the config file as ``serve`` would (config.checks) and, with ``--postfix``,
+compare it with Postfix's configuration (crosscheck.py, through postconf.py)."""
+
+import os
+import sys
+
+from pfrest.config import checks
+
+
+def run(config_path, postfix_directory=None) -> int:
+    """0 when valid (and, with ``postfix_directory`` not None, consistent with Postfix: "" for its default
+    configuration); a ConfigError for an invalid config goes to the caller (exit 78)."""
+    cfg = checks.load(config_path)
+    for warning in checks.warnings(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+    modes = ", ".join(f"{ep.name} ({ep.mode})" for ep in cfg.endpoints)
+    print(f"{config_path}: valid; {modes}")
+    return 0 if postfix_directory is None else _against_postfix(cfg, postfix_directory or None)
+
+
+def _against_postfix(cfg, directory) -> int:
+    """Exit 0 when Postfix uses the endpoints as configured, 1 on a mismatch, EX_UNAVAILABLE when
+    postconf cannot tell."""
+    from pfrest.commands import crosscheck, postconf
+    try:
+        postfix = postconf.read(directory)
+    except postconf.PostconfError as exc:
+        print(f"pfrest check --postfix: {exc}", file=sys.stderr)
+        return os.EX_UNAVAILABLE
+    findings = crosscheck.compare(cfg, postfix)
+    for finding in findings:
+        print(f"{finding.kind}: {finding.text}", file=sys.stderr)
+    mismatches = sum(finding.kind == crosscheck.MISMATCH for finding in findings)
+    print(f"Postfix ({directory or 'default configuration'}): "
+          + (f"{mismatches} mismatch(es) with {cfg.path}" if mismatches else f"consistent with {cfg.path}"))
+    return 1 if mismatches else 0
