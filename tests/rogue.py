@@ -249,7 +249,8 @@ def _read_request(conn, buffer):
 
 class Scripted:
     """A raw HTTP/1.1 keep-alive server.  ``answer(request)`` returns the steps of the answer: bytes
-    to write, numbers of seconds to wait (cut short by stop()), CLOSE; or None to say nothing.
+    to write, numbers of seconds to wait (cut short by stop()), functions to call, CLOSE; or None to say
+    nothing.
 
     ``connections`` counts accepted connections, ``requests`` records every request read, ``ended``
     maps a connection number to "eof" or "reset" once its client went away.  ``pause()`` leaves new
@@ -338,6 +339,8 @@ class Scripted:
                     return "closed"
                 if isinstance(step, bytes):
                     conn.sendall(step)
+                elif callable(step):
+                    step()
                 elif self.stopping.wait(step):
                     return "stopped"
 

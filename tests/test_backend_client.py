@@ -1039,3 +1039,24 @@ def test_for_endpoint_caches_lookups_only_when_configured(run):
     assert kinds == ["Client", "CachingClient", "CachingClient", "Client"]
     assert [value(a) for a in answers] == ["v"] * 11 and answers[-1].cached
     assert len(backend.requests) == 1
+
+
+def test_a_finished_response_reader_leaves_no_cycle_behind():
+    """The parser refers back to its reader: a reader done (answered, closed, broken) lets go of it, so
+    that a body up to MAX_BODY is freed when the exchange ends, not at the next garbage collection."""
+    import gc
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(50):
+            answered = ResponseReader(b"0123456789abcdef", False)
+            answered.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 1000)
+            closed = ResponseReader(b"0123456789abcdef", False)
+            closed.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nxx")
+            closed.eof()
+            assert answered.done and closed.done
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    answered.feed(b"HTTP/1.1 200 OK\r\n")   # fed once more after it was done: a stray answer
+    assert answered.result.kind == "stray"

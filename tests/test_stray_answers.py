@@ -22,11 +22,13 @@ COPY_DELAYS = (0.0001, 0.0005, 0.002)   # seconds between an answer and its copy
 # generous: a timed-out exchange closes its connection before its copy is caught, and a loaded machine
 # must not make that happen
 TIMEOUT_MS = 10000
+SETTLE = 0.05        # seconds for bytes sent on loopback to reach the receiving socket, on a busy machine
 REQUEST_ID = re.compile(rb"\r\nX-Request-Id: ([0-9a-f]+)", re.I)
 
 
-def twice(delay, echo=True, copies=True):
-    """The backend's script: each answer (naming its key) once, then again ``delay`` seconds later."""
+def twice(delay, echo=True, copies=True, copied=None):
+    """The backend's script: each answer (naming its key) once, then again ``delay`` seconds later
+    (then ``copied(key)``)."""
     def answer(request):
         if request.head.startswith(b"GET /lookup"):
             body, kind = json.dumps([f"v-{request.key}"]).encode(), b"application/json"
@@ -37,7 +39,9 @@ def twice(delay, echo=True, copies=True):
             echoed = b"X-Request-Id: " + REQUEST_ID.search(request.head).group(1) + b"\r\n"
         response = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
             kind, len(body), echoed, body)
-        return [response, delay, response] if copies else [response]
+        if not copies:
+            return [response]
+        return [response, delay, response] + ([lambda: copied(request.key)] if copied else [])
     return answer
 
 
@@ -77,9 +81,9 @@ def right(mode, key, reply) -> str:
     return "right" if reply == b"action=OK v-" + key.encode() else "WRONG"
 
 
-def traffic(ports, pause=0.0, clients=CLIENTS):
-    """``clients`` clients per endpoint asking REQUESTS keys each, ``pause`` seconds apart; a count of
-    their outcomes per mode."""
+def traffic(ports, pause=0.0, clients=CLIENTS, between=None):
+    """``clients`` clients per endpoint asking REQUESTS keys each, ``pause`` seconds apart (and after
+    ``between(key)`` returns); a count of their outcomes per mode."""
     outcomes, lock = {}, threading.Lock()
 
     def client(mode, port, number):
@@ -91,6 +95,8 @@ def traffic(ports, pause=0.0, clients=CLIENTS):
                 with lock:
                     outcomes[mode, outcome] = outcomes.get((mode, outcome), 0) + 1
                 time.sleep(pause)
+                if between is not None:
+                    between(key)
         finally:
             peer.close()
     threads = [threading.Thread(target=client, args=(mode, port, n))
@@ -157,12 +163,26 @@ def test_every_copy_of_an_echoing_backend_is_caught(served, delay, workers):
 
 def test_a_backend_without_the_echo_has_its_idle_copies_caught(served):
     """Without X-Request-Id a copy that arrives after the next request went out cannot be told from
-    its answer (the README says so): one client per endpoint here, which leaves the connection idle
-    until it came."""
-    backend = Scripted(twice(0.002, echo=False))
+    its answer (the README says so): one client per endpoint here, which asks its next key only once
+    the copy of the last answer was sent and has had SETTLE to arrive, so that the connection is idle
+    until it came (a fixed pause from the reply let a loaded machine deliver a copy after the next
+    request, 1 in 120: the very race the echo is for)."""
+    copies, sent = threading.Condition(), set()
+
+    def copied(key):
+        with copies:
+            sent.add(key)
+            copies.notify_all()
+
+    def after_its_copy(key):
+        with copies:
+            assert copies.wait_for(lambda: key in sent, timeout=10), key
+        time.sleep(SETTLE)   # sent is not yet received: loopback delivers it in a softirq, maybe later
+
+    backend = Scripted(twice(0.002, echo=False, copied=copied))
     try:
         _, ports, metrics = served(backend.url)
-        outcomes = traffic(ports, pause=0.01, clients=1)
+        outcomes = traffic(ports, clients=1, between=after_its_copy)
         caught = strays(metrics, backend)
         connections = backend.connections
     finally:

@@ -102,24 +102,31 @@ class ResponseReader:
 
     def feed(self, data: bytes):
         self.started = True
+        parser = self._parser
+        if parser is None:   # fed after it was done
+            self._fail("stray", "bytes after the response")
+            return
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as exc:
             if self.done:   # bytes no request asked for
                 self._fail("stray", f"bytes after the response: {exc}")
             else:
                 self._fail("protocol", f"malformed response: {exc}")
         self._fed += len(data)
+        if not self.done:
+            if not self._head_done:   # everything fed so far was head
+                if self._fed > MAX_HEAD:
+                    self._fail("too-large", f"response head over {MAX_HEAD} bytes")
+            elif self._fed - self._size > MAX_HEAD + MAX_FRAMING:   # fed, less the body: head and framing
+                self._fail("too-large", f"over {MAX_FRAMING} bytes of chunk framing and trailers")
         if self.done:
-            return
-        if not self._head_done:   # everything fed so far was head
-            if self._fed > MAX_HEAD:
-                self._fail("too-large", f"response head over {MAX_HEAD} bytes")
-        elif self._fed - self._size > MAX_HEAD + MAX_FRAMING:   # fed, less the body: head and framing
-            self._fail("too-large", f"over {MAX_FRAMING} bytes of chunk framing and trailers")
+            # the parser refers to this reader (its callbacks): a cycle that kept the body until a GC ran
+            self._parser = None
 
     def eof(self):
         """The peer closed the connection: the end of an EOF-delimited body, or a failure."""
+        self._parser = None
         if self.done:
             return
         if self._until_eof:
@@ -130,6 +137,7 @@ class ResponseReader:
 
     def abort(self, failure: Failure):
         """The connection broke (reset, TLS error): whatever was read is incomplete."""
+        self._parser = None
         if not self.done:
             self._fail(*failure)
 
