@@ -74,7 +74,7 @@ while time.monotonic() < deadline:
             print("swapped", flush=True)
             break
     except FileNotFoundError:
-        pass
+        time.sleep(0.0002)   # a look every quarter millisecond still wins the old serve's window of milliseconds
 """
 
 
@@ -112,7 +112,7 @@ def test_socket_swapped_for_a_symlink_hands_nothing_over(backend, write_config, 
     cfg = config_for(write_config, backend, spool, ["first", *(f"other{i}" for i in range(OTHERS))])
     swapper = Swapper(spool / "first.sock", secret)
     proc = served("-c", cfg)
-    proc.wait_for("ready:")
+    proc.wait_for("ready:", timeout=60)   # a busy machine: the swapper takes a core at the highest priority
     assert swapper.swapped(), "the race never ran: the test proves nothing"
     assert "running as user nobody" in proc.log
     assert untouched(secret)
