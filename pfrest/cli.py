@@ -134,8 +134,7 @@ def _demo(args) -> int:
 
 def _init(args) -> int:
     from pfrest.commands import init
-    modes = args.modes if isinstance(args.modes, list) else _modes(args.modes)
-    return init.run(args.config, modes, args.target, args.port_base)
+    return init.run(args.config, args.modes, args.target, args.port_base)  # --modes: a list (_modes)
 
 
 def _check(args) -> int:
