@@ -98,7 +98,21 @@ def test_never_follows_a_link(tmp_path):
 
 def test_a_missing_directory_is_exit_73(tmp_path):
     proc = pfrest("init", "-c", str(tmp_path / "nowhere" / "pfrest.json"), "--target", TARGET)
-    assert proc.returncode == 73 and "cannot create" in proc.stderr and "No such file" in proc.stderr
+    assert proc.returncode == 73
+    assert proc.stderr == (f"pfrest init: cannot create {tmp_path}/nowhere/pfrest.json: its directory does not "
+                           f"exist (mkdir -p {tmp_path}/nowhere first)\n")
+
+
+def test_spawn_runs_this_very_pfrest(tmp_path):
+    """argv= in master.cf names the pfrest that wrote it (a venv's, say), by its absolute path."""
+    program = tmp_path / "bin" / "pfrest"
+    program.parent.mkdir()
+    program.write_text(f"#!{sys.executable}\nimport sys\nfrom pfrest.cli import main\nsys.exit(main())\n")
+    program.chmod(0o755)
+    proc = subprocess.run([str(program), "init", "-c", str(tmp_path / "p.json"), "--target", TARGET],
+                          capture_output=True, text=True, timeout=60, env=pfrest_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert f"argv={program} handle -c {tmp_path}/p.json domains" in proc.stdout
 
 
 def test_a_bad_target_names_the_option(tmp_path):

@@ -97,7 +97,7 @@ def _service(ep):
 def postfix_lines(doc, path):
     """What to add to main.cf (for serve and spawn alike), and master.cf for spawn instead of serve."""
     main, master, limits = [], [], []
-    program = shutil.which("pfrest") or "/usr/bin/pfrest"
+    program = _program()
     for ep in doc["endpoints"]:
         where, service, kind = _service(ep)
         if ep["mode"] == config.TCP:
@@ -117,6 +117,14 @@ def postfix_lines(doc, path):
              "per connection (spawn): these services in master.cf, and in main.cf the time limits:", "",
              *master, "", *limits]
     return "\n".join(lines)
+
+
+def _program():
+    """The absolute path spawn's argv= needs: this very pfrest when run as ``pfrest`` (a venv's, say),
+    else the first on PATH, else the Debian package's."""
+    if os.path.basename(sys.argv[0]) == "pfrest" and os.path.isabs(sys.argv[0]):
+        return sys.argv[0]
+    return shutil.which("pfrest") or "/usr/bin/pfrest"
 
 
 def _owner(user):
@@ -170,6 +178,10 @@ def run(path, modes, target, port_base=None, out=None) -> int:
     except FileExistsError:
         print(f"pfrest init: {path} exists; it was left as it is (move it away, or pick another -c FILE)",
               file=sys.stderr)
+        return EX_CANTCREAT
+    except FileNotFoundError:
+        print(f"pfrest init: cannot create {path}: its directory does not exist "
+              f"(mkdir -p {os.path.dirname(path)} first)", file=sys.stderr)
         return EX_CANTCREAT
     except OSError as exc:
         print(f"pfrest init: cannot create {path}: {exc.strerror}", file=sys.stderr)
