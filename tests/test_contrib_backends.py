@@ -175,3 +175,21 @@ def test_the_stdlib_backend_keeps_connections_alive_without_the_nagle_delay():
         conn.close()
     finally:
         backend.stop()
+
+
+def test_the_stdlib_backend_refuses_a_body_it_cannot_read_and_closes():
+    """A body without a Content-Length it can read would stay in the connection as the next request."""
+    backend = Backend("stdlib_backend.py", "t")
+    try:
+        with socket.create_connection(("127.0.0.1", int(backend.url.rsplit(":", 1)[1])), timeout=5) as s:
+            s.sendall(b"POST /policy HTTP/1.1\r\nHost: x\r\nX-Auth-Token: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"5\r\nsende\r\n0\r\n\r\n")
+            reply = b""
+            while True:
+                data = s.recv(4096)
+                if not data:
+                    break
+                reply += data
+        assert reply.startswith(b"HTTP/1.1 400 ") and reply.endswith(b"a body needs a Content-Length up to 1 MiB")
+    finally:
+        backend.stop()

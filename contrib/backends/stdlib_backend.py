@@ -83,10 +83,13 @@ def handler(table, token):
             self._serve()
 
         def _serve(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                self.close_connection = True  # the body is not read: the connection cannot go on
-                return self._send(413, "text/plain", b"request too large")
+            # http.server reads no body itself: pfrest sends Content-Length; anything else (chunked)
+            # cannot be read here, and the connection cannot go on past a body left unread
+            length = self.headers.get("Content-Length") or "0"
+            if "Transfer-Encoding" in self.headers or not length.isdigit() or int(length) > MAX_BODY:
+                self.close_connection = True
+                return self._send(400, "text/plain", b"a body needs a Content-Length up to 1 MiB")
+            length = int(length)
             body = self.rfile.read(length)  # always read the body: what is left would be the next request
             self._send(*table.answer(self.command, self.path, body, self.headers.get("X-Auth-Token"), token))
 
