@@ -1,4 +1,4 @@
-"""Command line: ``pfrest handle|check|query|serve|stats|cache|demo``.  Imports stay lazy so that ``--help`` and
+"""Command line: ``pfrest handle|check|query|serve|stats|cache|demo|init``.  Imports stay lazy so that ``--help`` and
 ``check`` cost no more than the config code, and ``handle`` only what a request needs: Postfix starts
 one ``handle`` per connection, so even argparse (0.6 MiB and 9 ms a process) is left out when its
 command line is the plain one that master.cf, xinetd and systemd give (``handle_argv``)."""
@@ -67,7 +67,24 @@ def _parser():
     p = sub.add_parser("demo", help=text, description=text)
     p.add_argument("--port-base", type=_port_base, metavar="N",
                    help="listen on ports N, N+1 and N+2 (default 9101; 0: any free ports)")
+    p = command("init", "write a starting config for the modes asked, with a random auth token, and print the "
+                        "Postfix lines that go with it; an existing file is never replaced (exit 73)")
+    p.add_argument("--target", required=True, metavar="URL",
+                   help="the backend's base URL: each endpoint's target is URL/NAME (domains, aliases, policy)")
+    p.add_argument("--modes", type=_modes, default="tcp,socketmap,policy", metavar="MODES",
+                   help="comma-separated: tcp, socketmap, policy (default all three)")
+    p.add_argument("--port-base", type=_init_port_base, metavar="N",
+                   help="every endpoint on 127.0.0.1 ports N, N+1, N+2 (default: tcp on 127.0.0.1:9001, "
+                        "the others on unix sockets in /var/spool/postfix/private)")
     return parser
+
+
+def _modes(text):
+    from pfrest.commands import init
+    try:
+        return init.parse_modes(text)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
 
 
 def _invalid(message):
@@ -79,6 +96,12 @@ def _invalid(message):
 def _port_base(text):
     if not text.isdigit() or not (int(text) == 0 or 1 <= int(text) <= 65533):
         raise _invalid("must be 0 or a port number up to 65533")
+    return int(text)
+
+
+def _init_port_base(text):
+    if not text.isdigit() or not 1 <= int(text) <= 65533:
+        raise _invalid("must be a port number, 1..65533 (the endpoints take N, N+1 and N+2)")
     return int(text)
 
 
@@ -107,6 +130,11 @@ def _serve(args) -> int:
 def _demo(args) -> int:
     from pfrest.commands import demo
     return demo.run(args.port_base)
+
+
+def _init(args) -> int:
+    from pfrest.commands import init
+    return init.run(args.config, args.modes, args.target, args.port_base)  # --modes: a list (_modes)
 
 
 def _check(args) -> int:
@@ -143,7 +171,7 @@ def _handle(args) -> int:
 
 
 COMMANDS = {"handle": _handle, "check": _check, "query": _query, "serve": _serve, "demo": _demo,
-            "stats": _stats, "cache": _cache}
+            "stats": _stats, "cache": _cache, "init": _init}
 
 
 def main(argv=None) -> int:
@@ -151,6 +179,6 @@ def main(argv=None) -> int:
     args = handle_argv(argv) or _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except config.ConfigError as exc:   # check, query, stats, cache (an unknown endpoint too)
+    except config.ConfigError as exc:   # check, query, stats, cache (an unknown endpoint too), init
         print("\n".join(exc.problems), file=sys.stderr)
         return os.EX_CONFIG
