@@ -78,7 +78,7 @@ def test_drop_and_flush_reach_every_worker(serve, backend):
         # a socketmap key is the map name and the key: another map's is another answer
         assert cache("-c", path, "drop", "sm", "a@b").returncode == 0          # map "sm": not the one used
         assert [sm_get(sock, b"aliases", b"a@b") for sock in maps] == [b"9:OK sm-old,"] * 2
-        done = cache("-c", path, "drop", "sm", "a@b", "--map", "aliases")
+        done = cache("-c", path, "drop", "sm", "--map", "aliases", "a@b")   # the README's order
         assert done.returncode == 0 and "(2 entries were there" in done.stdout, done.stdout
         assert [sm_get(sock, b"aliases", b"a@b") for sock in maps] == [b"9:OK sm-new,"] * 2
 
