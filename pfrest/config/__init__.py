@@ -18,6 +18,7 @@ import json
 import os
 from dataclasses import replace
 from typing import List
+from urllib.parse import urlsplit
 
 from pfrest.protocol.modes import MODES, POLICY, SOCKETMAP, TCP  # noqa: F401 (config.MODES ...)
 from pfrest.config.keys import ENDPOINT_KEYS, REQUIRED_ENDPOINT_KEYS, TOP_KEYS  # noqa: F401 (config.ENDPOINT_KEYS ...)
@@ -71,6 +72,10 @@ def _endpoint(raw, where, problems):
         values["targets"] = (values["target"],)
     if "bind-path" in raw and ("bind-port" in raw or "bind-address" in raw):
         problems.append(f"{where}.bind-path: give either bind-path or bind-address/bind-port, not both")
+    if "bind-address" in raw and "bind-port" not in raw and "bind-path" not in raw:
+        problems.append(f"{where}.bind-address: set without bind-port, so nothing listens on it: add bind-port "
+                        "(pfrest serve then listens on bind-address:bind-port), or remove bind-address "
+                        "(pfrest handle and systemd's socket units need neither)")
     if "basic_auth" in values and any(name.lower() == "authorization"
                                       for name, _ in values.get("headers", ())):
         problems.append(f"{where}.basic-auth: conflicts with headers' Authorization")
@@ -183,10 +188,32 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+# What the example config (pfrest.json.example) and the package's copy of it (debian/rules) hold until the
+# admin sets their own: a config still holding one is not yet deployed, whatever check says of its form.
+PLACEHOLDER_TOKEN = "change-me"
+PLACEHOLDER_TARGET = "http://127.0.0.1:8080/postfix/"   # the package's: https://rest.example.com/ replaced
+EXAMPLE_DOMAINS = ("example.com", "example.net", "example.org", "example", "invalid", "test")   # RFC 2606
+
+
+def _placeholders(ep) -> List[str]:
+    """What of ``ep`` is still the example's, as message tails."""
+    found = []
+    if ep.auth_token == PLACEHOLDER_TOKEN:   # the placeholder only: a real token is never shown
+        found.append(f"auth-token: still the example's placeholder {PLACEHOLDER_TOKEN!r}: set the token your "
+                     "backend expects")
+    for target in ep.targets:
+        host = (urlsplit(target).hostname or "").rstrip(".").lower()
+        if target.startswith(PLACEHOLDER_TARGET) or any(host == d or host.endswith("." + d)
+                                                        for d in EXAMPLE_DOMAINS):
+            found.append(f"target: {target} is the example's placeholder backend: set your backend's URL")
+    return found
+
+
 def warnings(config: Config) -> List[str]:
     """Things that are valid but probably not what the admin wants."""
     found = []
     for i, ep in enumerate(config.endpoints):
+        found += [f"endpoints[{i}] ({ep.name}).{tail}" for tail in _placeholders(ep)]
         if ep.bind_path is None and ep.bind_port is not None and not ep.allow_from \
                 and not is_loopback(ep.bind_address):
             found.append(f"endpoints[{i}] ({ep.name}): listens on {ep.bind_address}, beyond loopback, "
