@@ -49,7 +49,7 @@ def test_two_endpoints_are_refused_exactly_when_serve_cannot_bind_both(first, se
     finally:
         for sock in opened:
             sock.close()
-    expected = [] if both_bind else [f"endpoints[1].bind-port: b would listen on {second}:{port}, where "
+    expected = [] if both_bind else [f"endpoints[1] (b).bind-port: would listen on {second}:{port}, where "
                                      f"endpoints[0] (a) listens on {first}:{port}"]
     assert checks.refusals(cfg) == expected
 
@@ -59,10 +59,10 @@ def test_other_refusals():
         return checks.refusals(config.parse({"endpoints": list(endpoints), **top}))
     assert refused(endpoint("a", **{"bind-path": "/run/pfrest/x.sock"}),
                    endpoint("b", **{"bind-path": "/run/pfrest/../pfrest/x.sock"})) == [
-        "endpoints[1].bind-path: b would listen on /run/pfrest/../pfrest/x.sock, where endpoints[0] (a) "
+        "endpoints[1] (b).bind-path: would listen on /run/pfrest/../pfrest/x.sock, where endpoints[0] (a) "
         "listens on /run/pfrest/x.sock"]
     problem, = refused(endpoint("a", **{"bind-address": "no-such-host.invalid", "bind-port": 9001}))
-    assert problem.startswith("endpoints[0].bind-address: 'no-such-host.invalid' does not resolve")
+    assert problem.startswith("endpoints[0] (a).bind-address: 'no-such-host.invalid' does not resolve")
     assert refused(endpoint("a"), user="no-such-user-for-pfrest") == [
         "user: no such user 'no-such-user-for-pfrest'"]
     assert refused(endpoint("a"), user="nobody") == refused(endpoint("a"), user="65534") == []
@@ -75,7 +75,7 @@ def test_check_and_serve_both_refuse_with_78(write_config, tmp_path):
     path = write_config([endpoint("a", **{"bind-path": str(tmp_path / "a.sock")}),
                          endpoint("b", **{"bind-address": "localhost", "bind-port": port}),
                          endpoint("c", **{"bind-address": "127.0.0.1", "bind-port": port})])
-    message = (f"endpoints[2].bind-port: c would listen on 127.0.0.1:{port}, where endpoints[1] (b) listens "
+    message = (f"endpoints[2] (c).bind-port: would listen on 127.0.0.1:{port}, where endpoints[1] (b) listens "
                f"on localhost:{port}")
     proc = run("check", "-c", path)
     assert (proc.returncode, proc.stderr, proc.stdout) == (78, message + "\n", "")
@@ -103,7 +103,7 @@ def test_check_says_what_serve_says_of_endpoints_without_a_socket(write_config, 
     assert proc.returncode == 0 and proc.stdout == f"{path}: valid; a (tcp-lookup), b (tcp-lookup)\n", proc.stdout
     path = write_config([endpoint("a", **{"bind-path": str(tmp_path / "a.sock")}),
                          endpoint("b", **{"bind-address": "127.0.0.1"})], name="address.json")
-    message = "endpoints[1].bind-address: set without bind-port, so nothing listens on it: add bind-port"
+    message = "endpoints[1] (b).bind-address: set without bind-port, so nothing listens on it: add bind-port"
     for command in ("check", "serve"):
         proc = run(command, "-c", path)
         assert proc.returncode == 78 and message in proc.stderr, (command, proc.stderr)
@@ -187,11 +187,11 @@ def test_writable_config_and_tls_files(shared_dir):
     found = checks.warnings(checks.load(str(path)))
     assert found == [
         f"{path}: writable by its group, who could send requests and tokens anywhere; chmod go-w {path}",
-        f"endpoints[0].ca-file: {shared_dir}/missing.pem does not exist; connections to "
+        f"endpoints[0] (a).ca-file: {shared_dir}/missing.pem does not exist; connections to "
         "https://127.0.0.1:9/x will fail",
-        f"endpoints[1].client-cert: {cert}: user nobody may not read it (mode 0600, owner root:root); "
+        f"endpoints[1] (b).client-cert: {cert}: user nobody may not read it (mode 0600, owner root:root); "
         "connections to https://127.0.0.1:9/x will fail",
-        f"endpoints[1].client-key: {cert}: user nobody may not read it (mode 0600, owner root:root); "
+        f"endpoints[1] (b).client-key: {cert}: user nobody may not read it (mode 0600, owner root:root); "
         "connections to https://127.0.0.1:9/x will fail"]
     assert not nobody_can_read(cert)
     path.chmod(0o642)

@@ -79,8 +79,8 @@ def test_check_invalid_config_names_fields(tmp_path):
     path.write_text(json.dumps(doc))
     proc = run("check", "-c", str(path))
     assert proc.returncode == 78  # EX_CONFIG, as serve, handle and query
-    assert "endpoints[1].target: must be an http or https URL" in proc.stderr
-    assert "endpoints[1].bind-port: must be 1..65535" in proc.stderr
+    assert "endpoints[1] (b).target: must be an http or https URL" in proc.stderr
+    assert "endpoints[1] (b).bind-port: must be 1..65535" in proc.stderr
     proc = run("check", "-c", str(tmp_path / "none.json"))
     assert proc.returncode == 78 and "cannot read" in proc.stderr
 

@@ -8,14 +8,16 @@ The file format is the one of the original postfix-rest-connector, so its config
     {"user-agent": "...", "endpoints": [{"name": "...", "mode": "tcp-lookup", "target": "https://...",
       "bind-address": "0.0.0.0", "bind-port": 9000, "auth-token": "...", "request-timeout": 2000}]}
 
-Every problem is reported with the path of the offending field (``endpoints[1].bind-port: must be
+Every problem is reported with the path of the offending field (``endpoints[1] (aliases).bind-port: must be
 1..65535``); all problems are collected, not only the first.  Only the standard library is used here, so
 ``pfrest check`` and ``pfrest --help`` stay cheap.
 """
 
+import difflib
 import ipaddress
 import json
 import os
+import re
 from dataclasses import replace
 from typing import List
 from urllib.parse import urlsplit
@@ -44,10 +46,41 @@ def _convert(key, value):
     return value
 
 
+QUOTED_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+CLOSE_ENOUGH = 0.6   # difflib's ratio for "did you mean": auth_token, authtoken, auth-tokn; not colour
+
+
+def where(i, name=None) -> str:
+    """How every message, error or warning, names the endpoint ``i``: ``endpoints[1] (aliases)``."""
+    return f"endpoints[{i}] ({name})" if isinstance(name, str) and name else f"endpoints[{i}]"
+
+
+def _judge(check, value):
+    """``check(value)``, and for a number written as a string ("18001") what to write instead."""
+    message = check(value)
+    if message and isinstance(value, str) and QUOTED_NUMBER.fullmatch(value.strip()):
+        number = float(value) if "." in value else int(value)
+        if check(number) is None:
+            return f"must be a number, not the string {value!r}: write {value.strip()} without quotes"
+    return message
+
+
+def _unknown(key, known):
+    """The error for an unknown key, with the known one it is probably a typo of."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=CLOSE_ENOUGH)
+    return f"unknown key; did you mean {close[0]}?" if close else "unknown key"
+
+
+def _duplicates(obj, at, problems):
+    for key in getattr(obj, "duplicates", ()):
+        problems.append(f"{at}{key}: given more than once; keep one (JSON would silently use the last)")
+
+
 def _endpoint(raw, where, problems):
     if not isinstance(raw, dict):
         problems.append(f"{where}: must be an object")
         return None
+    _duplicates(raw, f"{where}.", problems)
     values = {}
     for key in REQUIRED_ENDPOINT_KEYS:
         if key not in raw:
@@ -55,10 +88,10 @@ def _endpoint(raw, where, problems):
     mode = raw.get("mode")
     for key, value in raw.items():
         if key not in ENDPOINT_KEYS:
-            problems.append(f"{where}.{key}: unknown key")
+            problems.append(f"{where}.{key}: {_unknown(key, ENDPOINT_KEYS)}")
             continue
         attr, check, modes = ENDPOINT_KEYS[key]
-        message = check(value)
+        message = _judge(check, value)
         if message:
             problems.append(f"{where}.{key}: {message}")
         elif modes and mode in MODES and mode not in modes:
@@ -103,28 +136,32 @@ def parse(raw, path=None) -> Config:
     problems = []
     if not isinstance(raw, dict):
         raise ConfigError([f"{path or 'config'}: the top level must be an object"])
+    _duplicates(raw, "", problems)
     for key, value in raw.items():
         if key not in TOP_KEYS:
-            problems.append(f"{key}: unknown key")
-        elif TOP_KEYS[key] and TOP_KEYS[key](value):
-            problems.append(f"{key}: {TOP_KEYS[key](value)}")
+            problems.append(f"{key}: unknown key (an endpoint key: it goes inside an endpoint)"
+                            if key in ENDPOINT_KEYS else f"{key}: {_unknown(key, TOP_KEYS)}")
+        elif TOP_KEYS[key] and _judge(TOP_KEYS[key], value):
+            problems.append(f"{key}: {_judge(TOP_KEYS[key], value)}")
     endpoints = []
     items = raw.get("endpoints")
     if items is None:
         problems.append("endpoints: is required")
     elif not isinstance(items, list):
-        problems.append("endpoints: must be a list")
+        problems.append("endpoints: must be a list of endpoints"
+                        + (": in TOML, write [[endpoints]] (two brackets) before each endpoint, not [endpoints]"
+                           if str(path).endswith(".toml") else ': "endpoints": [{...}, {...}]'))
     elif not items:  # nothing to serve or handle: a config that can only be a mistake
         problems.append("endpoints: must list at least one endpoint")
     else:
         seen = {}
         for i, item in enumerate(items):
-            ep = _endpoint(item, f"endpoints[{i}]", problems)
+            ep = _endpoint(item, where(i, item.get("name") if isinstance(item, dict) else None), problems)
             if ep is None:
                 continue
             if ep.name in seen:
-                problems.append(f"endpoints[{i}].name: duplicate name {ep.name!r} "
-                                f"(also endpoints[{seen[ep.name]}])")
+                problems.append(f"{where(i, ep.name)}.name: the name of endpoints[{seen[ep.name]}] too: each "
+                                "endpoint needs a name of its own")
             seen.setdefault(ep.name, i)
             endpoints.append(ep)
     if problems:
@@ -143,12 +180,19 @@ def parse(raw, path=None) -> Config:
                   log_requests=log_requests, control_socket=raw.get("control-socket"))
 
 
+class _Object(dict):
+    """A decoded JSON object, with the keys it gave more than once (parse names them with the endpoint)."""
+    duplicates = ()
+
+
 def _no_duplicate_keys(pairs):
-    obj = {}
+    obj, duplicates = _Object(), []
     for key, value in pairs:
         if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
+            duplicates.append(key)
         obj[key] = value
+    if duplicates:
+        obj.duplicates = duplicates
     return obj
 
 
@@ -213,10 +257,10 @@ def warnings(config: Config) -> List[str]:
     """Things that are valid but probably not what the admin wants."""
     found = []
     for i, ep in enumerate(config.endpoints):
-        found += [f"endpoints[{i}] ({ep.name}).{tail}" for tail in _placeholders(ep)]
+        found += [f"{where(i, ep.name)}.{tail}" for tail in _placeholders(ep)]
         if ep.bind_path is None and ep.bind_port is not None and not ep.allow_from \
                 and not is_loopback(ep.bind_address):
-            found.append(f"endpoints[{i}] ({ep.name}): listens on {ep.bind_address}, beyond loopback, "
+            found.append(f"{where(i, ep.name)}: listens on {ep.bind_address}, beyond loopback, "
                          "without allow-from: any host that reaches it can query it")
     if config.metrics_address and not config.metrics_allow_from and not is_loopback(config.metrics_address[0]):
         found.append(f"metrics-address: listens on {config.metrics_address[0]}, beyond loopback, without "
