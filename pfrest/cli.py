@@ -151,15 +151,27 @@ def _query(args) -> int:
         return EX_USAGE
 
 
+def _load_part(command, path, top_keys, endpoint_name=None):
+    """The config as far as ``command`` needs it, with a warning line when the rest of the file is invalid
+    (config.load_part: the running serve keeps its last valid config, and these commands talk to it)."""
+    cfg, elsewhere = config.load_part(path, top_keys, endpoint_name)
+    if elsewhere:
+        what = " and ".join([", ".join(top_keys)] + ([f"endpoint {endpoint_name}"] if endpoint_name else []))
+        print(f"pfrest {command}: warning: {path} is not valid ({len(elsewhere)} problem(s); pfrest check -c "
+              f"{path} lists them, and a pfrest serve keeps its last valid config): using only {what}",
+              file=sys.stderr)
+    return cfg
+
+
 def _stats(args) -> int:
     from pfrest.commands import stats
-    return stats.run(config.load(args.config))
+    return stats.run(_load_part("stats", args.config, ("metrics-address",)))
 
 
 def _cache(args) -> int:
     from pfrest.commands import cache
-    return cache.run(config.load(args.config), args.action, args.name, [os.fsencode(k) for k in args.keys],
-                     args.mapname)
+    cfg = _load_part("cache", args.config, ("control-socket",), args.name)
+    return cache.run(cfg, args.action, args.name, [os.fsencode(k) for k in args.keys], args.mapname)
 
 
 def _handle(args) -> int:

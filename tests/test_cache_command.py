@@ -3,7 +3,9 @@ real `pfrest serve --workers 2`, which passes them to each worker; socketmap key
 the socket answers root and serve's own user only; what the command refuses, and its exit status."""
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -165,3 +167,43 @@ def test_many_keys_go_in_several_requests(serve):
     assert done.returncode == 0, done.stderr
     assert f"the answers to {len(keys)} key(s) dropped" in done.stdout and "in 2 process(es)" in done.stdout
     assert proc.log.count("as pfrest cache asked") == 2   # in two requests
+
+
+def test_stats_and_cache_reach_a_serve_whose_file_was_broken_since(backend, write_config, served, reachable):
+    """A reload refused (the file on disk invalid while serve runs its last valid config) is when the admin
+    needs stats and cache: they read only their part of the file, and say the rest is invalid."""
+    control, port = os.path.join(reachable, "control.sock"), free_port()
+    top = {"control-socket": control, "metrics-address": f"127.0.0.1:{free_port()}"}
+    good = {"name": "tcp", "mode": "tcp-lookup", "bind-port": port, "cache-ttl": 600,
+            "target": backend.url + "/lookup", "request-timeout": 3000}
+    path = write_config([good], **top)
+    proc = served("-c", path)
+    proc.wait_for(r"ready: serving 1 endpoint")
+    backend.answers["k"] = (200, ["old"])
+    with connect(("127.0.0.1", port)) as sock:
+        assert tcp_get(sock, b"k") == b"200 old\n"
+        write_config([good, {"name": "new", "mode": "tcp-lookup", "target": "ftp://x"}], **top, colour="red")
+        mark = proc.mark()
+        proc.send(signal.SIGHUP)
+        proc.wait_for(r"reload: keeping the old configuration", after=mark)
+        warning = (f"warning: {path} is not valid (2 problem(s); pfrest check -c {path} lists them, and a pfrest "
+                   "serve keeps its last valid config): using only ")
+        stats = subprocess.run(pfrest_cmd("stats", "-c", path), capture_output=True, text=True, timeout=60,
+                               env=pfrest_env(), cwd=ROOT)
+        assert stats.returncode == 0 and re.search(r"(?m)^tcp\s+tcp-lookup\s", stats.stdout), stats.stderr
+        assert stats.stderr == f"pfrest stats: {warning}metrics-address\n", stats.stderr
+        backend.answers["k"] = (200, ["new"])
+        done = cache("-c", path, "drop", "tcp", "k")
+        assert done.returncode == 0 and "(1 entries were there" in done.stdout, done.stderr
+        assert done.stderr == f"pfrest cache: {warning}control-socket and endpoint tcp\n", done.stderr
+        assert tcp_get(sock, b"k") == b"200 new\n"
+    # the broken endpoint itself, or the file unreadable as JSON: still refused, every problem named
+    done = cache("-c", path, "flush", "new")
+    assert done.returncode == 78 and "endpoints[1] (new).target: must be an http" in done.stderr, done.stderr
+    assert "colour: unknown key" in done.stderr
+    with open(path, "w") as f:
+        f.write("{")
+    for args in (("stats",), ("cache", "flush", "tcp")):
+        done = subprocess.run(pfrest_cmd(*args, "-c", path), capture_output=True, text=True, timeout=60,
+                              env=pfrest_env(), cwd=ROOT)
+        assert done.returncode == 78 and "not valid JSON" in done.stderr, (args, done.stderr)

@@ -131,8 +131,9 @@ def _endpoint(raw, where, problems):
         return None
 
 
-def parse(raw, path=None) -> Config:
-    """Validate a decoded config document and build a :class:`Config`; raise ConfigError."""
+def parse(raw, path=None, partial=False) -> Config:
+    """Validate a decoded config document and build a :class:`Config`; raise ConfigError.  ``partial``:
+    a part of a document (load_part), which may have no endpoint."""
     problems = []
     if not isinstance(raw, dict):
         raise ConfigError([f"{path or 'config'}: the top level must be an object"])
@@ -145,7 +146,9 @@ def parse(raw, path=None) -> Config:
             problems.append(f"{key}: {_judge(TOP_KEYS[key], value)}")
     endpoints = []
     items = raw.get("endpoints")
-    if items is None:
+    if partial and not items:
+        pass
+    elif items is None:
         problems.append("endpoints: is required")
     elif not isinstance(items, list):
         problems.append("endpoints: must be a list of endpoints"
@@ -213,14 +216,43 @@ def decode(text: bytes, path: str):
         raise ConfigError([f"{path}: not valid JSON: {exc}"]) from None
 
 
-def load(path: str) -> Config:
-    """Read, decode and validate the config file at ``path``."""
+def _read(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            text = f.read()
+            return f.read()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    return parse(decode(text, path), path)
+
+
+def load(path: str) -> Config:
+    """Read, decode and validate the config file at ``path``."""
+    return parse(decode(_read(path), path), path)
+
+
+def load_part(path: str, top_keys, endpoint_name=None):
+    """``(config, problems elsewhere)``: the config at ``path`` as ``load`` gives it and ``[]``; or, when
+    the file is invalid, only the top-level ``top_keys`` and the endpoint named (when one is), validated
+    alone, and the problems of the whole.  For the admin's commands that talk to a running serve (stats,
+    cache): a file edited into errors while serve runs on its last valid config (a reload refused) must
+    not keep them from reaching it.  ConfigError when even that part is invalid, or the file unreadable."""
+    text = _read(path)
+    try:
+        return parse(decode(text, path), path), []
+    except ConfigError as exc:
+        whole = exc
+    raw = decode(text, path)   # not decodable at all: nothing can be read from it
+    if not isinstance(raw, dict):
+        raise whole
+    part = {key: raw[key] for key in top_keys if key in raw}
+    if endpoint_name is not None:
+        items = raw.get("endpoints") if isinstance(raw.get("endpoints"), list) else []
+        part["endpoints"] = [item for item in items if isinstance(item, dict) and item.get("name") == endpoint_name][:1]
+        if not part["endpoints"]:
+            raise whole
+    try:
+        return parse(part, path, partial=True), whole.problems
+    except ConfigError:
+        raise whole from None   # the part itself is invalid: every problem, each where the file has it
 
 
 def is_loopback(address: str) -> bool:
