@@ -139,8 +139,16 @@ def test_unreadable_and_malformed_files(tmp_path):
     with pytest.raises(config.ConfigError) as info:
         config.load(str(bad))
     assert info.value.problems == [
-        "user: given more than once; keep one (JSON would silently use the last)",
-        "endpoints[0] (a).bind-port: given more than once; keep one (JSON would silently use the last)"]
+        "user: given more than once (lines 2 and 2); keep one (JSON would silently use the last)",
+        "endpoints[0] (a).bind-port: given more than once (lines 1 and 2); keep one (JSON would silently use "
+        "the last)"]
+    bad.write_text('{"endpoints": [\n {"name": "a", "mode": "policy", "target": "http://h/p"},\n'
+                   ' {"name": "b", "mode": "policy",\n  "target": "http://h/\\"q\\"",\n  "mode": "policy",\n'
+                   '  "headers": {"mode": "x", "X-A": "1"}, "mode": "policy"}]}')
+    with pytest.raises(config.ConfigError) as info:
+        config.load(str(bad))
+    assert info.value.problems == ["endpoints[1] (b).mode: given more than once (lines 3, 5 and 6); keep one "
+                                   "(JSON would silently use the last)"]
     toml = tmp_path / "bad.toml"   # TOML's own parser names the line
     toml.write_text('[[endpoints]]\nname = "a"\nname = "b"\n')
     with pytest.raises(config.ConfigError, match=r"bad.toml: not valid TOML: .*line 3"):

@@ -1,7 +1,8 @@
 """Load and validate the pfrest configuration (JSON, or TOML with the same keys).
 
 The folder: what a configuration is (schema.py), every key and its check (keys.py), what
-``pfrest check`` asks the system (checks.py); here, loading a file and the checks across fields.
+``pfrest check`` asks the system (checks.py), the keys a JSON file repeats (duplicates.py); here,
+loading a file and the checks across fields.
 
 The file format is the one of the original postfix-rest-connector, so its config files load unchanged:
 
@@ -15,13 +16,13 @@ Every problem is reported with the path of the offending field (``endpoints[1] (
 
 import difflib
 import ipaddress
-import json
 import os
 import re
 from dataclasses import replace
 from typing import List
 from urllib.parse import urlsplit
 
+from pfrest.config import duplicates
 from pfrest.protocol.modes import MODES, POLICY, SOCKETMAP, TCP  # noqa: F401 (config.MODES ...)
 from pfrest.config.keys import ENDPOINT_KEYS, REQUIRED_ENDPOINT_KEYS, TOP_KEYS  # noqa: F401 (config.ENDPOINT_KEYS ...)
 from pfrest.config.schema import (  # noqa: F401 (config.Endpoint ...)
@@ -72,8 +73,9 @@ def _unknown(key, known):
 
 
 def _duplicates(obj, at, problems):
-    for key in getattr(obj, "duplicates", ()):
-        problems.append(f"{at}{key}: given more than once; keep one (JSON would silently use the last)")
+    for key, lines in getattr(obj, "duplicates", {}).items():
+        problems.append(f"{at}{key}: given more than once (lines {', '.join(map(str, lines[:-1]))} and "
+                        f"{lines[-1]}); keep one (JSON would silently use the last)")
 
 
 def _endpoint(raw, where, problems):
@@ -183,22 +185,6 @@ def parse(raw, path=None, partial=False) -> Config:
                   log_requests=log_requests, control_socket=raw.get("control-socket"))
 
 
-class _Object(dict):
-    """A decoded JSON object, with the keys it gave more than once (parse names them with the endpoint)."""
-    duplicates = ()
-
-
-def _no_duplicate_keys(pairs):
-    obj, duplicates = _Object(), []
-    for key, value in pairs:
-        if key in obj:
-            duplicates.append(key)
-        obj[key] = value
-    if duplicates:
-        obj.duplicates = duplicates
-    return obj
-
-
 def decode(text: bytes, path: str):
     """Decode a config file's bytes: TOML for ``*.toml``, JSON otherwise."""
     if path.endswith(".toml"):
@@ -211,7 +197,7 @@ def decode(text: bytes, path: str):
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        return duplicates.decode(text)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ConfigError([f"{path}: not valid JSON: {exc}"]) from None
 
