@@ -15,7 +15,7 @@ EX_USAGE = os.EX_USAGE   # 64: sysexits.h, for every command (argparse alone wou
 EXIT_STATUSES = (
     ("0", "success: valid (check), found (query), done (cache), figures printed (stats), a clean stop (serve)"),
     ("1", "not found (query, as postmap -q); a mismatch with Postfix (check --postfix); a runtime failure "
-          "(serve: a socket that cannot be bound)"),
+          "(serve, demo: a socket that cannot be bound)"),
     ("64", "EX_USAGE: arguments that do not fit (an unknown option, a missing ENDPOINT, a KEY for flush)"),
     ("69", "EX_UNAVAILABLE: what the command needs cannot be reached (stats: the metrics-address; cache: the "
            "store or the control socket; check --postfix: postconf), or a permanent failure (query)"),
