@@ -9,11 +9,36 @@ import sys
 from pfrest import __version__, config
 from pfrest.commands.handleargs import HandleArgs, handle_argv  # noqa: F401 (cli.handle_argv)
 
+EX_USAGE = os.EX_USAGE   # 64: sysexits.h, for every command (argparse alone would exit 2)
+
+# The exit statuses of every command, as pfrest --help and pfrest(8) show them (bin/pfrest-manpages).
+EXIT_STATUSES = (
+    ("0", "success: valid (check), found (query), done (cache), figures printed (stats), a clean stop (serve)"),
+    ("1", "not found (query, as postmap -q); a mismatch with Postfix (check --postfix); a runtime failure "
+          "(serve, demo: a socket that cannot be bound)"),
+    ("64", "EX_USAGE: arguments that do not fit (an unknown option, a missing ENDPOINT, a KEY for flush)"),
+    ("69", "EX_UNAVAILABLE: what the command needs cannot be reached (stats: the metrics-address; cache: the "
+           "store or the control socket; check --postfix: postconf), or a permanent failure (query)"),
+    ("75", "EX_TEMPFAIL: a temporary failure or a deferring policy action (query)"),
+    ("78", "EX_CONFIG: the config file is invalid, or names no such endpoint (every command)"),
+)
+
 
 def _parser():
     import argparse
-    parser = argparse.ArgumentParser(
-        prog="pfrest", description="Answer Postfix tcp_table, socketmap and policy requests from a REST backend.")
+
+    class Parser(argparse.ArgumentParser):
+        """Exits 64 (EX_USAGE) on an argument error, not argparse's 2, like every command's own usage
+        errors; the subcommands' parsers are of this class too (add_subparsers takes the parent's)."""
+
+        def error(self, message):
+            self.print_usage(sys.stderr)
+            self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+    parser = Parser(
+        prog="pfrest", description="Answer Postfix tcp_table, socketmap and policy requests from a REST backend.",
+        epilog="exit status:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_STATUSES),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-V", "--version", action="version", version=f"pfrest {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -151,18 +176,30 @@ def _query(args) -> int:
         return query.run(cfg, args.name, [os.fsencode(w) for w in args.words], args.mapname)
     except ValueError as exc:
         print(f"pfrest query: {exc}", file=sys.stderr)
-        return 2
+        return EX_USAGE
+
+
+def _load_part(command, path, top_keys, endpoint_name=None):
+    """The config as far as ``command`` needs it, with a warning line when the rest of the file is invalid
+    (config.load_part: the running serve keeps its last valid config, and these commands talk to it)."""
+    cfg, elsewhere = config.load_part(path, top_keys, endpoint_name)
+    if elsewhere:
+        what = " and ".join([", ".join(top_keys)] + ([f"endpoint {endpoint_name}"] if endpoint_name else []))
+        print(f"pfrest {command}: warning: {path} is not valid ({len(elsewhere)} problem(s); pfrest check -c "
+              f"{path} lists them, and a pfrest serve keeps its last valid config): using only {what}",
+              file=sys.stderr)
+    return cfg
 
 
 def _stats(args) -> int:
     from pfrest.commands import stats
-    return stats.run(config.load(args.config))
+    return stats.run(_load_part("stats", args.config, ("metrics-address",)))
 
 
 def _cache(args) -> int:
     from pfrest.commands import cache
-    return cache.run(config.load(args.config), args.action, args.name, [os.fsencode(k) for k in args.keys],
-                     args.mapname)
+    cfg = _load_part("cache", args.config, ("control-socket",), args.name)
+    return cache.run(cfg, args.action, args.name, [os.fsencode(k) for k in args.keys], args.mapname)
 
 
 def _handle(args) -> int:
@@ -174,9 +211,22 @@ COMMANDS = {"handle": _handle, "check": _check, "query": _query, "serve": _serve
             "stats": _stats, "cache": _cache, "init": _init}
 
 
+def _parse(argv):
+    """The parsed command line.  ``cache``'s KEYs may come on either side of ``--map`` (``cache drop
+    aliases --map virtual info@example.com``, as the README writes it): argparse gives the KEYs after an
+    option back as unrecognised, and they are KEYs like the others; anything else unrecognised is an error."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "cache" and not any(word.startswith("-") for word in extra):
+        args.keys += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = handle_argv(argv) or _parser().parse_args(argv)
+    args = handle_argv(argv) or _parse(argv)
     try:
         return COMMANDS[args.command](args)
     except config.ConfigError as exc:   # check, query, stats, cache (an unknown endpoint too), init

@@ -139,7 +139,7 @@ def test_basic_auth_next_to_an_authorization_header_is_a_config_error():
                           "headers": {"authorization": "Bearer t"}}]}
     with pytest.raises(config.ConfigError) as err:
         config.parse(raw)
-    assert err.value.problems == ["endpoints[0].basic-auth: conflicts with headers' Authorization"]
+    assert err.value.problems == ["endpoints[0] (e).basic-auth: conflicts with headers' Authorization"]
     del raw["endpoints"][0]["headers"]["authorization"]
     assert config.parse(raw).endpoints[0].basic_auth == "u:p"
 

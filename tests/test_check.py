@@ -6,6 +6,7 @@ The refusals and warnings are checked against the system itself: two endpoints a
 binding both fails, and "user nobody cannot read this" exactly when nobody cannot open it."""
 
 import json
+import re
 import shutil
 import subprocess
 import textwrap
@@ -48,7 +49,7 @@ def test_two_endpoints_are_refused_exactly_when_serve_cannot_bind_both(first, se
     finally:
         for sock in opened:
             sock.close()
-    expected = [] if both_bind else [f"endpoints[1].bind-port: b would listen on {second}:{port}, where "
+    expected = [] if both_bind else [f"endpoints[1] (b).bind-port: would listen on {second}:{port}, where "
                                      f"endpoints[0] (a) listens on {first}:{port}"]
     assert checks.refusals(cfg) == expected
 
@@ -58,10 +59,10 @@ def test_other_refusals():
         return checks.refusals(config.parse({"endpoints": list(endpoints), **top}))
     assert refused(endpoint("a", **{"bind-path": "/run/pfrest/x.sock"}),
                    endpoint("b", **{"bind-path": "/run/pfrest/../pfrest/x.sock"})) == [
-        "endpoints[1].bind-path: b would listen on /run/pfrest/../pfrest/x.sock, where endpoints[0] (a) "
+        "endpoints[1] (b).bind-path: would listen on /run/pfrest/../pfrest/x.sock, where endpoints[0] (a) "
         "listens on /run/pfrest/x.sock"]
     problem, = refused(endpoint("a", **{"bind-address": "no-such-host.invalid", "bind-port": 9001}))
-    assert problem.startswith("endpoints[0].bind-address: 'no-such-host.invalid' does not resolve")
+    assert problem.startswith("endpoints[0] (a).bind-address: 'no-such-host.invalid' does not resolve")
     assert refused(endpoint("a"), user="no-such-user-for-pfrest") == [
         "user: no such user 'no-such-user-for-pfrest'"]
     assert refused(endpoint("a"), user="nobody") == refused(endpoint("a"), user="65534") == []
@@ -74,7 +75,7 @@ def test_check_and_serve_both_refuse_with_78(write_config, tmp_path):
     path = write_config([endpoint("a", **{"bind-path": str(tmp_path / "a.sock")}),
                          endpoint("b", **{"bind-address": "localhost", "bind-port": port}),
                          endpoint("c", **{"bind-address": "127.0.0.1", "bind-port": port})])
-    message = (f"endpoints[2].bind-port: c would listen on 127.0.0.1:{port}, where endpoints[1] (b) listens "
+    message = (f"endpoints[2] (c).bind-port: would listen on 127.0.0.1:{port}, where endpoints[1] (b) listens "
                f"on localhost:{port}")
     proc = run("check", "-c", path)
     assert (proc.returncode, proc.stderr, proc.stdout) == (78, message + "\n", "")
@@ -84,6 +85,55 @@ def test_check_and_serve_both_refuse_with_78(write_config, tmp_path):
     path = write_config([], name="empty.json")
     proc = run("check", "-c", path)
     assert (proc.returncode, proc.stderr) == (78, "endpoints: must list at least one endpoint\n")
+
+
+def test_check_says_what_serve_says_of_endpoints_without_a_socket(write_config, tmp_path):
+    """serve refuses a config with no bind-port/bind-path anywhere ("nothing to serve"); check says so, as
+    a config right for handle only; a bind-address without bind-port is refused by both, naming the fix."""
+    path = write_config([endpoint("a"), endpoint("b")])
+    proc = run("check", "-c", path)
+    assert (proc.returncode, proc.stderr) == (0, "") and f"{path}: valid;" in proc.stdout
+    assert f"{path}: for pfrest handle only (spawn, xinetd, systemd Accept=yes): no endpoint has a bind-port or " \
+        "bind-path, so pfrest serve would refuse it (nothing to serve)" in proc.stdout, proc.stdout
+    serve = run("serve", "-c", path)
+    assert serve.returncode == 78 and "nothing to serve" in serve.stderr
+    # one endpoint with a socket: serve runs, so nothing more is said
+    path = write_config([endpoint("a"), endpoint("b", **{"bind-path": str(tmp_path / "b.sock")})], name="some.json")
+    proc = run("check", "-c", path)
+    assert proc.returncode == 0 and proc.stdout == f"{path}: valid; a (tcp-lookup), b (tcp-lookup)\n", proc.stdout
+    path = write_config([endpoint("a", **{"bind-path": str(tmp_path / "a.sock")}),
+                         endpoint("b", **{"bind-address": "127.0.0.1"})], name="address.json")
+    message = "endpoints[1] (b).bind-address: set without bind-port, so nothing listens on it: add bind-port"
+    for command in ("check", "serve"):
+        proc = run(command, "-c", path)
+        assert proc.returncode == 78 and message in proc.stderr, (command, proc.stderr)
+    assert not (tmp_path / "a.sock").exists()
+
+
+def test_the_installed_placeholders_are_warned_about(tmp_path):
+    """pfrest.json.example and the package's copy of it (debian/rules: its backend on 127.0.0.1:8080)."""
+    with open(f"{ROOT}/debian/rules") as f:
+        sed = re.search(r"sed -e '(s\|[^']*)' pfrest.json.example", f.read()).group(1)
+    installed = tmp_path / "pfrest.json"
+    installed.write_text(subprocess.run(["sed", "-e", sed, f"{ROOT}/pfrest.json.example"], capture_output=True,
+                                        text=True, check=True).stdout)
+    installed.chmod(0o600)
+    for path in (f"{ROOT}/pfrest.json.example", str(installed)):
+        proc = run("check", "-c", path)
+        assert proc.returncode == 0, proc.stderr
+        for i, name in enumerate(("domains", "aliases", "policy")):
+            assert f"warning: endpoints[{i}] ({name}).auth-token: still the example's placeholder 'change-me': " \
+                "set the token your backend expects" in proc.stderr, proc.stderr
+            assert re.search(rf"warning: endpoints\[{i}\] \({name}\)\.target: \S+/postfix/{name} is the "
+                             "example's placeholder backend: set your backend's URL", proc.stderr), proc.stderr
+    # a real token and backend: nothing said (and no token shown)
+    real = json.loads(installed.read_text())
+    for ep in real["endpoints"]:
+        ep.update({"auth-token": "s3cret-token", "target": "http://127.0.0.1:8081/lookup"})
+    installed.write_text(json.dumps(real))
+    proc = run("check", "-c", str(installed))
+    assert proc.returncode == 0 and "example's placeholder" not in proc.stderr and "s3cret" not in proc.stderr, \
+        proc.stderr
 
 
 # --- warnings ------------------------------------------------------------------------------------------
@@ -137,11 +187,11 @@ def test_writable_config_and_tls_files(shared_dir):
     found = checks.warnings(checks.load(str(path)))
     assert found == [
         f"{path}: writable by its group, who could send requests and tokens anywhere; chmod go-w {path}",
-        f"endpoints[0].ca-file: {shared_dir}/missing.pem does not exist; connections to "
+        f"endpoints[0] (a).ca-file: {shared_dir}/missing.pem does not exist; connections to "
         "https://127.0.0.1:9/x will fail",
-        f"endpoints[1].client-cert: {cert}: user nobody may not read it (mode 0600, owner root:root); "
+        f"endpoints[1] (b).client-cert: {cert}: user nobody may not read it (mode 0600, owner root:root); "
         "connections to https://127.0.0.1:9/x will fail",
-        f"endpoints[1].client-key: {cert}: user nobody may not read it (mode 0600, owner root:root); "
+        f"endpoints[1] (b).client-key: {cert}: user nobody may not read it (mode 0600, owner root:root); "
         "connections to https://127.0.0.1:9/x will fail"]
     assert not nobody_can_read(cert)
     path.chmod(0o642)
@@ -178,7 +228,8 @@ def test_the_shipped_files_are_consistent(shared_dir):
     """pfrest.json.example, master.cf.example and its main.cf lines, as a deployment uses them."""
     need_binary("postconf")
     path = shared_dir / "pfrest.json"
-    path.write_text(shipped_config("https://rest.example.com"))   # only the account: nobody
+    # as deployed: its own backend and token (the placeholders are warned about), only the account: nobody
+    path.write_text(shipped_config("https://rest.internal").replace('"change-me"', '"a-deployed-token"'))
     shutil.chown(path, "root", "nogroup")
     path.chmod(0o640)
     master = substitute(shipped("master.cf.example"), config=path)

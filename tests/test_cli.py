@@ -1,10 +1,14 @@
 """`pfrest check`, `pfrest query` and `--help` as real subprocesses."""
 
 import json
+import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import pfrest_cmd, pfrest_env, ROOT
+from pfrest import cli
 from test_config import SEED
 
 
@@ -19,6 +23,33 @@ def test_help_and_version():
         assert proc.returncode == 0 and "usage: pfrest" in proc.stdout
     assert run("--version").stdout.startswith("pfrest ")
     assert run("-V").stdout == run("--version").stdout
+
+
+def test_cache_keys_on_either_side_of_map():
+    """The README's `pfrest cache drop aliases --map virtual info@example.com`, and the other order."""
+    proc = run("cache", "-c", "/nonexistent.json", "drop", "aliases", "--map", "virtual", "info@example.com")
+    assert proc.returncode == 78 and "cannot read" in proc.stderr, proc.stderr   # parsed; then the config
+    for argv in (["drop", "aliases", "--map", "virtual", "info@example.com", "b@x"],
+                 ["drop", "aliases", "info@example.com", "--map", "virtual", "b@x"],
+                 ["drop", "aliases", "info@example.com", "b@x", "--map", "virtual"]):
+        args = cli._parse(["cache", *argv])
+        assert (args.name, args.mapname, args.keys) == ("aliases", "virtual", ["info@example.com", "b@x"]), argv
+
+
+@pytest.mark.parametrize("argv", [
+    ["nosuch"], [], ["check", "--bogus"], ["check", "extra"], ["handle"], ["query", "t"], ["serve", "--workers", "0"],
+    ["stats", "extra"], ["cache", "drop"], ["cache", "drop", "t", "k", "--bogus"], ["cache", "purge", "t"],
+    ["demo", "--port-base", "x"], ["handle", "t", "--bogus"]])
+def test_every_usage_error_exits_64(argv):
+    proc = run(*argv)
+    assert proc.returncode == 64, (argv, proc.returncode, proc.stderr)   # EX_USAGE, not argparse's 2
+    assert "usage: pfrest" in proc.stderr and "error:" in proc.stderr
+
+
+def test_help_shows_the_exit_statuses():
+    text = run("--help").stdout
+    for code in ("0", "1", "64", "69", "75", "78"):
+        assert re.search(rf"(?m)^ +{code}  \S", text), code
 
 
 def test_check_and_help_do_not_import_the_request_path(tmp_path):
@@ -48,8 +79,8 @@ def test_check_invalid_config_names_fields(tmp_path):
     path.write_text(json.dumps(doc))
     proc = run("check", "-c", str(path))
     assert proc.returncode == 78  # EX_CONFIG, as serve, handle and query
-    assert "endpoints[1].target: must be an http or https URL" in proc.stderr
-    assert "endpoints[1].bind-port: must be 1..65535" in proc.stderr
+    assert "endpoints[1] (b).target: must be an http or https URL" in proc.stderr
+    assert "endpoints[1] (b).bind-port: must be 1..65535" in proc.stderr
     proc = run("check", "-c", str(tmp_path / "none.json"))
     assert proc.returncode == 78 and "cannot read" in proc.stderr
 

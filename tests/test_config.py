@@ -59,25 +59,33 @@ def test_toml_config_works_the_same(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"bind-port": 0}, "endpoints[1].bind-port: must be 1..65535"),
-    ({"bind-port": "9000"}, "endpoints[1].bind-port: must be 1..65535"),
-    ({"target": "ftp://x/"}, "endpoints[1].target: must be an http or https URL"),
-    ({"target": "http:///nohost"}, "endpoints[1].target: must be an http or https URL"),
-    ({"request-timeout": 0}, "endpoints[1].request-timeout: must be an integer 1..99000 (milliseconds)"),
-    ({"request-timeout": 99001}, "endpoints[1].request-timeout: must be an integer 1..99000 (milliseconds)"),
-    ({"request-timeout": True}, "endpoints[1].request-timeout: must be an integer 1..99000 (milliseconds)"),
-    ({"mode": "lookup"}, "endpoints[1].mode: must be one of tcp-lookup, socketmap-lookup, policy"),
-    ({"auth-token": 5}, "endpoints[1].auth-token: must be a string"),
-    ({"colour": "red"}, "endpoints[1].colour: unknown key"),
-    ({"name": "a"}, "endpoints[1].name: duplicate name 'a' (also endpoints[0])"),
-    ({"method": "POST"}, "endpoints[1].method: not used by mode tcp-lookup"),
-    ({"bind-address": "not an address!"}, "endpoints[1].bind-address: must be an IP address or host name"),
-    ({"list-separator": "\n"}, "endpoints[1].list-separator: must not contain CR, LF or NUL"),
+    ({"bind-port": 0}, "endpoints[1] (b).bind-port: must be 1..65535"),
+    ({"bind-port": "9000"}, "endpoints[1] (b).bind-port: must be a number, not the string '9000': write 9000 "
+                            "without quotes"),
+    ({"bind-port": "70000"}, "endpoints[1] (b).bind-port: must be 1..65535"),
+    ({"request-timeout": "2000"}, "endpoints[1] (b).request-timeout: must be a number, not the string '2000': "
+                                  "write 2000 without quotes"),
+    ({"cache-ttl": "1.5"}, "endpoints[1] (b).cache-ttl: must be a number, not the string '1.5': write 1.5 "
+                           "without quotes"),
+    ({"auth_token": "t"}, "endpoints[1] (b).auth_token: unknown key; did you mean auth-token?"),
+    ({"bindport": 9000}, "endpoints[1] (b).bindport: unknown key; did you mean bind-port?"),
+    ({"target": "ftp://x/"}, "endpoints[1] (b).target: must be an http or https URL"),
+    ({"target": "http:///nohost"}, "endpoints[1] (b).target: must be an http or https URL"),
+    ({"request-timeout": 0}, "endpoints[1] (b).request-timeout: must be an integer 1..99000 (milliseconds)"),
+    ({"request-timeout": 99001}, "endpoints[1] (b).request-timeout: must be an integer 1..99000 (milliseconds)"),
+    ({"request-timeout": True}, "endpoints[1] (b).request-timeout: must be an integer 1..99000 (milliseconds)"),
+    ({"mode": "lookup"}, "endpoints[1] (b).mode: must be one of tcp-lookup, socketmap-lookup, policy"),
+    ({"auth-token": 5}, "endpoints[1] (b).auth-token: must be a string"),
+    ({"colour": "red"}, "endpoints[1] (b).colour: unknown key"),
+    ({"name": "a"}, "endpoints[1] (a).name: the name of endpoints[0] too: each endpoint needs a name of its own"),
+    ({"method": "POST"}, "endpoints[1] (b).method: not used by mode tcp-lookup"),
+    ({"bind-address": "not an address!"}, "endpoints[1] (b).bind-address: must be an IP address or host name"),
+    ({"list-separator": "\n"}, "endpoints[1] (b).list-separator: must not contain CR, LF or NUL"),
     # 660 in JSON is not 0o660: only a string says octal unambiguously
     ({"bind-path": "/run/x.sock", "bind-mode": 660},
-     "endpoints[1].bind-mode: must be an octal file mode in a string, such as \"0660\""),
+     "endpoints[1] (b).bind-mode: must be an octal file mode in a string, such as \"0660\""),
     ({"bind-path": "/run/x.sock", "bind-mode": "0999"},
-     "endpoints[1].bind-mode: must be an octal file mode in a string, such as \"0660\""),
+     "endpoints[1] (b).bind-mode: must be an octal file mode in a string, such as \"0660\""),
 ])
 def test_errors_name_the_field(change, message):
     second = {"name": "b", "mode": "tcp-lookup", "target": "http://h/"}
@@ -90,8 +98,8 @@ def test_policy_error_actions_are_checked():
     ep = {"name": "p", "mode": "policy", "target": "http://h/", "temporary-error-action": "550",
           "permanent-error-action": "FOOBAR x"}
     found = problems({"endpoints": [ep]})
-    assert any(p.startswith("endpoints[0].temporary-error-action: all-numeric") for p in found)
-    assert any(p.startswith("endpoints[0].permanent-error-action: unknown action") for p in found)
+    assert any(p.startswith("endpoints[0] (p).temporary-error-action: all-numeric") for p in found)
+    assert any(p.startswith("endpoints[0] (p).permanent-error-action: unknown action") for p in found)
     ok = dict(ep, **{"temporary-error-action": "DUNNO", "permanent-error-action": "554 5.3.0 broken"})
     assert config.parse({"endpoints": [ok]}).endpoints[0].permanent_error_action == "554 5.3.0 broken"
 
@@ -103,7 +111,12 @@ def test_all_problems_reported_and_top_level_checked():
     assert "endpoints[0].name: is required" in found
     assert "endpoints[0].target: is required" in found
     assert problems({}) == ["endpoints: is required"]
-    assert problems({"endpoints": {}}) == ["endpoints: must be a list"]
+    assert problems({"endpoints": {}}) == ['endpoints: must be a list of endpoints: "endpoints": [{...}, {...}]']
+    assert problems({"endpoints": [], "auth-token": "t", "metrics-adress": "127.0.0.1:9100"}) == [
+        "auth-token: unknown key (an endpoint key: it goes inside an endpoint)",
+        "metrics-adress: unknown key; did you mean metrics-address?", "endpoints: must list at least one endpoint"]
+    assert problems({"endpoints": [{"name": "a", "mode": "policy", "target": "http://h/p"}],
+                     "metrics-address": 9100}) == ["metrics-address: must be \"HOST:PORT\", e.g. \"127.0.0.1:9100\""]
 
 
 ONE_ENDPOINT = [{"name": "a", "mode": "policy", "target": "http://h/p"}]
@@ -121,9 +134,30 @@ def test_unreadable_and_malformed_files(tmp_path):
     with pytest.raises(config.ConfigError, match="cannot read"):
         config.load(str(tmp_path / "missing.json"))
     bad = tmp_path / "bad.json"
-    bad.write_text('{"endpoints": [], "endpoints": []}')
-    with pytest.raises(config.ConfigError, match="duplicate key 'endpoints'"):
+    bad.write_text('{"endpoints": [{"name": "a", "mode": "policy", "target": "http://h/p", "bind-port": 1,\n'
+                   '  "bind-port": 2}], "user": "x", "user": "y"}')
+    with pytest.raises(config.ConfigError) as info:
         config.load(str(bad))
+    assert info.value.problems == [
+        "user: given more than once (lines 2 and 2); keep one (JSON would silently use the last)",
+        "endpoints[0] (a).bind-port: given more than once (lines 1 and 2); keep one (JSON would silently use "
+        "the last)"]
+    bad.write_text('{"endpoints": [\n {"name": "a", "mode": "policy", "target": "http://h/p"},\n'
+                   ' {"name": "b", "mode": "policy",\n  "target": "http://h/\\"q\\"",\n  "mode": "policy",\n'
+                   '  "headers": {"mode": "x", "X-A": "1"}, "mode": "policy"}]}')
+    with pytest.raises(config.ConfigError) as info:
+        config.load(str(bad))
+    assert info.value.problems == ["endpoints[1] (b).mode: given more than once (lines 3, 5 and 6); keep one "
+                                   "(JSON would silently use the last)"]
+    toml = tmp_path / "bad.toml"   # TOML's own parser names the line
+    toml.write_text('[[endpoints]]\nname = "a"\nname = "b"\n')
+    with pytest.raises(config.ConfigError, match=r"bad.toml: not valid TOML: .*line 3"):
+        config.load(str(toml))
+    toml.write_text('[endpoints]\nname = "a"\nmode = "policy"\ntarget = "http://h/p"\n')
+    with pytest.raises(config.ConfigError) as info:
+        config.load(str(toml))
+    assert info.value.problems == ["endpoints: must be a list of endpoints: in TOML, write [[endpoints]] (two "
+                                   "brackets) before each endpoint, not [endpoints]"]
     bad.write_text("{not json")
     with pytest.raises(config.ConfigError, match="not valid JSON"):
         config.load(str(bad))
@@ -173,12 +207,12 @@ def test_cache_url_forms_redis_py_reads(url):
 ])
 def test_cache_url_errors_name_the_field(extra, message):
     found = problems({"endpoints": [dict(SHARED, **extra)]})
-    assert any(p.startswith("endpoints[0]." + message) for p in found), found
+    assert any(p.startswith("endpoints[0] (s)." + message) for p in found), found
 
 
 def test_cache_url_is_for_lookups_and_its_password_is_a_secret():
     pol = {"name": "p", "mode": "policy", "target": "http://h/", "cache-url": "redis://h"}
-    assert any(p.startswith("endpoints[0].cache-url:") for p in problems({"endpoints": [pol]}))
+    assert any(p.startswith("endpoints[0] (p).cache-url:") for p in problems({"endpoints": [pol]}))
     ep = config.parse({"endpoints": [dict(SHARED, **{"cache-url": "redis://u:p%40ss@h/0"})]}).endpoints[0]
     assert {"p%40ss", "p@ss"} <= set(ep.secrets())
 
@@ -197,7 +231,7 @@ def test_require_request_id_is_a_boolean_of_every_mode(mode, write_config):
     assert config.parse({"endpoints": [dict(base, **{"require-request-id": True})]}).endpoints[0].require_request_id
     for wrong in ("yes", 1, None):
         assert problems({"endpoints": [dict(base, **{"require-request-id": wrong})]}) == [
-            "endpoints[0].require-request-id: must be true or false"]
+            "endpoints[0] (r).require-request-id: must be true or false"]
     proc = subprocess.run(pfrest_cmd("check", "-c", write_config([dict(base, **{"require-request-id": "yes"})])),
                           capture_output=True, text=True, timeout=30, env=pfrest_env(), cwd=ROOT)
-    assert proc.returncode == 78 and "endpoints[0].require-request-id: must be true or false" in proc.stderr
+    assert proc.returncode == 78 and "endpoints[0] (r).require-request-id: must be true or false" in proc.stderr

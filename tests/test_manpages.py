@@ -111,3 +111,11 @@ def test_every_command_and_option_is_in_pfrest_8(pages):
     for action in parser._actions:
         for option in action.option_strings:
             assert has_entry(page["OPTIONS"], option), option
+
+
+def test_pfrest_8_has_the_exit_statuses_of_pfrest_help(pages):
+    """The EXIT STATUS section says what ``pfrest --help`` says (both come from cli.EXIT_STATUSES)."""
+    page = sections(pages["pfrest.8"])
+    assert "EXIT STATUS" in page
+    for code, text in cli.EXIT_STATUSES:
+        assert re.search(rf"(?m)^ +{code}\b", page["EXIT STATUS"]) and words(text) in words(page["EXIT STATUS"]), code

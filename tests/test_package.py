@@ -127,6 +127,9 @@ def test_conffile_and_account(package):
         assert json.load(f) == json.loads(example), "/etc/pfrest/pfrest.json was edited?"
     check = subprocess.run(["/usr/sbin/pfrest", "check"], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
+    # ... but not yet deployed: check says which placeholders to set
+    assert "auth-token: still the example's placeholder 'change-me'" in check.stderr, check.stderr
+    assert "target: http://127.0.0.1:8080/postfix/domains is the example's placeholder backend" in check.stderr
 
 
 # What the installed pfrest has: the options of each command, the config keys (its own Python, -I: not

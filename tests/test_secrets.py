@@ -25,12 +25,12 @@ def problems(raw_endpoint):
 def test_a_token_no_http_library_would_send_is_refused_without_showing_it(token):
     """requests quotes a header value it refuses in its exception text, which would reach the log."""
     found = problems({"auth-token": token})
-    assert found == ["endpoints[0].auth-token: must be printable ASCII without leading or trailing white space"]
+    assert found == ["endpoints[0] (a).auth-token: must be printable ASCII without leading or trailing white space"]
 
 
 def test_credentials_in_the_target_are_refused_without_showing_them():
     found = problems({"target": f"http://user:{TOKEN}@127.0.0.1:8080/lookup"})
-    assert len(found) == 1 and found[0].startswith("endpoints[0].target: must not hold user:password@")
+    assert len(found) == 1 and found[0].startswith("endpoints[0] (a).target: must not hold user:password@")
     assert TOKEN not in found[0]
     ok = config.parse({"endpoints": [{"name": "a", "mode": "tcp-lookup", "target": "http://h/x?a=b@c",
                                       "auth-token": "a b~c", "partial-request-timeout": 1.5}]})

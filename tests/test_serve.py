@@ -397,8 +397,8 @@ def test_sighup_changed_target_broken_config_and_counters(backend, write_config,
             mark = proc.mark()
             proc.send(signal.SIGHUP)
             proc.wait_for(r"reload: keeping the old configuration", after=mark)
-            proc.wait_for(r"endpoints\[0\]\.bind-port: must be 1\.\.65535", after=mark)
-            proc.wait_for(r"endpoints\[0\]\.target: is required", after=mark)
+            proc.wait_for(r"endpoints\[0\] \(ep\)\.bind-port: must be 1\.\.65535", after=mark)
+            proc.wait_for(r"endpoints\[0\] \(ep\)\.target: is required", after=mark)
             with connect(str(path)) as fresh:
                 assert tcp_get(fresh, b"k") == b"200 new\n"
             mark = proc.mark()

@@ -89,14 +89,27 @@ def _shared(endpoint, queries, out) -> int:
                                        fast=False)
     except (*redisclient.ERRORS, asyncio.TimeoutError) as exc:
         # it may have failed after removing the entries, before telling the processes (PUBLISH)
-        print(f"pfrest cache: the shared cache {where} of endpoint {endpoint.name} failed: "
-              f"{type(exc).__name__}: {exc}; the answers may still be kept, in the store or by the pfrest "
-              "processes using it: run it again once the store answers", file=sys.stderr)
+        print(f"pfrest cache: the shared cache {where} of endpoint {endpoint.name} {_failure(exc)}; the answers "
+              "may still be kept, in the store or by the pfrest processes using it: run it again once the "
+              "store answers", file=sys.stderr)
         return os.EX_UNAVAILABLE
     what = "every answer" if queries is None else f"the answers to {len(queries)} key(s)"
     out(f"endpoint {endpoint.name}: {what} dropped from the shared cache {where} ({removed} "
         f"entries were there); {heard} pfrest process(es) heard it and drop their own copies")
     return 0
+
+
+def _failure(exc) -> str:
+    """What went wrong with the store, in plain words: redis-py's "Error 111 connecting to HOST:PORT. 111."
+    says less than "cannot be reached: connection refused"."""
+    from pfrest.cache import redisclient
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"did not answer within {TIMEOUT:g} s"
+    under = exc if isinstance(exc, OSError) else (exc.__cause__ or exc.__context__)
+    if isinstance(under, OSError) and under.errno:
+        return (f"cannot be reached: {os.strerror(under.errno).lower()} (is the store running there, and "
+                "does cache-url name it?)")
+    return f"failed: {redisclient.describe(exc)}"
 
 
 async def _invalidate(endpoint, space, queries):

@@ -15,7 +15,20 @@ def run(config_path, postfix_directory=None) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     modes = ", ".join(f"{ep.name} ({ep.mode})" for ep in cfg.endpoints)
     print(f"{config_path}: valid; {modes}")
+    if _unserved(cfg):
+        print(_unserved(cfg))
     return 0 if postfix_directory is None else _against_postfix(cfg, postfix_directory or None)
+
+
+def _unserved(cfg):
+    """What ``pfrest serve`` would say of a config with no socket of its own (process.listener.selected):
+    "nothing to serve", unless systemd passes it a socket per endpoint.  Such a config is right for
+    ``pfrest handle`` (spawn, xinetd, Accept=yes), so check says so rather than refusing it."""
+    if any(ep.binds for ep in cfg.endpoints):
+        return None
+    return (f"{cfg.path}: for pfrest handle only (spawn, xinetd, systemd Accept=yes): no endpoint has a "
+            "bind-port or bind-path, so pfrest serve would refuse it (nothing to serve) unless systemd passes "
+            "it a socket per endpoint; to use pfrest serve, give the endpoints bind-port or bind-path")
 
 
 def _against_postfix(cfg, directory) -> int:

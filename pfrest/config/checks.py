@@ -45,9 +45,9 @@ def refusals(cfg: config.Config) -> List[str]:
     problems = _shared_sockets(cfg)
     if cfg.user and account(cfg.user) is None:
         problems.append(f"user: no such user {cfg.user!r}")
-    shared = [i for i, ep in enumerate(cfg.endpoints) if ep.cache_url]
+    shared = [(i, ep.name) for i, ep in enumerate(cfg.endpoints) if ep.cache_url]
     if shared and importlib.util.find_spec("redis") is None:
-        problems.append(f"endpoints[{shared[0]}].cache-url: needs the Python package redis (Debian: "
+        problems.append(f"{config.where(*shared[0])}.cache-url: needs the Python package redis (Debian: "
                         "python3-redis), which is not installed")
     return problems
 
@@ -65,11 +65,11 @@ def warnings(cfg: config.Config) -> List[str]:
             path = getattr(ep, attr)
             problem = path and _unreadable(path, user)
             if problem:
-                found.append(f"endpoints[{i}].{key}: {problem}; connections to {ep.target} will fail")
+                found.append(f"{config.where(i, ep.name)}.{key}: {problem}; connections to {ep.target} will fail")
         for name, path in parse_qsl(urlsplit(ep.cache_url or "").query):
             problem = name in config.CACHE_URL_FILES and _unreadable(path, user)
             if problem:
-                found.append(f"endpoints[{i}].cache-url: {name}: {problem}; the shared cache will be "
+                found.append(f"{config.where(i, ep.name)}.cache-url: {name}: {problem}; the shared cache will be "
                              "skipped (lookups go to the backend)")
     return found
 
@@ -92,7 +92,7 @@ def _shared_sockets(cfg) -> List[str]:
         try:
             address = addresses.bound_by(ep)
         except (socket.gaierror, UnicodeError) as exc:
-            problems.append(f"endpoints[{i}].bind-address: {ep.bind_address!r} does not resolve "
+            problems.append(f"{config.where(i, ep.name)}.bind-address: {ep.bind_address!r} does not resolve "
                             f"({getattr(exc, 'strerror', None) or exc})")
             continue
         if address is None:
@@ -100,8 +100,8 @@ def _shared_sockets(cfg) -> List[str]:
         key = "bind-path" if ep.bind_path else "bind-port"
         for j, other, taken in bound:
             if addresses.collide(address, taken):
-                problems.append(f"endpoints[{i}].{key}: {ep.name} would listen on {where(ep)}, where "
-                                f"endpoints[{j}] ({other.name}) listens on {where(other)}")
+                problems.append(f"{config.where(i, ep.name)}.{key}: would listen on {where(ep)}, where "
+                                f"{config.where(j, other.name)} listens on {where(other)}")
                 break
         else:
             bound.append((i, ep, address))

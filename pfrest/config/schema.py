@@ -122,6 +122,12 @@ class Endpoint:
 
 
     @property
+    def binds(self) -> bool:
+        """Whether ``pfrest serve`` listens for it on a socket of its own (else only an inherited socket of
+        its name, or ``pfrest handle``, serve it)."""
+        return bool(self.bind_path) or self.bind_port is not None
+
+    @property
     def caches(self) -> bool:
         """Whether it keeps answers: a lookup endpoint with a cache-ttl or cache-negative-ttl."""
         return self.mode != POLICY and (self.cache_ttl > 0 or self.cache_negative_ttl > 0)

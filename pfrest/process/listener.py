@@ -40,7 +40,7 @@ def selected(cfg, names=(), inherited=()):
     Raises ConfigError for an unknown name, a named endpoint without a socket, or nothing to serve.
     """
     def servable(ep):
-        return bool(ep.bind_path) or ep.bind_port is not None or ep.name in inherited
+        return ep.binds or ep.name in inherited
 
     if names:
         endpoints = [cfg.endpoint(name) for name in names]
