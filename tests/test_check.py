@@ -108,6 +108,7 @@ def test_check_says_what_serve_says_of_endpoints_without_a_socket(write_config, 
         proc = run(command, "-c", path)
         assert proc.returncode == 78 and message in proc.stderr, (command, proc.stderr)
     assert not (tmp_path / "a.sock").exists()
+    assert config.load(path).endpoints[1].bind_address_alone   # handle still takes it: spawn keeps working
 
 
 def test_the_installed_placeholders_are_warned_about(tmp_path):

@@ -107,10 +107,8 @@ def _endpoint(raw, where, problems):
         values["targets"] = (values["target"],)
     if "bind-path" in raw and ("bind-port" in raw or "bind-address" in raw):
         problems.append(f"{where}.bind-path: give either bind-path or bind-address/bind-port, not both")
-    if "bind-address" in raw and "bind-port" not in raw and "bind-path" not in raw:
-        problems.append(f"{where}.bind-address: set without bind-port, so nothing listens on it: add bind-port "
-                        "(pfrest serve then listens on bind-address:bind-port), or remove bind-address "
-                        "(pfrest handle and systemd's socket units need neither)")
+    # refused by check and serve (checks.refusals), not by handle: a spawn setup must not stop for it
+    values["bind_address_alone"] = "bind-address" in raw and "bind-port" not in raw and "bind-path" not in raw
     if "basic_auth" in values and any(name.lower() == "authorization"
                                       for name, _ in values.get("headers", ())):
         problems.append(f"{where}.basic-auth: conflicts with headers' Authorization")

@@ -43,6 +43,10 @@ def load(path: str) -> config.Config:
 def refusals(cfg: config.Config) -> List[str]:
     """Problems that stop ``pfrest serve``, as dotted-path messages."""
     problems = _shared_sockets(cfg)
+    problems += [f"{config.where(i, ep.name)}.bind-address: set without bind-port, so nothing listens on it: add "
+                 "bind-port (pfrest serve then listens on bind-address:bind-port), or remove bind-address "
+                 "(pfrest handle and systemd's socket units need neither)"
+                 for i, ep in enumerate(cfg.endpoints) if ep.bind_address_alone]
     if cfg.user and account(cfg.user) is None:
         problems.append(f"user: no such user {cfg.user!r}")
     shared = [(i, ep.name) for i, ep in enumerate(cfg.endpoints) if ep.cache_url]

@@ -60,6 +60,7 @@ class Endpoint:
     mode: str
     target: str
     bind_address: str = DEFAULT_BIND_ADDRESS
+    bind_address_alone: bool = False   # bind-address given without bind-port: serve refuses it, handle not
     bind_port: Optional[int] = None
     bind_path: Optional[str] = None
     bind_mode: int = 0o660
