@@ -19,6 +19,7 @@ EXIT_STATUSES = (
     ("64", "EX_USAGE: arguments that do not fit (an unknown option, a missing ENDPOINT, a KEY for flush)"),
     ("69", "EX_UNAVAILABLE: what the command needs cannot be reached (stats: the metrics-address; cache: the "
            "store or the control socket; check --postfix: postconf), or a permanent failure (query)"),
+    ("73", "EX_CANTCREAT: init will not write the file (it exists, is a link, or its directory is missing)"),
     ("75", "EX_TEMPFAIL: a temporary failure or a deferring policy action (query)"),
     ("78", "EX_CONFIG: the config file is invalid, or names no such endpoint (every command)"),
 )

@@ -125,7 +125,7 @@ def test_a_bad_target_names_the_option(tmp_path):
 @pytest.mark.parametrize("modes", ["tcp,smtp", ""])
 def test_unknown_modes_are_a_usage_error(tmp_path, modes):
     proc = pfrest("init", "-c", str(tmp_path / "p.json"), "--target", TARGET, "--modes", modes)
-    assert proc.returncode == 2 and "--modes: must be a comma-separated list of tcp,socketmap,policy" in proc.stderr
+    assert proc.returncode == 64 and "--modes: must be a comma-separated list of tcp,socketmap,policy" in proc.stderr
 
 
 def test_private_to_its_owner_unless_serve_runs_as_pfrest(tmp_path, monkeypatch, capsys):
