@@ -64,8 +64,12 @@ def redact(text: str) -> str:
     return text
 
 
-def request(message: str):
-    """Log one request line at INFO: ``logger.info("%s", message)``, for a fraction of the cost."""
+def request(message: str, warning: bool = False):
+    """Log one request line at INFO: ``logger.info("%s", message)``, for a fraction of the cost; a
+    failed request's (``warning``) at WARNING, through the record path (they are few)."""
+    if warning:
+        _logger.warning("%s", message)
+        return
     if not _logger.isEnabledFor(logging.INFO):
         return
     handlers = _logger.handlers

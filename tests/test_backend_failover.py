@@ -647,6 +647,8 @@ def test_the_request_log_line_tells_a_stale_answer():
     assert line.endswith(" cache=stale")
     assert requestlog.line("e", "i", "key=k", result._replace(stale=False), answer, 1.0).endswith(
         " cache=hit")
+    # served in place of the backend's failed answer: a WARNING line; a fresh hit is not
+    assert requestlog.warns(result, answer) and not requestlog.warns(result._replace(stale=False), answer)
 
 
 def test_the_verdicts_of_cached_answers_are_remembered_within_their_bounds():

@@ -56,7 +56,7 @@ class Stderr:
 
 
 def test_serve_prefixes_every_line_with_its_priority(backend, write_config, tmp_path):
-    backend.answers["k"] = (200, ["v"])
+    backend.answers.update({"k": (200, ["v"]), "down": (503, b"")})
     path = tmp_path / "ep.sock"
     config = write_config([{"name": "ep", "mode": "tcp-lookup", "target": backend.url + "/l",
                             "bind-path": str(path), "auth-token": "t0ken-x"}])
@@ -69,7 +69,9 @@ def test_serve_prefixes_every_line_with_its_priority(backend, write_config, tmp_
             sock.connect(str(path))
             sock.sendall(b"get k\n")
             assert sock.recv(100) == b"200 v\n"
-        stderr.wait_for("reply=FOUND")   # the request line: the handler's fast path
+            sock.sendall(b"get down\n")
+            assert sock.recv(100).startswith(b"400 ")
+        stderr.wait_for("reply=TEMP")   # the request line: the handler's fast path
         with open(config, "w") as f:
             json.dump({"endpoints": []}, f)
         proc.send_signal(signal.SIGHUP)
@@ -80,6 +82,9 @@ def test_serve_prefixes_every_line_with_its_priority(backend, write_config, tmp_
     assert lines and all(line[:3] in ("<3>", "<4>", "<6>") for line in lines), lines
     assert any(line.startswith("<6>INFO: endpoint=ep id=") and "key=k status=200 reply=FOUND" in line
                for line in lines)
+    # a request the backend failed: at warning priority, for journalctl -p warning
+    assert any(line.startswith("<4>WARNING: endpoint=ep id=") and "key=down status=503 reply=TEMP" in line
+               for line in lines), lines
     assert any(line.startswith("<4>WARNING: ") and "readable by every user" in line for line in lines)
     assert f"<3>ERROR: reload: keeping the old configuration; {config} is not valid:" in lines
     assert "<3>ERROR: endpoints: must list at least one endpoint" in lines
