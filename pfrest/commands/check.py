@@ -4,6 +4,7 @@ compare it with Postfix's configuration (crosscheck.py, through postconf.py)."""
 import os
 import sys
 
+from pfrest import log
 from pfrest.config import checks
 
 
@@ -11,11 +12,22 @@ def run(config_path, postfix_directory=None) -> int:
     """0 when valid (and, with ``postfix_directory`` not None, consistent with Postfix: "" for its default
     configuration); a ConfigError for an invalid config goes to the caller (exit 78)."""
     cfg = checks.load(config_path)
-    for warning in checks.warnings(cfg):
+    for warning in checks.warnings(cfg) + _log_socket(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     modes = ", ".join(f"{ep.name} ({ep.mode})" for ep in cfg.endpoints)
     print(f"{config_path}: valid; {modes}")
     return 0 if postfix_directory is None else _against_postfix(cfg, postfix_directory or None)
+
+
+def _log_socket(cfg):
+    """A warning when ``pfrest handle`` (the endpoints serve does not bind: spawn's) would log into
+    nothing: no /dev/log, no journald socket."""
+    handled = [ep.name for ep in cfg.endpoints if ep.bind_port is None and ep.bind_path is None]
+    if not handled or log.log_socket():
+        return []
+    return [f"no syslog socket ({log.SYSLOG_SOCKET}, {log.JOURNAL_SYSLOG_SOCKET} or {log.JOURNAL_NATIVE_SOCKET}): "
+            f"pfrest handle would lose its log lines (endpoints: {', '.join(handled)}); run a syslog daemon "
+            "or journald, or give handle --log-file in master.cf"]
 
 
 def _against_postfix(cfg, directory) -> int:
