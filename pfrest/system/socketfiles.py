@@ -151,7 +151,8 @@ def _clear_stale(parent, name, path, what):
         except OSError as exc:
             raise BindError(f"{what}: cannot check {path}: {exc.strerror or exc}") from None
         else:
-            raise BindError(f"{what}: cannot listen on {path}: another process is listening on it")
+            raise BindError(f"{what}: cannot listen on {path}: another process is listening on it "
+                            "(another pfrest serve, the pfrest service?): stop it first, or choose another bind-path")
     try:
         _unlink_if(parent, name, _identity(st))
     except OSError as exc:
