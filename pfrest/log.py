@@ -2,8 +2,9 @@
 
 Handler mode (spawn(8), xinetd, systemd Accept=yes): stdout *and stderr* may be the Postfix socket, so
 nothing but protocol replies may ever be written there.  Logs go to syslog (facility mail, ident
-``pfrest`` with the pid, like other Postfix helpers), or to ``--log-file``.  Where no syslog socket
-exists, libc drops the messages and handling goes on unharmed.
+``pfrest`` with the pid, like other Postfix helpers), or to ``--log-file``.  Where /dev/log does not
+exist (containers, minimal hosts), libc would drop every line without a trace: they go to journald's
+sockets instead (``syslog_handler``), and ``pfrest check`` warns when there is none of them either.
 
 A ``--log-file`` is a regular file written by its own name, never through a link (open_log_file).
 
@@ -64,8 +65,12 @@ def redact(text: str) -> str:
     return text
 
 
-def request(message: str):
-    """Log one request line at INFO: ``logger.info("%s", message)``, for a fraction of the cost."""
+def request(message: str, warning: bool = False):
+    """Log one request line at INFO: ``logger.info("%s", message)``, for a fraction of the cost; a
+    failed request's (``warning``) at WARNING, through the record path (they are few)."""
+    if warning:
+        _logger.warning("%s", message)
+        return
     if not _logger.isEnabledFor(logging.INFO):
         return
     handlers = _logger.handlers
@@ -101,6 +106,74 @@ class SyslogHandler(logging.Handler):
                 self._syslog.syslog(self._priority.get(record.levelno, 6), line)
         except Exception:  # logging must never break a conversation with Postfix
             pass
+
+
+# Where syslog lines can go, in order: libc syslog(3)'s socket, then journald's own two (its syslog
+# socket speaks the same datagrams; the native one takes KEY=value fields, systemd's journal-native).
+SYSLOG_SOCKET = "/dev/log"
+JOURNAL_SYSLOG_SOCKET = "/run/systemd/journal/dev-log"
+JOURNAL_NATIVE_SOCKET = "/run/systemd/journal/socket"
+FACILITY_MAIL = 2           # syslog(3)'s LOG_MAIL >> 3
+SEND_TIMEOUT = 0.5          # seconds a log datagram may wait for a full socket queue; then it is dropped
+_SYSLOG_LEVEL = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def is_socket(path) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:   # missing, or a dangling link (a container's /dev/log to an absent journald)
+        return False
+
+
+def log_socket():
+    """Where syslog lines would go: SYSLOG_SOCKET, one of journald's, or None (they would be lost)."""
+    for path in (SYSLOG_SOCKET, JOURNAL_SYSLOG_SOCKET, JOURNAL_NATIVE_SOCKET):
+        if is_socket(path):
+            return path
+    return None
+
+
+def syslog_handler():
+    """libc syslog(3) when /dev/log is there (or nothing is: it drops them, as before); else journald."""
+    path = log_socket()
+    if path in (JOURNAL_SYSLOG_SOCKET, JOURNAL_NATIVE_SOCKET):
+        return JournalHandler(path, native=path == JOURNAL_NATIVE_SOCKET)
+    return SyslogHandler()
+
+
+class JournalHandler(logging.Handler):
+    """Sends records as datagrams to one of journald's sockets, like SyslogHandler (facility mail,
+    ``pfrest[pid]``, a line per datagram), and never raises: a line that cannot go is dropped."""
+
+    def __init__(self, path, native=False):
+        super().__init__()
+        self.setFormatter(RedactingFormatter())
+        self.path, self.native, self._sock = path, native, None
+
+    def datagram(self, level: int, line: str) -> bytes:
+        priority = _SYSLOG_LEVEL.get(level, 6)
+        if self.native:   # one field a line: no newline is left in ``line`` (splitlines)
+            return (f"PRIORITY={priority}\nSYSLOG_FACILITY={FACILITY_MAIL}\nSYSLOG_IDENTIFIER=pfrest\n"
+                    f"SYSLOG_PID={_pid()}\nMESSAGE={line}\n").encode("utf-8", "backslashreplace")
+        return f"<{FACILITY_MAIL * 8 + priority}>pfrest[{_pid()}]: {line}".encode("utf-8", "backslashreplace")
+
+    def emit(self, record):
+        try:
+            if self._sock is None:
+                import socket
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.settimeout(SEND_TIMEOUT)
+            message = _PREFIX.get(record.levelno, "") + self.format(record)
+            for line in message.splitlines() or [""]:
+                self._sock.sendto(self.datagram(record.levelno, line), self.path)
+        except Exception:  # logging must never break a conversation with Postfix
+            pass
+
+    def close(self):
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        super().close()
 
 
 class LineHandler(logging.Handler):
@@ -225,7 +298,7 @@ def _install(handler, level):
     global _fast
     for old in list(_logger.handlers):
         _logger.removeHandler(old)
-        if isinstance(old, (LineHandler, SyslogHandler)):
+        if isinstance(old, (LineHandler, SyslogHandler, JournalHandler)):
             old.close()  # a reopened log file: the old one's descriptor goes
     _logger.addHandler(handler)
     _logger.setLevel(level)
@@ -244,9 +317,9 @@ def for_handler(log_file=None, level=logging.INFO):
     logging.raiseExceptions = False
     problem = None
     try:
-        handler = _file_handler(log_file) if log_file else SyslogHandler()
+        handler = _file_handler(log_file) if log_file else syslog_handler()
     except OSError as exc:
-        handler, problem = SyslogHandler(), f"cannot open --log-file {log_file}: {exc.strerror}; logging to syslog"
+        handler, problem = syslog_handler(), f"cannot open --log-file {log_file}: {exc.strerror}; logging to syslog"
     _install(handler, level)
     if problem:
         logging.getLogger("pfrest").error("%s", problem)
@@ -256,7 +329,7 @@ def for_handler(log_file=None, level=logging.INFO):
 
 def for_foreground(use_syslog=False, log_file=None, level=logging.INFO):
     if use_syslog:
-        handler = SyslogHandler()
+        handler = syslog_handler()
     elif log_file:
         handler = _file_handler(log_file)
     else:

@@ -7,6 +7,7 @@ record at the servers what reached them, so that "counted once" is counted where
 
 import asyncio
 import base64
+import logging
 import ssl
 import subprocess
 import time
@@ -67,6 +68,24 @@ class Tally:
 
     def times(self, name):
         return [t for t, n, _ in self.seen if n == name]
+
+
+class Lines(logging.Handler):
+    """The WARNING lines of pfrest's logger while in its ``with``."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("pfrest").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("pfrest").removeHandler(self)
 
 
 @pytest.fixture
@@ -317,6 +336,7 @@ def test_a_target_down_for_good_is_retried_one_request_at_a_time_and_used_once_u
         tries.append(time.monotonic())
         return [CLOSE]
     first, second = Scripted(flaky), Scripted(tally.answering("B"))
+    warnings = Lines()
 
     async def scenario():
         client = Client(endpoint(first.url, second.url), "UA")
@@ -333,10 +353,17 @@ def test_a_target_down_for_good_is_retried_one_request_at_a_time_and_used_once_u
         await asyncio.gather(*(caller(n, start + 19 * unit) for n in range(4)))
         return answers
     try:
-        answers = run(scenario())
+        with warnings:
+            answers = run(scenario())
     finally:
         first.stop()
         second.stop()
+    # one line when it went down and one when it came back, not one per failed request or retry
+    where = first.url.split("//")[1]
+    assert [line for line in warnings.lines if where in line] == [
+        f"endpoint=t backend {where} is down (reset: connection closed without an answer); "
+        f"retried in {unit:g} s; the other targets are asked meanwhile",
+        f"endpoint=t backend {where} is up again"], warnings.lines
     assert all(a.startswith(("A:", "B:")) for a in answers)
     gaps = [(b - a) / unit for a, b in zip(tries, tries[1:])]
     assert len(gaps) >= 3 and all(g >= e - 0.02 for g, e in zip(gaps, [1, 2, 4, 4])), gaps   # one each
@@ -647,6 +674,8 @@ def test_the_request_log_line_tells_a_stale_answer():
     assert line.endswith(" cache=stale")
     assert requestlog.line("e", "i", "key=k", result._replace(stale=False), answer, 1.0).endswith(
         " cache=hit")
+    # served in place of the backend's failed answer: a WARNING line; a fresh hit is not
+    assert requestlog.warns(result, answer) and not requestlog.warns(result._replace(stale=False), answer)
 
 
 def test_the_verdicts_of_cached_answers_are_remembered_within_their_bounds():

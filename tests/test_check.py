@@ -6,15 +6,18 @@ The refusals and warnings are checked against the system itself: two endpoints a
 binding both fails, and "user nobody cannot read this" exactly when nobody cannot open it."""
 
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
+import tempfile
 import textwrap
 
 import pytest
 
 from conftest import ROOT, need_binary, pfrest_cmd, pfrest_env
-from pfrest import cli, config
+from pfrest import cli, config, log
 from pfrest.config import checks
 from pfrest.system import sockets
 from postfix_instance import (backdate, commented_main_cf, free_port, interpreter_for, master_entries,
@@ -222,7 +225,14 @@ def pfrest_config(directory, endpoints, mode=0o640):
 
 
 def lines(text, kind):
-    return [line for line in text.splitlines() if line.startswith(kind + ": ")]
+    return [line for line in own(text).splitlines() if line.startswith(kind + ": ")]
+
+
+def own(stderr):
+    """``stderr`` without the warning of a host that has no syslog socket (this one may not have
+    /dev/log): the host's, not the config's (test_no_syslog_socket_is_warned_about)."""
+    return "".join(line for line in stderr.splitlines(keepends=True)
+                   if not line.startswith("warning: no syslog socket"))
 
 
 def test_the_shipped_files_are_consistent(shared_dir):
@@ -237,7 +247,7 @@ def test_the_shipped_files_are_consistent(shared_dir):
     main = "compatibility_level = 3.6\n" + "".join(f"{k} = {v}\n" for k, v in commented_main_cf(master).items())
     d = postfix_config(shared_dir, main, master_entries(master))
     proc = run("check", "-c", str(path), "--postfix", str(d))
-    assert (proc.returncode, proc.stderr) == (0, "")
+    assert (proc.returncode, own(proc.stderr)) == (0, "")
     assert proc.stdout.endswith(f"Postfix ({d}): consistent with {path}\n")
 
 
@@ -308,7 +318,7 @@ def test_postconf_failing_is_said_plainly(tmp_path, write_config):
     path = write_config([endpoint("a")])
     proc = run("check", "-c", path, "--postfix", str(tmp_path / "none"))
     assert proc.returncode == 69   # EX_UNAVAILABLE: not a mismatch, not a pfrest config error
-    assert proc.stderr == (f"pfrest check --postfix: postconf -c {tmp_path}/none -n failed (exit status 1): "
+    assert own(proc.stderr) == (f"pfrest check --postfix: postconf -c {tmp_path}/none -n failed (exit status 1): "
                            f"postconf: fatal: open {tmp_path}/none/main.cf: No such file or directory\n")
     (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n")
     backdate(tmp_path / "main.cf")
@@ -323,7 +333,7 @@ def test_postconf_missing(fp, write_config, capsys):
         raise FileNotFoundError(2, "No such file or directory", "postconf")
     fp.register(["postconf", "-n"], callback=missing)
     assert cli.main(["check", "-c", write_config([endpoint("a")]), "--postfix"]) == 69
-    assert capsys.readouterr().err == ("pfrest check --postfix: postconf not found (looked in PATH and /usr/sbin, "
+    assert own(capsys.readouterr().err) == ("pfrest check --postfix: postconf not found (looked in PATH and /usr/sbin, "
                                        "/usr/local/sbin, /sbin): is Postfix installed?\n")
 
 
@@ -354,10 +364,28 @@ def test_another_layout_of_postconf_output(fp, shared_dir, capsys):
                 stdout="smtp/inet/smtpd_client_restrictions=check_policy_service{inet:127.0.0.1:9010}\n")
     fp.register(["postconf", "-c", d, "-xh", "queue_directory"], stdout="/var/spool/other\n")
     assert cli.main(["check", "-c", str(path), "--postfix", d]) == 1
-    assert capsys.readouterr().err.splitlines() == [
+    assert own(capsys.readouterr().err).splitlines() == [
         "mismatch: master.cf service 127.0.0.1:9010/inet: runs pfrest handle domains without "
         "127.0.0.1:9010_time_limit in main.cf: spawn kills the handler after 1000 s while Postfix may still use "
         "it; add 127.0.0.1:9010_time_limit = 3600s",
         "mismatch: master.cf smtp/inet -o smtpd_client_restrictions: check_policy_service inet:127.0.0.1:9010 "
         "reaches endpoint domains through master.cf service 127.0.0.1:9010/inet, a tcp-lookup endpoint, "
         "not policy"]
+
+
+def test_no_syslog_socket_is_warned_about(write_config, monkeypatch, capsys):
+    """pfrest handle's lines go to /dev/log or journald's sockets: with none of them they would be
+    lost, and check says so (for a config with endpoints handle serves); real sockets stand in."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:   # short: a socket path has 108 bytes
+        for name in ("SYSLOG_SOCKET", "JOURNAL_SYSLOG_SOCKET", "JOURNAL_NATIVE_SOCKET"):
+            monkeypatch.setattr(log, name, os.path.join(tmp, name))
+        handled = write_config([endpoint("a")])
+        served = write_config([endpoint("b", **{"bind-port": 9001, "bind-address": "127.0.0.1"})], "b.json")
+        assert cli.main(["check", "-c", handled]) == 0
+        assert f"warning: no syslog socket ({tmp}/SYSLOG_SOCKET, {tmp}/JOURNAL_SYSLOG_SOCKET or " \
+               f"{tmp}/JOURNAL_NATIVE_SOCKET): pfrest handle would lose its log lines (endpoints: a); run a " \
+               "syslog daemon or journald, or give handle --log-file in master.cf\n" in capsys.readouterr().err
+        assert cli.main(["check", "-c", served]) == 0 and "syslog" not in capsys.readouterr().err
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as journald:
+            journald.bind(os.path.join(tmp, "JOURNAL_NATIVE_SOCKET"))
+            assert cli.main(["check", "-c", handled]) == 0 and "syslog" not in capsys.readouterr().err

@@ -11,8 +11,11 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+
+import pytest
 
 from conftest import ROOT, pfrest_cmd, pfrest_env
 from pfrest import log
@@ -56,7 +59,7 @@ class Stderr:
 
 
 def test_serve_prefixes_every_line_with_its_priority(backend, write_config, tmp_path):
-    backend.answers["k"] = (200, ["v"])
+    backend.answers.update({"k": (200, ["v"]), "down": (503, b"")})
     path = tmp_path / "ep.sock"
     config = write_config([{"name": "ep", "mode": "tcp-lookup", "target": backend.url + "/l",
                             "bind-path": str(path), "auth-token": "t0ken-x"}])
@@ -69,7 +72,9 @@ def test_serve_prefixes_every_line_with_its_priority(backend, write_config, tmp_
             sock.connect(str(path))
             sock.sendall(b"get k\n")
             assert sock.recv(100) == b"200 v\n"
-        stderr.wait_for("reply=FOUND")   # the request line: the handler's fast path
+            sock.sendall(b"get down\n")
+            assert sock.recv(100).startswith(b"400 ")
+        stderr.wait_for("reply=TEMP")   # the request line: the handler's fast path
         with open(config, "w") as f:
             json.dump({"endpoints": []}, f)
         proc.send_signal(signal.SIGHUP)
@@ -80,6 +85,9 @@ def test_serve_prefixes_every_line_with_its_priority(backend, write_config, tmp_
     assert lines and all(line[:3] in ("<3>", "<4>", "<6>") for line in lines), lines
     assert any(line.startswith("<6>INFO: endpoint=ep id=") and "key=k status=200 reply=FOUND" in line
                for line in lines)
+    # a request the backend failed: at warning priority, for journalctl -p warning
+    assert any(line.startswith("<4>WARNING: endpoint=ep id=") and "key=down status=503 reply=TEMP" in line
+               for line in lines), lines
     assert any(line.startswith("<4>WARNING: ") and "readable by every user" in line for line in lines)
     assert f"<3>ERROR: reload: keeping the old configuration; {config} is not valid:" in lines
     assert "<3>ERROR: endpoints: must list at least one endpoint" in lines
@@ -121,3 +129,39 @@ def test_every_level_and_every_line_of_a_record():
     assert lines[5] == "<3>ERROR: failed" and lines[-2] == "<3>ValueError: boom"
     assert all(line.startswith("<3>") for line in lines[5:-1])   # the traceback too
     assert lines[-1] == "<6>INFO: endpoint=ep id=1 key=k status=200 reply=FOUND ms=1.0"
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["journal-syslog-socket", "journal-native-socket"])
+def test_without_dev_log_syslog_lines_go_to_journald(monkeypatch, native):
+    """No /dev/log (a container, a minimal host): libc syslog(3) would drop every line of `handle`
+    without a trace; they go to journald's syslog socket, or its native one, a real datagram socket
+    here, each line a datagram with facility mail, priority and pfrest[pid]."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:   # short: a socket path has 108 bytes
+        journald = os.path.join(tmp, "journal")
+        monkeypatch.setattr(log, "SYSLOG_SOCKET", os.path.join(tmp, "dev-log"))   # there is none
+        monkeypatch.setattr(log, "JOURNAL_SYSLOG_SOCKET", os.path.join(tmp, "none" if native else "journal"))
+        monkeypatch.setattr(log, "JOURNAL_NATIVE_SOCKET", os.path.join(tmp, "journal" if native else "none"))
+        assert log.log_socket() is None and isinstance(log.syslog_handler(), log.SyslogHandler)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+            listener.bind(journald)
+            listener.settimeout(5)
+            assert log.log_socket() == journald
+            handler = log.syslog_handler()
+            assert isinstance(handler, log.JournalHandler)
+            logger = logging.getLogger("pfrest.test-journald")
+            logger.addHandler(handler)
+            logger.propagate = False
+            log.add_secret("s3cret-token")
+            try:
+                logger.warning("backend down: s3cret-token\nsecond line")
+            finally:
+                logger.removeHandler(handler)
+                handler.close()
+            got = [listener.recv(4096).decode() for _ in range(2)]
+    pid = os.getpid()
+    if native:
+        assert got[0] == (f"PRIORITY=4\nSYSLOG_FACILITY=2\nSYSLOG_IDENTIFIER=pfrest\nSYSLOG_PID={pid}\n"
+                          "MESSAGE=warning: backend down: (redacted)\n")
+        assert got[1].endswith("MESSAGE=second line\n")
+    else:
+        assert got == [f"<20>pfrest[{pid}]: warning: backend down: (redacted)", f"<20>pfrest[{pid}]: second line"]

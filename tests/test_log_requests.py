@@ -13,7 +13,7 @@ from pfrest.protocol.verdict import Failure, HttpResult
 
 POLICY = (b"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\n"
           b"sender=a@example.com\nrecipient=%s\n\n")
-REQUEST_LINE = re.compile(r"^.* INFO: endpoint=ep id=[0-9a-f]{16} .*$", re.M)
+REQUEST_LINE = re.compile(r"^.* (?:INFO|WARNING): endpoint=ep id=[0-9a-f]{16} .*$", re.M)
 SUMMARY = re.compile(r"INFO: endpoint=ep peer=stdin connection ended: (.*) connected=\d+\.\ds$", re.M)
 
 
@@ -47,7 +47,9 @@ def test_log_requests_all_problems_none(backend, write_config, handle):
         lines = request_lines(log)
         assert len(lines) == count, (level, log)
         if level == "problems":
-            assert "key=down status=503 reply=TEMP" in lines[0]
+            assert " WARNING: endpoint=ep " in lines[0] and "key=down status=503 reply=TEMP" in lines[0]
+        if level == "all":   # a failed request warns (journalctl -p warning), the others are INFO
+            assert [" WARNING: " in line for line in lines] == [False, False, True], lines
         assert "bad request:" in log   # protocol errors: whatever the setting
         # the counters stay complete (the bad request never reaches the backend nor the counters)
         assert SUMMARY.findall(log) == ["requests=3 replies=FOUND:1,NOTFOUND:1,TEMP:1 backend-errors=1 "
@@ -65,6 +67,8 @@ def test_log_requests_problems_keeps_policy_refusals_and_the_endpoint_setting_wi
     lines = request_lines(handle.log)
     assert [re.search(r"recipient=(\S+)", line).group(1) for line in lines] == \
         ["no@x", "later@x", "num@x", "down@x"], handle.log
+    # a refusal is the backend's answer (INFO); the backend's failure is a WARNING
+    assert [" WARNING: " in line for line in lines] == [False, False, False, True], lines
     assert SUMMARY.findall(handle.log) == ["requests=6 replies=5XX:1,DEFER_IF_PERMIT:1,DUNNO:2,REJECT:1,TEMP:1 "
                                            "backend-errors=1 (http-503:1)"], handle.log
 

@@ -47,10 +47,11 @@ def ask(backend):
     ("socketmap-lookup", (200, ["x@y"]), 0, "found", ("reply", '"6:OK x@y,"')),
     ("socketmap-lookup", (404, b""), 1, "not found", ("reply", '"9:NOTFOUND ,"')),
     ("socketmap-lookup", (403, b""), 69, "permanent: backend rejected the request (HTTP 403)", None),
-    ("policy", (200, b"DUNNO"), 0, "found", ("reply", '"action=DUNNO\\n\\n"')),
-    ("policy", (200, b"REJECT not here"), 0, "found", ("action", "REJECT not here")),
-    ("policy", (200, b"DEFER_IF_PERMIT later"), 75, "temporary", ("action", "DEFER_IF_PERMIT later")),
-    ("policy", (200, b"450 4.7.1 later"), 75, "temporary", ("action", "450 4.7.1 later")),
+    ("policy", (200, b"DUNNO"), 0, "action DUNNO", ("reply", '"action=DUNNO\\n\\n"')),
+    ("policy", (200, b"REJECT not here"), 0, "action REJECT", ("action", "REJECT not here")),
+    ("policy", (200, b"DEFER_IF_PERMIT later"), 75, "temporary: action DEFER_IF_PERMIT",
+     ("action", "DEFER_IF_PERMIT later")),
+    ("policy", (200, b"450 4.7.1 later"), 75, "temporary: action 4XX", ("action", "450 4.7.1 later")),
     ("policy", (500, b""), 75, "temporary: backend error (HTTP 500)", ("action", "DUNNO")),
     ("policy", (403, b""), 69, "permanent: backend rejected the request (HTTP 403)",
      ("action", "REJECT misconfigured")),
@@ -134,3 +135,40 @@ def test_exit_statuses_of_the_command(backend, write_config):
                           env=pfrest_env(), cwd=ROOT, timeout=30)
     assert proc.returncode == 69 and "result: permanent: backend rejected the request (HTTP 403)\n" in proc.stdout
     assert proc.stderr == ""
+
+
+def test_the_url_is_printed_whole_for_curl(ask, backend):
+    """The lookup's query string is part of the URL printed (pasteable into curl); the token is not."""
+    backend.answers["a b@x"] = (200, ["v"])
+    got, printed = ask("tcp-lookup", "a b@x", auth_token="s3cret-token")
+    assert got == 0 and printed["endpoint"] == f"ep (tcp-lookup) -> GET {backend.url}/q?key=a%20b%40x"
+    assert printed["auth-token"] == "(set, redacted)" and "s3cret" not in str(printed)
+    backend.answers["k"] = (200, ["v"])
+    got, printed = ask("socketmap-lookup", "k", target=backend.url + "/q?v=1")
+    assert got == 0 and printed["endpoint"] == f"ep (socketmap-lookup) -> GET {backend.url}/q?v=1&name=ep&key=k"
+    got, printed = ask("policy", "recipient=k")
+    assert printed["endpoint"] == f"ep (policy) -> GET {backend.url}/q"   # the attributes: the body
+
+
+def test_a_malformed_answer_shows_its_type_and_start(ask, backend):
+    backend.answers["k"] = (200, b"<html><body>Welcome to nginx!\n</body></html>",
+                              {"Content-Type": "text/html"})
+    got, printed = ask("tcp-lookup", "k")
+    assert got == 75 and printed["result"] == "temporary: invalid backend data: not a JSON array of strings"
+    assert printed["answer"] == 'Content-Type text/html, body "<html><body>Welcome to nginx!\\n</body></html>"'
+
+
+def test_a_bad_policy_attribute_is_shown_as_text(write_config, backend):
+    path = write_config([{"name": "p", "mode": "policy", "target": backend.url + "/p"}])
+    proc = subprocess.run(pfrest_cmd("query", "-c", path, "p", "caf\u00e9"), capture_output=True, text=True,
+                          env=pfrest_env(), cwd=ROOT, timeout=30)
+    assert proc.returncode != 0 and "policy attributes are name=value, not 'caf\u00e9'" in proc.stderr, proc.stderr
+    assert "b'" not in proc.stderr
+
+
+def test_https_to_a_plain_http_port_says_so(ask, backend):
+    got, printed = ask("tcp-lookup", "k", target=backend.url.replace("http://", "https://") + "/q")
+    port = backend.url.rsplit(":", 1)[1]
+    assert got == 75 and printed["backend"] == (
+        f"TLS with 127.0.0.1:{port} failed: that port speaks plain HTTP, not TLS: use an http:// target, or "
+        "the port that speaks TLS")

@@ -143,7 +143,7 @@ def test_unix_socket_mode_stale_file_and_refusals(backend, listening, tmp_path):
     backend.answers["k"] = (200, ["v"])
     with connect(str(path)) as sock:
         assert ask(sock, netstring.encode(b"m k"), b",") == b"4:OK v,"
-    with pytest.raises(BindError, match=r"endpoint ep: cannot listen on .*pf.sock: another process is listening"):
+    with pytest.raises(BindError, match=r"endpoint ep: cannot listen on .*pf.sock: another process is listening on it \(another pfrest serve"):
         Server(ephemeral([raw])).bind()
     regular = tmp_path / "file"
     regular.write_text("keep me")
@@ -525,7 +525,9 @@ def test_bind_failures_name_the_endpoint(backend, write_config, tmp_path):
         proc = subprocess.run(pfrest_cmd("serve", "-c", cfg), capture_output=True, text=True, timeout=30,
                               env=pfrest_env(), cwd=ROOT)
     assert proc.returncode == 1
-    assert f"endpoint busy: cannot listen on 127.0.0.1:{port}: Address already in use" in proc.stderr
+    assert f"endpoint busy: cannot listen on 127.0.0.1:{port}: Address already in use; another pfrest " \
+        "serve (the pfrest service?) or another program may be listening there: see ss -ltnp, or stop it " \
+        "first" in proc.stderr
     assert not (tmp_path / "ok.sock").exists()  # what was bound is undone
     proc = subprocess.run(pfrest_cmd("serve", "-c", cfg, "nope", "--syslog"), capture_output=True,
                           text=True, timeout=30, env=pfrest_env(), cwd=ROOT)

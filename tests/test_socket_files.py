@@ -10,11 +10,14 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from pfrest import log
+from pfrest.ops import controlsocket
 from pfrest.system import socketfiles
 from conftest import ROOT, pfrest_cmd, pfrest_env
 from postfix_instance import interpreter_for, remove_tree, stop_process, world_tmpdir
@@ -327,3 +330,38 @@ def test_the_units_capabilities_suffice(backend, write_config, served, spool):
     assert proc.exit_status() == 0
     wait_gone(spool / "control.sock")
     assert os.listdir(spool) == []
+
+
+def test_the_control_sockets_directory_goes_if_serve_made_it(monkeypatch):
+    """A serve started by hand makes /run/pfrest for its control socket (a tmp directory here) and
+    removes it at the end, if it is still the directory it made and empty; one that was there before,
+    one another file came into, and a link swapped in for it stay (the link is not followed)."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:   # short: a socket path has 108 bytes
+        run = os.path.join(tmp, "run")
+        monkeypatch.setattr(controlsocket, "DEFAULT_CONTROL_SOCKET", run + "/control.sock")
+
+        def bound():
+            control = controlsocket.ControlSocket(SimpleNamespace(control_socket=None, user=None), None).bind()
+            assert control.bound and os.path.exists(run + "/control.sock")
+            return control
+        bound().close()
+        assert not os.path.exists(run)
+
+        os.mkdir(run)   # there before: kept
+        bound().close()
+        assert os.listdir(run) == []
+        os.rmdir(run)
+
+        control = bound()
+        open(run + "/other", "w").close()   # not empty: kept, with what is in it
+        control.close()
+        assert os.listdir(run) == ["other"]
+        shutil.rmtree(run)
+
+        control = bound()
+        os.rename(run, tmp + "/moved")
+        os.mkdir(tmp + "/elsewhere")
+        os.symlink(tmp + "/elsewhere", run)
+        control.close()
+        assert os.path.islink(run) and os.path.isdir(tmp + "/elsewhere")
+        assert os.listdir(tmp + "/moved") == ["control.sock"]   # not its name any more: left alone

@@ -30,7 +30,9 @@ Several targets (``target`` as a list), each with its own route, request templat
   time left (a policy request: for connecting only), so that a target that drops SYNs or never
   answers costs a wait, not the call.
 Every attempt is told to the observer: ``exchange(url, "ok" or the Failure kind, seconds)``.  A call
-cancelled by its caller is not an outcome of the target, and is not told.
+cancelled by its caller is not an outcome of the target, and is not told.  A target that goes down,
+and one that is up again, gets a WARNING line: once per change, not per request (its failed retries
+in back-off are not changes).
 """
 
 import asyncio
@@ -228,7 +230,7 @@ class Client:
         outcome = "ok" if result.__class__ is HttpResult else result.kind
         self._observer.exchange(target.url, outcome, ended - started)
         if target.down_until or outcome in DOWN_KINDS:
-            self._health(target, outcome, ended, held)
+            self._health(target, result, ended, held)
         if outcome == "stray":
             self._stray(target, f"request {request_id}: {result.detail}")
         return result, move_on
@@ -252,19 +254,28 @@ class Client:
         if deadline.expired:
             ended = loop.time()
             self._observer.exchange(target.url, "timeout", ended - started)
-            target.failed(ended)
+            self._down(target, ended, f"no answer within {self._timeout:g} s")
         return None
 
-    @staticmethod
-    def _health(target, outcome: str, ended: float, held: bool):
+    def _health(self, target, result, ended: float, held: bool):
         """Down after a failure of its connection (``held`` against it: not the race with a backend
         closing an idle one), up after anything else."""
-        if outcome not in DOWN_KINDS:
+        if result.__class__ is not Failure or result.kind not in DOWN_KINDS:
+            if target.down_until:
+                log.warning("endpoint=%s backend %s is up again", self.endpoint.name, target.where)
             target.succeeded()
         elif held:
-            target.failed(ended)
+            self._down(target, ended, f"{result.kind}: {result.detail}")
         else:
             target.probing = False
+
+    def _down(self, target, ended: float, why: str):
+        """``target`` failed: down, with a WARNING line if it was up (a change, not every failure)."""
+        if not target.down_until:
+            others = "; the other targets are asked meanwhile" if len(self._targets) > 1 else ""
+            log.warning("endpoint=%s backend %s is down (%s); retried in %g s%s", self.endpoint.name,
+                        target.where, why, target.first, others)
+        target.failed(ended)
 
     def _new_loop(self, loop):
         """Connections pooled on another loop (a previous asyncio.run, or the parent of a forked

@@ -33,7 +33,7 @@ MAX_FIELDS = 256     # header and trailer fields of a response, interim ones inc
 MAX_FRAMING = 1 << 16   # bytes after the final head that are not body: chunk lines, extensions, trailers
 NO_BODY_STATUSES = (204, 304)
 _KEPT = frozenset((b"content-length", b"transfer-encoding", b"content-encoding", b"cache-control",
-                   b"location", b"x-request-id"))
+                   b"location", b"x-request-id", b"content-type"))
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)", re.I)
 _STALE_IF_ERROR = re.compile(r"(?:^|,)\s*stale-if-error\s*=\s*\"?(\d+)", re.I)
 _NO_STORE = re.compile(r"(?:^|,)\s*(?:no-store|no-cache|private)\b", re.I)
@@ -84,7 +84,7 @@ class ResponseReader:
     __slots__ = ("done", "result", "keep_alive", "started", "echoed", "_request_id", "_require", "_fed",
                  "_fields", "_head_done", "_parser", "_status", "_length", "_transfer", "_encoding",
                  "_cache_control", "_location", "_echo", "_until_eof", "_size", "_chunks", "_inflater",
-                 "_inflated")
+                 "_inflated", "_type")
 
     def __init__(self, request_id: bytes = None, require: bool = False):
         self.done, self.result, self.keep_alive, self.started = False, None, False, False
@@ -157,7 +157,7 @@ class ResponseReader:
 
     def _new_message(self):
         self._status = self._length = self._transfer = self._encoding = None
-        self._cache_control = self._location = self._echo = self._inflater = None
+        self._cache_control = self._location = self._echo = self._inflater = self._type = None
         self._until_eof, self._size, self._chunks, self._inflated = False, 0, [], 0
 
     def on_header(self, name: bytes, value: bytes):
@@ -180,6 +180,8 @@ class ResponseReader:
             self._location = value
         elif name == b"x-request-id":
             self._echo = value if self._echo is None else self._echo + b"," + value
+        elif name == b"content-type":
+            self._type = value
 
     def on_headers_complete(self):
         self._status = status = self._parser.get_status_code()
@@ -253,10 +255,11 @@ class ResponseReader:
         cache_control, location, body = self._cache_control, self._location, b"".join(self._chunks)
         if location is not None:
             location = location.decode("latin-1")
+        kind = None if self._type is None else self._type.decode("latin-1")
         if cache_control is None:   # most answers
-            self.result = HttpResult(self._status, body, location)
+            self.result = HttpResult(self._status, body, location, content_type=kind)
         else:
             text = cache_control.decode("latin-1")
             self.result = HttpResult(self._status, body, location, max_age(text),
-                                     stale_if_error=stale_if_error(text))
+                                     stale_if_error=stale_if_error(text), content_type=kind)
         self.done, self.keep_alive = True, keep_alive and not self._until_eof

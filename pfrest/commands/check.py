@@ -4,6 +4,7 @@ compare it with Postfix's configuration (crosscheck.py, through postconf.py)."""
 import os
 import sys
 
+from pfrest import log
 from pfrest.config import checks
 
 
@@ -11,12 +12,13 @@ def run(config_path, postfix_directory=None) -> int:
     """0 when valid (and, with ``postfix_directory`` not None, consistent with Postfix: "" for its default
     configuration); a ConfigError for an invalid config goes to the caller (exit 78)."""
     cfg = checks.load(config_path)
-    for warning in checks.warnings(cfg):
+    for warning in checks.warnings(cfg) + _log_socket(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     modes = ", ".join(f"{ep.name} ({ep.mode})" for ep in cfg.endpoints)
     print(f"{config_path}: valid; {modes}")
-    if _unserved(cfg):
-        print(_unserved(cfg))
+    unserved = _unserved(cfg)
+    if unserved:
+        print(unserved)
     return 0 if postfix_directory is None else _against_postfix(cfg, postfix_directory or None)
 
 
@@ -29,6 +31,17 @@ def _unserved(cfg):
     return (f"{cfg.path}: for pfrest handle only (spawn, xinetd, systemd Accept=yes): no endpoint has a "
             "bind-port or bind-path, so pfrest serve would refuse it (nothing to serve) unless systemd passes "
             "it a socket per endpoint; to use pfrest serve, give the endpoints bind-port or bind-path")
+
+
+def _log_socket(cfg):
+    """A warning when ``pfrest handle`` (the endpoints serve does not bind: spawn's) would log into
+    nothing: no /dev/log, no journald socket."""
+    handled = [ep.name for ep in cfg.endpoints if not ep.binds]
+    if not handled or log.log_socket():
+        return []
+    return [f"no syslog socket ({log.SYSLOG_SOCKET}, {log.JOURNAL_SYSLOG_SOCKET} or {log.JOURNAL_NATIVE_SOCKET}): "
+            f"pfrest handle would lose its log lines (endpoints: {', '.join(handled)}); run a syslog daemon "
+            "or journald, or give handle --log-file in master.cf"]
 
 
 def _against_postfix(cfg, directory) -> int:

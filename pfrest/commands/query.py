@@ -1,10 +1,11 @@
 """``pfrest query``: one real backend call, shown as Postfix will read it, with an exit status a script
 can test.
 
-What is printed: the endpoint and target, the backend's HTTP status or, when no answer came, what went
-wrong in plain words (``connection refused by 127.0.0.1:8080``, ``no answer within 2 s``, ``TLS
-certificate not trusted``), the status class (found, not found, temporary, permanent), the decoded
-value or the policy action, and the exact reply bytes, escaped.
+What is printed: the endpoint and the URL asked (a lookup's with its query, for curl), the backend's
+HTTP status or, when no answer came, what went wrong in plain words (``connection refused by
+127.0.0.1:8080``, ``no answer within 2 s``, ``TLS certificate not trusted``), the status class (found,
+not found, temporary, permanent; a policy action's class), for a malformed answer its Content-Type and
+the start of its body, the decoded value or the policy action, and the exact reply bytes, escaped.
 
 The exit status (``postmap -q`` gives 0 and 1 the same meanings; the others are sysexits.h's):
 
@@ -23,8 +24,9 @@ from urllib.parse import urlsplit
 
 from pfrest import config
 from pfrest.backend.client import Client
-from pfrest.backend.request import new_request_id
+from pfrest.backend.request import new_request_id, query as query_string
 from pfrest.conversation.services import Service
+from pfrest.ops.counters import reply_class
 from pfrest.log import redact
 from pfrest.protocol import verdict
 from pfrest.protocol.answers import printable
@@ -41,6 +43,9 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # class names ("ConnectionRefusedError: "), errno and OpenSSL tags, the C source line.
 _PYTHON_NOISE = re.compile(r"\b[A-Za-z_][\w.]*(?:Error|Exception|error): |\[Errno -?\d+\] |\[SSL: \w+\] "
                            r"| ?\(_ssl\.c:\d+\)")
+# What OpenSSL says when the server's first bytes are not a TLS record (a plain HTTP answer).
+PLAIN_HTTP = re.compile(r"wrong version number|record layer failure|packet length too long", re.IGNORECASE)
+EXCERPT = 120   # bytes of a malformed answer's body shown
 _CERTIFICATE = re.compile(r"certificate verify failed:?\s*(.*)", re.IGNORECASE)
 
 # What Postfix 3.7+ always sends, in its order; values given on the command line replace these.
@@ -65,7 +70,7 @@ def policy_attributes(args):
     for arg in args:
         name, sep, value = arg.partition(b"=")
         if not sep or not name:
-            raise ValueError(f"policy attributes are name=value, not {arg!r}")
+            raise ValueError(f"policy attributes are name=value, not {arg.decode('utf-8', 'backslashreplace')!r}")
         if name in index:
             attrs[index[name]] = (name, value)
         else:
@@ -96,13 +101,15 @@ def run(cfg, name, words, mapname=None, out=print, backend=None) -> int:
     result, answer, request_id, ms = eventloop.run(ask(service, request), fast=False)
     status = status_class(endpoint, answer)
     method = endpoint.method if endpoint.mode == config.POLICY else "GET"
-    out(f"endpoint: {endpoint.name} ({endpoint.mode}) -> {method} {endpoint.target}")
+    out(f"endpoint: {endpoint.name} ({endpoint.mode}) -> {method} {redact(url(service, request))}")
     out(f"auth-token: {'(set, redacted)' if endpoint.auth_token else '(none)'}")
     out(f"request id: {request_id}")
     out(f"backend: {backend_words(result, endpoint)}")
     out(f"time: {ms:.1f} ms")
     v = answer.verdict
-    out(f"result: {status}" + (f": {v.value}" if v.is_error else ""))
+    out(f"result: {result_words(status, answer)}")
+    if v.is_error and isinstance(result, HttpResult) and result.status == 200:   # not as the contract says
+        out(f"answer: {answer_words(result)}")
     if answer.action is not None:
         action = answer.action.encode()
         out(f"action: {printable(action, len(action))}")
@@ -110,6 +117,36 @@ def run(cfg, name, words, mapname=None, out=print, backend=None) -> int:
         out(f"value: {printable(v.value, len(v.value))}")
     out(f"reply: {escaped(answer.reply)}")
     return EXIT_STATUS[status]
+
+
+def url(service, request) -> str:
+    """The target with the lookup's query (``?key=``, ``name=``), pasteable into curl; a policy's
+    attributes go in the body."""
+    target = service.endpoint.target
+    call = service.mode.call(request)
+    if call is None or call.kind != "lookup":
+        return target
+    return target + ("&" if "?" in target else "?") + query_string(call.params)
+
+
+def result_words(status: str, answer) -> str:
+    """The status class, with the error's reason, or for a policy the action's class: a REJECT is the
+    backend's decision (exit 0), not a lookup "found"."""
+    v = answer.verdict
+    if v.is_error:
+        return f"{status}: {v.value}"
+    if answer.action is not None:
+        kind = reply_class(v.kind, answer.action)
+        return f"{status}: action {kind}" if status == TEMPORARY else f"action {kind}"
+    return status
+
+
+def answer_words(result) -> str:
+    """An answer that is not what the contract says: its Content-Type and the start of its body."""
+    body = result.body[:EXCERPT]
+    more = f" ({len(result.body)} bytes)" if len(result.body) > EXCERPT else ""
+    kind = printable(result.content_type.encode("latin-1"), EXCERPT) if result.content_type else "(none)"
+    return f"Content-Type {kind}, body {escaped(body)}{more}"
 
 
 def status_class(endpoint, answer) -> str:
@@ -154,6 +191,9 @@ def failure_words(failure: Failure, endpoint) -> str:
     if kind == "dns":
         return f"host name {peer.rpartition(':')[0].strip('[]')} does not resolve ({detail})"
     if kind == "tls":
+        if PLAIN_HTTP.search(detail):
+            return (f"TLS with {peer} failed: that port speaks plain HTTP, not TLS: use an http:// target, "
+                    "or the port that speaks TLS")
         certificate = _CERTIFICATE.search(detail)
         if certificate:
             return f"TLS certificate not trusted: {certificate.group(1) or 'verification failed'} ({peer})"

@@ -229,9 +229,11 @@ class Conversation(asyncio.Protocol):
         now = time.monotonic()
         ms = (now - started) * 1000
         reply = service.stats.record(answer.verdict, ms, result, answer.action, now)
-        if (service.log_all or service.worth_logging(reply, result)) and log.isEnabledFor(logging.INFO):
-            logs.request(requestlog.line(service.endpoint.name, request_id, service.mode.subject(request),
-                                         result, answer, ms))
+        if service.log_all or service.worth_logging(reply, result):
+            warning = requestlog.warns(result, answer)
+            if log.isEnabledFor(logging.WARNING if warning else logging.INFO):
+                logs.request(requestlog.line(service.endpoint.name, request_id, service.mode.subject(request),
+                                             result, answer, ms), warning)
         self._write(answer.reply)
 
     def _write(self, reply):

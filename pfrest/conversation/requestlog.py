@@ -2,12 +2,21 @@
 
     endpoint=domains id=3f2a9c0d11b2e4f5 key=example.com status=200 reply=FOUND ms=4.1
     endpoint=policy id=... client_address=192.0.2.1 sender=a@b.example recipient=c@d.example status=200 action=REJECT go away ms=3.3
+
+A request the backend failed (no answer, an HTTP error, an answer not as the contract says, or a
+stale cached answer served in its place) is a WARNING (``warns``): ``journalctl -p warning`` and a
+mail log filtered by priority show what went wrong, not only the requests that went well.
 """
 
 from pfrest.protocol.answers import printable
 from pfrest.protocol.verdict import Failure
 
 MAX_DETAIL = 300  # characters of an error's or a Location's text
+
+
+def warns(result, answer) -> bool:
+    """Whether the request's line is a WARNING: the backend failed it (a policy REJECT is an answer)."""
+    return isinstance(result, Failure) or answer.verdict.is_error or getattr(result, "stale", False)
 
 
 def line(endpoint_name, request_id, subject, result, answer, ms) -> str:

@@ -10,7 +10,8 @@ for an endpoint this serve does not cache for; 400 for a body that is no invalid
 over MAX_KEYS keys (or over httprequest.MAX_BODY bytes).
 
 Where: ``control-socket``, by default DEFAULT_CONTROL_SOCKET (pfrest.service's ``RuntimeDirectory=``
-makes /run/pfrest; elsewhere serve makes it, mode 0700, when it may).  The socket is made before
+makes /run/pfrest; elsewhere serve makes it, mode 0700, when it may, and removes it at the end if it
+is still the one it made and empty: a serve started by hand leaves nothing behind).  The socket is made before
 privileges are dropped, mode 0600, removed at the end, and only processes of root or of the user serve
 runs as are answered.  The default is a convenience: when it cannot be had (another serve holds it, no
 right to make /run/pfrest), serve says so and runs without it; a control-socket the config names must
@@ -61,12 +62,18 @@ class ControlSocket:
         if self.tried:
             return self
         self.tried = True
+        directory, made_directory = os.path.dirname(self.path), False
         try:
-            if not self.required:
-                os.makedirs(os.path.dirname(self.path), DIRECTORY_MODE, exist_ok=True)
+            if not self.required and not os.path.isdir(directory):
+                os.mkdir(directory, DIRECTORY_MODE)
+                made_directory = True
             self.httpd.bind(privileges.owner(self.user))
             self.bound = True
+            if made_directory and self.httpd.made is not None:   # removed with the socket, if empty
+                self.httpd.made = self.httpd.made._replace(own_directory=True)
         except (BindError, OSError) as exc:
+            if made_directory:
+                _remove_empty(directory)
             if self.required:
                 raise
             log.warning("%s; this serve runs without a control socket (pfrest cache reaches it only "
@@ -108,6 +115,14 @@ class ControlSocket:
             respond(200, json.dumps({"processes": len(reached), "dropped": sum(reached)}).encode(),
                     "application/json")
         self.source.invalidate(name, lookups, done)
+
+
+def _remove_empty(directory):
+    """The directory bind made, when binding in it failed: nothing of serve's is in it."""
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
 
 
 def reconfigure(control, cfg):

@@ -39,10 +39,12 @@ PROBE_TIMEOUT = 2.0         # seconds to find out whether a process still listen
 
 
 class SocketFile(NamedTuple):
-    """A socket file serve made: where, and which file and directory it is (st_dev, st_ino)."""
+    """A socket file serve made: where, and which file and directory it is (st_dev, st_ino);
+    ``own_directory``: serve made that directory too (/run/pfrest), and removes it, if empty, after."""
     path: str
     file: tuple
     directory: tuple
+    own_directory: bool = False
 
 
 def _identity(st):
@@ -151,7 +153,8 @@ def _clear_stale(parent, name, path, what):
         except OSError as exc:
             raise BindError(f"{what}: cannot check {path}: {exc.strerror or exc}") from None
         else:
-            raise BindError(f"{what}: cannot listen on {path}: another process is listening on it")
+            raise BindError(f"{what}: cannot listen on {path}: another process is listening on it "
+                            "(another pfrest serve, the pfrest service?): stop it first, or choose another bind-path")
     try:
         _unlink_if(parent, name, _identity(st))
     except OSError as exc:
@@ -180,6 +183,26 @@ def remove(made):
         pass
     finally:
         os.close(parent)
+    if made.own_directory:
+        _rmdir_if(os.path.dirname(made.path), made.directory)
+
+
+def _rmdir_if(path, identity):
+    """Remove the directory ``path`` if its name is (still) that directory and it is empty; a link
+    there is never followed, another's directory never removed, a non-empty one kept."""
+    try:
+        grandparent = _directory_of(path)
+    except OSError:
+        return
+    try:
+        name = os.path.basename(path)
+        st = os.lstat(name, dir_fd=grandparent)
+        if stat.S_ISDIR(st.st_mode) and _identity(st) == identity:
+            os.rmdir(name, dir_fd=grandparent)
+    except OSError:   # gone, not empty (another's file in it), replaced meanwhile
+        pass
+    finally:
+        os.close(grandparent)
 
 
 def chmod(made, mode):

@@ -14,6 +14,9 @@ import struct
 # The kernel caps this at net.core.somaxconn (4096 on current kernels).  A burst of Postfix processes
 # connecting at once must queue, not be refused: a refused connection costs Postfix retries (R6).
 BACKLOG = 4096
+# What "Address already in use" most often means when an admin starts serve by hand.
+IN_USE_HINT = ("; another pfrest serve (the pfrest service?) or another program may be listening there: "
+               "see ss -ltnp, or stop it first")
 
 
 class BindError(Exception):
@@ -54,8 +57,9 @@ def open_tcp(endpoint) -> socket.socket:
         sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
+        hint = IN_USE_HINT if exc.errno == errno.EADDRINUSE else ""
         raise BindError(f"endpoint {endpoint.name}: cannot listen on {where(endpoint)}: "
-                        f"{exc.strerror or exc}") from None
+                        f"{exc.strerror or exc}{hint}") from None
     return sock
 
 

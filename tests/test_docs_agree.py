@@ -1,0 +1,33 @@
+"""What the README, master.cf.example and bin/test each say about the same things agrees: the cost of
+a handler's start, how serve runs, what bin/test installs, and that the Debian package has done the
+first steps master.cf.example lists."""
+
+import re
+
+from conftest import ROOT
+
+
+def read(name):
+    with open(f"{ROOT}/{name}") as f:
+        return f.read()
+
+
+def test_the_start_cost_and_threads_agree():
+    readme, master = read("README.md"), read("master.cf.example")
+    readme_start = re.search(r"each connection costs a Python start, about ([\d.]+) s", readme).group(1)
+    master_start = re.search(r"a Python start \(~([\d.]+) s\) per connection", master).group(1)
+    assert readme_start == master_start
+    assert "no threads on the request path" in readme
+    assert "one process, threads" not in master and "one event loop, no threads" in master
+
+
+def test_the_readme_lists_what_bin_test_installs():
+    packages = re.search(r'^PACKAGES="([^"]+)"', read("bin/test"), re.M).group(1).split()
+    said = re.search(r"Set up and run the tests \(as root it also installs (.*?) from Debian", read("README.md"),
+                     re.S).group(1)
+    assert [p for p in packages if p not in said] == []
+
+
+def test_master_cf_example_knows_what_the_package_did():
+    master = read("master.cf.example")
+    assert "The Debian package installed it" in master and "The Debian package created it" in master
