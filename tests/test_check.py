@@ -95,7 +95,7 @@ def test_check_says_what_serve_says_of_endpoints_without_a_socket(write_config, 
     a config right for handle only; a bind-address without bind-port is refused by both, naming the fix."""
     path = write_config([endpoint("a"), endpoint("b")])
     proc = run("check", "-c", path)
-    assert (proc.returncode, proc.stderr) == (0, "") and f"{path}: valid;" in proc.stdout
+    assert (proc.returncode, own(proc.stderr)) == (0, "") and f"{path}: valid;" in proc.stdout
     assert f"{path}: for pfrest handle only (spawn, xinetd, systemd Accept=yes): no endpoint has a bind-port or " \
         "bind-path, so pfrest serve would refuse it (nothing to serve)" in proc.stdout, proc.stdout
     serve = run("serve", "-c", path)
