@@ -89,7 +89,7 @@ def test_serve_prefixes_every_line_with_its_priority(backend, write_config, tmp_
     assert any(line.startswith("<4>WARNING: endpoint=ep id=") and "key=down status=503 reply=TEMP" in line
                for line in lines), lines
     assert any(line.startswith("<4>WARNING: ") and "readable by every user" in line for line in lines)
-    assert f"<3>ERROR: reload: keeping the old configuration; {config} is not valid:" in lines
+    assert f"<3>ERROR: reload: keeping the old configuration; {config} is refused:" in lines
     assert "<3>ERROR: endpoints: must list at least one endpoint" in lines
     assert "<6>INFO: stopped" in lines
 

@@ -74,7 +74,8 @@ def reload(apply, options, reloads):
         cfg = checks.load(options.config_path)
         apply(cfg)
     except config.ConfigError as exc:
-        logger.error("reload: keeping the old configuration; %s is not valid:", options.config_path)
+        # the lines that follow say why: a problem in the file, or that it cannot be read at all
+        logger.error("reload: keeping the old configuration; %s is refused:", options.config_path)
         for problem in exc.problems:
             logger.error("%s", problem)
     except (BindError, OSError) as exc:
