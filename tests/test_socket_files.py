@@ -165,25 +165,30 @@ def test_janitor_removes_only_the_sockets_it_made(backend, write_config, served,
 
 
 @needs_root
-def test_new_bind_mode_on_reload_never_follows_a_link(backend, listening, spool, secret, pfrest_log):
-    """A serve left root (no user) changes a socket's mode on reload through the file it made, never
-    through a link put in its place."""
+def test_a_new_bind_mode_waits_for_the_next_start(backend, listening, spool, secret, pfrest_log):
+    """A serve left root (no user) never changes a mode by a path: a new bind-mode is said to take effect
+    at the next start, the file keeps its mode, and a link put in its place leads nowhere."""
     raw = unix_endpoint(backend, spool / "ep.sock", **{"bind-mode": "0660"})
-    server = listening(ephemeral([raw]))
-    os.unlink(spool / "ep.sock")
-    os.symlink(secret, spool / "ep.sock")
-    server.reload(ephemeral([dict(raw, **{"bind-mode": "0666"})]))
-    assert untouched(secret)
-    assert "cannot change the mode of" in pfrest_log.text
+    server = listening(ephemeral([raw, unix_endpoint(backend, spool / "other.sock", name="other")]))
+    os.rename(spool / "other.sock", spool / "aside.sock")
+    os.symlink(secret, spool / "other.sock")
+    server.reload(ephemeral([dict(raw, **{"bind-mode": "0666"}),
+                             unix_endpoint(backend, spool / "other.sock", name="other", **{"bind-mode": "0666"})]))
+    assert stat.S_IMODE(os.lstat(spool / "ep.sock").st_mode) == 0o660 and untouched(secret)
+    assert "endpoint=ep bind-mode changed: the change takes effect when pfrest serve restarts" in pfrest_log.text
     server.stop()
-    assert os.path.islink(spool / "ep.sock")
+    assert os.path.islink(spool / "other.sock") and untouched(secret)
 
 
-def test_new_bind_mode_on_reload_applies(backend, listening, tmp_path):
-    raw = unix_endpoint(backend, tmp_path / "ep.sock", **{"bind-mode": "0600"})
-    server = listening(ephemeral([raw]))
-    server.reload(ephemeral([dict(raw, **{"bind-mode": "0666"})]))
+def test_the_socket_is_born_with_its_bind_mode(backend, listening, tmp_path):
+    """The mode comes from the umask at bind (no chmod afterwards), whatever the process's umask is."""
+    umask = os.umask(0o077)
+    try:
+        server = listening(ephemeral([unix_endpoint(backend, tmp_path / "ep.sock", **{"bind-mode": "0666"})]))
+    finally:
+        os.umask(umask)
     assert stat.S_IMODE(os.lstat(tmp_path / "ep.sock").st_mode) == 0o666
+    assert os.umask(umask) == umask   # given back as it was
     server.stop()
     assert not os.path.lexists(tmp_path / "ep.sock")
 
@@ -279,9 +284,10 @@ def test_log_file_only_a_regular_file_of_one_name(tmp_path):
 
 
 @needs_root
-def test_after_the_drop_reload_makes_and_re_modes_sockets(backend, site, served, spool):
+def test_after_the_drop_reload_makes_sockets(backend, site, served, spool):
     """Once serve is nobody (not dumpable: its /proc/self is root's then), a reload still binds a new
-    socket through /proc/self/fd and re-modes one through its descriptor."""
+    socket through /proc/self/fd, with its bind-mode; a socket already made keeps its mode until the
+    next start."""
     nobody = pwd.getpwnam("nobody")
 
     def doc(modes):
@@ -298,7 +304,8 @@ def test_after_the_drop_reload_makes_and_re_modes_sockets(backend, site, served,
     proc.wait_for("reloaded", after=mark)
     assert not [line for line in proc.lines[mark:] if "ERROR" in line]
     old, new = os.lstat(spool / "old.sock"), os.lstat(spool / "new.sock")
-    assert stat.S_IMODE(old.st_mode) == 0o660 and stat.S_IMODE(new.st_mode) == 0o666
+    assert stat.S_IMODE(old.st_mode) == 0o666 and stat.S_IMODE(new.st_mode) == 0o666
+    assert any("endpoint=old bind-mode changed" in line for line in proc.lines[mark:])
     assert new.st_uid == nobody.pw_uid
     backend.answers["k"] = (200, ["v"])
     with connect(str(spool / "new.sock")) as sock:

@@ -9,13 +9,14 @@ swapped in for the socket hands the link's target (``/etc/shadow``, say) to serv
 - The directory is opened once; every later step names entries relative to that descriptor, and the
   directory is recognised again (device, inode) before the socket is removed.
 - The socket is bound in a private directory made for it (mode 0700, ours: checked through its own
-  descriptor, whatever the hostile account renames), reached as ``/proc/self/fd/N/``: its mode is set
-  there, where nobody else can reach it, and its inode learnt.  Then it is hard-linked into place
-  (``linkat``: never replacing an entry that appeared meanwhile), so that it appears at its name
-  with its ``bind-mode``; it is handed to the account serve is about to become through its private
-  name (the same file, still out of reach), and the private directory removed.
-- Later changes (a new ``bind-mode`` on reload) go through a descriptor of the name opened with
-  ``O_PATH | O_NOFOLLOW`` and found to be our socket (device, inode) before acting on it.
+  descriptor, whatever the hostile account renames), reached as ``/proc/self/fd/N/``, under a umask
+  that gives it its ``bind-mode`` as it is born: no chmod by any name, no window.  Its inode is learnt
+  there.  Then it is hard-linked into place (``linkat``: never replacing an entry that appeared
+  meanwhile); it is handed to the account serve is about to become through its private name
+  (``fchownat`` with AT_SYMLINK_NOFOLLOW, in a directory only root may enter: the same file, still out
+  of reach), and the private directory removed.
+- Its mode never changes afterwards: a new ``bind-mode`` takes effect at the next start (a chmod of
+  the name, or even of ``/proc/self/fd/N`` for an O_PATH descriptor, is a call by path as root).
 - Removal (at the end, a stale socket before binding) unlinks only the entry that ``lstat``, relative
   to the directory's descriptor, shows as the socket expected.  Between that look and the unlink the
   directory's writer could put something else there: then it loses an entry of its own directory,
@@ -84,13 +85,20 @@ def _make(sock, parent, name, path, mode, owner):
     already: a client that finds the name is served)."""
     private, fd = _private_directory(parent)
     try:
+        # the umask is the process's: safe here, where binds run on the one thread that makes files
+        umask = os.umask(~mode & 0o777)
         try:
             sock.bind(f"/proc/self/fd/{fd}/{BOUND_NAME}")
         except FileNotFoundError:   # the descriptor and its directory are there: /proc is not
             raise OSError("pfrest binds through /proc/self/fd, and /proc is not mounted") from None
+        finally:
+            os.umask(umask)
         sock.listen(BACKLOG)
-        os.chmod(BOUND_NAME, mode, dir_fd=fd)   # nobody can reach the file yet: no window
-        made = SocketFile(path, _identity(os.lstat(BOUND_NAME, dir_fd=fd)), _identity(os.fstat(parent)))
+        st = os.lstat(BOUND_NAME, dir_fd=fd)
+        if stat.S_IMODE(st.st_mode) != mode:   # a default ACL of the directory overrides the umask
+            raise OSError(f"the socket was made with mode {stat.S_IMODE(st.st_mode):04o}, not bind-mode "
+                          f"{mode:04o}: remove the default ACL of its directory (setfacl -k)")
+        made = SocketFile(path, _identity(st), _identity(os.fstat(parent)))
         try:  # linkat never replaces: what appeared at the name since _clear_stale stays
             os.link(BOUND_NAME, name, src_dir_fd=fd, dst_dir_fd=parent, follow_symlinks=False)
         except FileExistsError:
@@ -204,13 +212,3 @@ def _rmdir_if(path, identity):
     finally:
         os.close(grandparent)
 
-
-def chmod(made, mode):
-    """Give the socket file we made ``mode``, if its name is still that file (OSError otherwise)."""
-    fd = os.open(made.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if _identity(os.fstat(fd)) != made.file:
-            raise OSError(f"{made.path} is no longer the socket pfrest made")
-        os.chmod(f"/proc/self/fd/{fd}", mode)   # the file the descriptor holds, whatever the name is now
-    finally:
-        os.close(fd)
