@@ -95,9 +95,10 @@ def _make(sock, parent, name, path, mode, owner):
             os.umask(umask)
         sock.listen(BACKLOG)
         st = os.lstat(BOUND_NAME, dir_fd=fd)
-        if stat.S_IMODE(st.st_mode) != mode:   # a default ACL of the directory overrides the umask
+        # a default ACL of the directory overrides the umask (set-id and sticky bits mean nothing to a socket)
+        if stat.S_IMODE(st.st_mode) != mode & 0o777:
             raise OSError(f"the socket was made with mode {stat.S_IMODE(st.st_mode):04o}, not bind-mode "
-                          f"{mode:04o}: remove the default ACL of its directory (setfacl -k)")
+                          f"{mode & 0o777:04o}: remove the default ACL of its directory (setfacl -k)")
         made = SocketFile(path, _identity(st), _identity(os.fstat(parent)))
         try:  # linkat never replaces: what appeared at the name since _clear_stale stays
             os.link(BOUND_NAME, name, src_dir_fd=fd, dst_dir_fd=parent, follow_symlinks=False)
