@@ -255,7 +255,7 @@ class ResponseReader:
         cache_control, location, body = self._cache_control, self._location, b"".join(self._chunks)
         if location is not None:
             location = location.decode("latin-1")
-        kind = None if self._type is None else self._type.decode("latin-1")
+        kind = self._type   # bytes: only pfrest query shows it, for a malformed answer
         if cache_control is None:   # most answers
             self.result = HttpResult(self._status, body, location, content_type=kind)
         else:

@@ -145,7 +145,7 @@ def answer_words(result) -> str:
     """An answer that is not what the contract says: its Content-Type and the start of its body."""
     body = result.body[:EXCERPT]
     more = f" ({len(result.body)} bytes)" if len(result.body) > EXCERPT else ""
-    kind = printable(result.content_type.encode("latin-1"), EXCERPT) if result.content_type else "(none)"
+    kind = printable(result.content_type, EXCERPT) if result.content_type else "(none)"
     return f"Content-Type {kind}, body {escaped(body)}{more}"
 
 

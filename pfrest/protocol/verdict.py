@@ -30,7 +30,7 @@ class HttpResult(NamedTuple):
     cached: bool = False                 # answered from pfrest's cache, not by a new request
     stale_if_error: Optional[int] = None  # Cache-Control stale-if-error (RFC 5861), None when absent
     stale: bool = False                  # a cached answer past its lifetime, served as the backend failed
-    content_type: Optional[str] = None   # the Content-Type header, only to tell a malformed answer
+    content_type: Optional[bytes] = None  # the Content-Type header, only to tell a malformed answer
 
 
 class Failure(NamedTuple):
