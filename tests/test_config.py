@@ -74,7 +74,7 @@ def test_toml_config_works_the_same(tmp_path):
     ({"request-timeout": 0}, "endpoints[1] (b).request-timeout: must be an integer 1..99000 (milliseconds)"),
     ({"request-timeout": 99001}, "endpoints[1] (b).request-timeout: must be an integer 1..99000 (milliseconds)"),
     ({"request-timeout": True}, "endpoints[1] (b).request-timeout: must be an integer 1..99000 (milliseconds)"),
-    ({"mode": "lookup"}, "endpoints[1] (b).mode: must be one of tcp-lookup, socketmap-lookup, policy"),
+    ({"mode": "lookup"}, "endpoints[1] (b).mode: must be one of tcp-lookup, socketmap-lookup, policy, dovecot-sasl"),
     ({"auth-token": 5}, "endpoints[1] (b).auth-token: must be a string"),
     ({"colour": "red"}, "endpoints[1] (b).colour: unknown key"),
     ({"name": "a"}, "endpoints[1] (a).name: the name of endpoints[0] too: each endpoint needs a name of its own"),

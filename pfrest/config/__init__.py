@@ -23,7 +23,7 @@ from typing import List
 from urllib.parse import urlsplit
 
 from pfrest.config import duplicates
-from pfrest.protocol.modes import MODES, POLICY, SOCKETMAP, TCP  # noqa: F401 (config.MODES ...)
+from pfrest.protocol.modes import LOOKUPS, MODES, POLICY, SASL, SOCKETMAP, TCP  # noqa: F401 (config.MODES ...)
 from pfrest.config.keys import ENDPOINT_KEYS, REQUIRED_ENDPOINT_KEYS, TOP_KEYS  # noqa: F401 (config.ENDPOINT_KEYS ...)
 from pfrest.config.schema import (  # noqa: F401 (config.Endpoint ...)
     CACHE_SCHEMES, CACHE_URL_FILES, Config, ConfigError, DEFAULT_BIND_ADDRESS,
@@ -44,6 +44,8 @@ def _convert(key, value):
         return float(value)
     if key == "headers":
         return tuple(value.items())
+    if key == "mechanisms":
+        return tuple(m.upper() for m in value)
     return value
 
 
@@ -120,6 +122,12 @@ def _endpoint(raw, where, problems):
     for key in ("cache-local-ttl", "cache-timeout"):
         if key in raw and "cache-url" not in raw:
             problems.append(f"{where}.{key}: needs cache-url (it is about the shared cache)")
+    if mode == SASL:
+        values["method"] = "POST"   # a password goes in a body, never in a URL
+        if "proxy" in values and any(not str(t).startswith("https:") for t in values.get("targets", ())):
+            problems.append(f"{where}.proxy: a dovecot-sasl endpoint sends passwords: through a proxy only to "
+                            "https targets (tunnelled end to end, the proxy sees nothing); make the target "
+                            "https or drop the proxy")
     if "cache_url" in values and not (values.get("cache_ttl") or values.get("cache_negative_ttl")):
         problems.append(f"{where}.cache-url: needs cache-ttl or cache-negative-ttl (nothing is cached without)")
     if any(f"{where}.{key}:" in p for p in problems for key in REQUIRED_ENDPOINT_KEYS):

@@ -9,7 +9,8 @@ import re
 from urllib.parse import parse_qsl, urlsplit
 
 from pfrest.protocol import actions
-from pfrest.protocol.modes import MODES, POLICY, SOCKETMAP, TCP
+from pfrest.protocol.dovecotauth import MECHANISMS
+from pfrest.protocol.modes import LOOKUPS, MODES, POLICY, SASL
 from pfrest.config.schema import CACHE_SCHEMES, CACHE_URL_FILES, LOG_REQUESTS, RESERVED_HEADERS, _NAME_RE
 
 
@@ -243,8 +244,20 @@ def _positive_seconds(v):
     return None if _is_number(v) and 0 < v <= 86400 else "must be a number of seconds, above 0 and at most 86400"
 
 
+def _mechanisms(v):
+    if not isinstance(v, list) or not v or not all(isinstance(m, str) for m in v):
+        return "must be a non-empty list of mechanisms such as [\"PLAIN\", \"LOGIN\"]"
+    words = [m.upper() for m in v]
+    unknown = [m for m in v if m.upper() not in MECHANISMS]
+    if unknown:
+        return f"{unknown[0]!r} is not one of " + ", ".join(MECHANISMS)
+    if len(set(words)) != len(words):
+        return "names a mechanism twice"
+    return None
+
+
 # key -> (attribute, check, modes it applies to or None for all)
-_LOOKUPS = (TCP, SOCKETMAP)
+_LOOKUPS = LOOKUPS
 ENDPOINT_KEYS = {
     "name": ("name", _name, None),
     "mode": ("mode", _mode, None),
@@ -278,6 +291,7 @@ ENDPOINT_KEYS = {
     "cache-local-ttl": ("cache_local_ttl", _seconds, _LOOKUPS),
     "cache-timeout": ("cache_timeout", _cache_timeout_ms, _LOOKUPS),
     "require-request-id": ("require_request_id", _boolean, None),
+    "mechanisms": ("mechanisms", _mechanisms, (SASL,)),
 }
 REQUIRED_ENDPOINT_KEYS = ("name", "mode", "target")
 TOP_KEYS = {

@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
 from pfrest.protocol import actions
-from pfrest.protocol.modes import POLICY, SOCKETMAP, TCP
+from pfrest.protocol.dovecotauth import MECHANISMS
+from pfrest.protocol.modes import LOOKUPS, POLICY, SASL, SOCKETMAP, TCP
 
 
 DEFAULT_PATH = "/etc/pfrest/pfrest.json"
@@ -38,7 +39,9 @@ RESERVED_HEADERS = frozenset("""host content-length content-type transfer-encodi
 
 # Idle limits between requests, chosen above what each Postfix client tolerates (see the protocol
 # reference, R3): policy clients idle up to 300 s, socketmap clients close after 10 s, tcp clients never.
-DEFAULT_IDLE_TIMEOUT = {TCP: 600.0, SOCKETMAP: 60.0, POLICY: 600.0}
+# An smtpd keeps its auth connection for its whole life and fails the next login (454) if the server
+# closed it: a day, above any smtpd's (max_idle 100 s, max_use 100 sessions).
+DEFAULT_IDLE_TIMEOUT = {TCP: 600.0, SOCKETMAP: 60.0, POLICY: 600.0, SASL: 86400.0}
 # From the first byte of a request to its last (R3): Postfix writes a request in one go, so only a
 # stalled or dripping client (slowloris) takes longer.  A deadline for the whole request, not per read.
 PARTIAL_REQUEST_TIMEOUT = 30.0
@@ -90,6 +93,7 @@ class Endpoint:
     cache_local_ttl: float = DEFAULT_CACHE_LOCAL_TTL
     cache_timeout: int = DEFAULT_CACHE_TIMEOUT_MS
     require_request_id: bool = False
+    mechanisms: Tuple[str, ...] = MECHANISMS
 
     def __post_init__(self):
         if not self.targets:  # an Endpoint made in code with one target
@@ -131,7 +135,7 @@ class Endpoint:
     @property
     def caches(self) -> bool:
         """Whether it keeps answers: a lookup endpoint with a cache-ttl or cache-negative-ttl."""
-        return self.mode != POLICY and (self.cache_ttl > 0 or self.cache_negative_ttl > 0)
+        return self.mode in LOOKUPS and (self.cache_ttl > 0 or self.cache_negative_ttl > 0)
 
 
 @dataclass(frozen=True)

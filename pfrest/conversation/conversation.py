@@ -2,7 +2,9 @@
 (fd 0/1 from spawn(8), xinetd or systemd) and for every connection ``pfrest serve`` accepts.
 
 Bytes in go to the mode's decoder; what comes out is answered in order, one request at a time: protocol
-rejects at once, requests through the backend, each reply in one write.  Requests may arrive in pieces
+rejects and prompts at once, requests through the backend, each reply in one write.  A mode whose
+server speaks first (dovecot-sasl) has its greeting written at connect; an answer that must end the
+connection (dovecot-sasl's temporary failure) ends it once written.  Requests may arrive in pieces
 or several in one read (pipelined); beyond MAX_QUEUED waiting, reading pauses.
 
 Timeouts, all by one lazily re-armed timer (no timer churn per request):
@@ -28,7 +30,7 @@ from functools import partial
 from pfrest import log as logs
 from pfrest.backend.request import new_request_id
 from pfrest.conversation import requestlog
-from pfrest.protocol.framing import Close, Reject
+from pfrest.protocol.framing import Close, Prompt, Reject
 
 log = logging.getLogger("pfrest")
 
@@ -63,6 +65,9 @@ class Conversation(asyncio.Protocol):
         self.transport = transport
         if self.closing:   # drained or disowned before the loop got to it
             return self._end()
+        greeting = self.service.mode.greeting()
+        if greeting:
+            self._write(greeting)
         self._arm()
 
     def data_received(self, data):
@@ -138,12 +143,17 @@ class Conversation(asyncio.Protocol):
 
     def _pump(self):
         """Answer what has been received, in order, as far as possible now."""
+        if self.transport is not None and self.transport.is_closing():   # Answer.close or abort() ended it
+            return
         while self.items and self.answering is None and not self.writing_paused and not self.lost:
             item = self.items.popleft()
             if isinstance(item, Close):
                 log.warning("endpoint=%s peer=%s protocol error, closing: %s", self.origin.endpoint,
                             self.peer, item.why)
                 return self._end()
+            if isinstance(item, Prompt):
+                self._write(item.reply)
+                continue
             if isinstance(item, Reject):
                 log.warning("endpoint=%s peer=%s bad request: %s", self.origin.endpoint, self.peer, item.why)
                 self._write(item.reply)
@@ -234,7 +244,10 @@ class Conversation(asyncio.Protocol):
             if log.isEnabledFor(logging.WARNING if warning else logging.INFO):
                 logs.request(requestlog.line(service.endpoint.name, request_id, service.mode.subject(request),
                                              result, answer, ms), warning)
-        self._write(answer.reply)
+        if answer.reply:
+            self._write(answer.reply)
+        if answer.close:
+            self._end()
 
     def _write(self, reply):
         if not self.lost and not self.transport.is_closing():

@@ -14,8 +14,7 @@ from typing import NamedTuple, Optional
 from pfrest.config import LOG_ALL, LOG_PROBLEMS
 from pfrest.log import add_secret
 from pfrest.ops.counters import PROBLEMS, Stats
-from pfrest.protocol.answers import Answer, mode_for
-from pfrest.protocol.verdict import TEMP, Verdict
+from pfrest.protocol.answers import mode_for
 from pfrest.system import sockets
 
 log = logging.getLogger("pfrest")
@@ -77,13 +76,14 @@ class Service:
                 if stored is not None:
                     result = await self.backend.lookup(call.params, request_id, stored=stored)
                 else:
+                    # policy requests and logins: sent exactly once, never cached
                     ask = self.backend.lookup if call.kind == "lookup" else self.backend.policy
                     result = await ask(call.params, request_id)
             return result, self.mode.answer(request, result, request_id)
         except Exception:
             log.exception("endpoint=%s id=%s internal error; answering with a temporary error",
                           self.endpoint.name, request_id)
-            return result, Answer(self.mode.internal_error(request_id), Verdict(TEMP, "internal error"))
+            return result, self.mode.internal_error(request_id)
 
     def worth_logging(self, reply, result) -> bool:
         """Under ``log-requests: problems``, whether a request gets its log line: failures, policy

@@ -12,11 +12,14 @@ Every error reply carries the request id (``ref ID``), which is also the backend
 the id in pfrest's log line, so that a deferral in Postfix's log leads to both.
 """
 
+import itertools
+import os
 import re
+from functools import partial
 from typing import NamedTuple, Optional
 
-from pfrest.protocol.modes import POLICY, SOCKETMAP, TCP
-from pfrest.protocol import policy, socketmap, tcptable, verdict
+from pfrest.protocol.modes import POLICY, SASL, SOCKETMAP, TCP
+from pfrest.protocol import dovecotauth, policy, socketmap, tcptable, verdict
 from pfrest.protocol.verdict import Verdict
 
 # Actions whose text Postfix shows to the SMTP client: the ones a request id is added to.
@@ -29,11 +32,12 @@ class Answer(NamedTuple):
     reply: bytes              # the exact bytes for Postfix
     verdict: Verdict          # what they mean, for the log and the counters
     action: Optional[str] = None  # policy: the action sent
+    close: bool = False       # end the connection once ``reply`` is written (dovecot-sasl's "try later")
 
 
 class Call(NamedTuple):
-    """A backend request: ``kind`` is "lookup" (params: (name, bytes) pairs for the query string) or
-    "policy" (params: the attribute pairs for the form body)."""
+    """A backend request: ``kind`` is "lookup" (params: (name, bytes) pairs for the query string), or
+    "policy" or "login" (params: the pairs for the form body, sent exactly once)."""
     kind: str
     params: object
 
@@ -60,7 +64,22 @@ def _ref(text: str, request_id: str) -> bytes:
     return f"{text} (ref {request_id})".encode()
 
 
-class TcpLookup:
+INTERNAL_ERROR = Verdict(verdict.TEMP, "internal error")
+
+
+class Mode:
+    """What every mode has: no greeting (the client speaks first), and an internal error (a bug in
+    pfrest) answered as the mode's temporary error."""
+
+    @staticmethod
+    def greeting() -> bytes:
+        return b""
+
+    def internal_error(self, request_id) -> Answer:
+        return Answer(self.temporary(request_id), INTERNAL_ERROR)
+
+
+class TcpLookup(Mode):
     """tcp_table(5): ``get KEY`` -> ``200 VALUE`` / ``500 ...`` / ``400 ...``."""
     name = TCP
     decoder = tcptable.Decoder
@@ -90,11 +109,11 @@ class TcpLookup:
         return f"key={printable(key)}"
 
     @staticmethod
-    def internal_error(request_id) -> bytes:
+    def temporary(request_id) -> bytes:
         return tcptable.reply(tcptable.TEMPORARY, _ref("internal error", request_id))
 
 
-class SocketmapLookup:
+class SocketmapLookup(Mode):
     """socketmap_table(5): ``NAME KEY`` netstrings -> ``OK VALUE`` / ``NOTFOUND`` / ``TEMP|TIMEOUT|PERM ...``."""
     name = SOCKETMAP
     decoder = socketmap.Decoder
@@ -127,11 +146,11 @@ class SocketmapLookup:
         return f"map={printable(request[0])} key={printable(request[1])}"
 
     @staticmethod
-    def internal_error(request_id) -> bytes:
+    def temporary(request_id) -> bytes:
         return socketmap.temp(_ref("internal error", request_id))
 
 
-class PolicyCheck:
+class PolicyCheck(Mode):
     """SMTPD policy delegation: ``name=value`` lines -> ``action=...``; backend faults give the endpoint's
     configured error actions, never an accept or a bounce by accident."""
     name = POLICY
@@ -162,11 +181,50 @@ class PolicyCheck:
                 f"sender={printable(first.get(b'sender', b''))} "
                 f"recipient={printable(first.get(b'recipient', b''))}")
 
-    def internal_error(self, request_id) -> bytes:
+    def temporary(self, request_id) -> bytes:
         return policy.reply(with_reference(self.temporary_error_action, request_id))
 
 
-MODES = {TCP: TcpLookup, SOCKETMAP: SocketmapLookup, POLICY: PolicyCheck}
+_connections = itertools.count(1)   # CUID: this process's auth connections, numbered
+
+
+class DovecotSasl(Mode):
+    """SMTP AUTH, Dovecot's auth protocol: credentials -> ``OK id user=NAME`` / ``FAIL id ...``; a
+    temporary failure closes the connection, the one way to have Postfix answer ``454`` (try later)
+    rather than ``535`` (wrong password), and to have it reconnect for the next login."""
+    name = SASL
+
+    def __init__(self, endpoint):
+        self.mechanisms = endpoint.mechanisms
+        self.decoder = partial(dovecotauth.Decoder, self.mechanisms)
+
+    def greeting(self) -> bytes:
+        return dovecotauth.greeting(self.mechanisms, os.getpid(), next(_connections), os.urandom(16).hex())
+
+    @staticmethod
+    def call(login) -> Call:
+        return Call("login", login.form())
+
+    @staticmethod
+    def answer(login, result, request_id) -> Answer:
+        v = verdict.login(result, login.username)
+        if v.kind == verdict.AUTHENTICATED:
+            return Answer(dovecotauth.ok(login.auth_id, v.value), v)
+        if v.kind == verdict.REJECTED:
+            return Answer(dovecotauth.fail(login.auth_id, user=login.username), v)
+        return Answer(b"", v, close=True)
+
+    @staticmethod
+    def subject(login) -> str:
+        return (f"user={printable(login.username)} mechanism={login.mechanism} "
+                f"client_address={printable(login.client_address)}")
+
+    @staticmethod
+    def internal_error(request_id) -> Answer:
+        return Answer(b"", INTERNAL_ERROR, close=True)
+
+
+MODES = {TCP: TcpLookup, SOCKETMAP: SocketmapLookup, POLICY: PolicyCheck, SASL: DovecotSasl}
 
 
 def mode_for(endpoint):

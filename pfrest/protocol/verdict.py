@@ -5,10 +5,14 @@ The HTTP contract (the original connector's, made fail-safe):
     200 + JSON array of strings   found, values joined by list-separator (lookups)
     200 + action text             the policy action (policy)
     200 + [] (or only ""), 404    not found (lookups); 404 is a permanent error for policy
+    200 + nothing or ["name"]     authenticated, as the name given or the one named (dovecot-sasl)
+    401, 403, 404                 bad credentials (dovecot-sasl)
     other 4xx                     permanent error: the connector or backend is misconfigured
     5xx, timeout, transport       temporary error
     anything else                 temporary error: other statuses, redirects, bodies that are not
-                                  what the contract says, values Postfix would misread
+                                  what the contract says, values Postfix would misread; for
+                                  dovecot-sasl every 4xx but 401, 403 and 404 too (a 535 is final
+                                  for the user, a 454 is tried again)
 
 Nothing that goes wrong may turn into "found", "not found" or a permanent error by accident.
 """
@@ -19,6 +23,9 @@ from typing import NamedTuple, Optional, Union
 from pfrest.protocol import actions
 
 FOUND, NOTFOUND, ACTION = "FOUND", "NOTFOUND", "ACTION"
+AUTHENTICATED, REJECTED = "OK", "FAIL"     # dovecot-sasl: named as the protocol's replies
+BAD_CREDENTIALS = (401, 403, 404)
+MAX_USER = 512     # bytes of a user name the backend gives (dovecotauth.MAX_NAME)
 TEMP, TIMEOUT, PERM = "TEMP", "TIMEOUT", "PERM"
 
 
@@ -160,3 +167,28 @@ def policy(result) -> Verdict:
     if action is None:
         return Verdict(TEMP, "invalid backend data: not an action Postfix would read as meant", 200)
     return Verdict(ACTION, action, 200)
+
+
+def login(result, given: bytes) -> Verdict:
+    """The verdict for a dovecot-sasl answer: AUTHENTICATED (value: the user name for Postfix),
+    REJECTED, or an error, which is always temporary (never a 535 by accident)."""
+    if isinstance(result, Failure):
+        return _failure(result)
+    if result.status in BAD_CREDENTIALS:
+        return Verdict(REJECTED, "bad credentials", result.status)
+    if result.status != 200:
+        v = _status(result.status)
+        return v._replace(kind=TEMP) if v.kind == PERM else v
+    if not result.body.strip():
+        return Verdict(AUTHENTICATED, given, 200)
+    items = values(result.body)
+    if items is None or len(items) != 1:
+        return Verdict(TEMP, "invalid backend data: not empty and not a JSON array of one user name", 200)
+    try:
+        name = items[0].encode("utf-8")
+    except UnicodeEncodeError:   # lone surrogates from \ud800 escapes
+        name = b""
+    if not 0 < len(name) <= MAX_USER or any(c in name for c in (b"\t", b"\n", b"\r", b"\0")):
+        return Verdict(TEMP, "invalid backend data: the user name is empty, too long, not UTF-8, or holds "
+                             "TAB, CR, LF or NUL", 200)
+    return Verdict(AUTHENTICATED, name, 200)
