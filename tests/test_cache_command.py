@@ -44,17 +44,20 @@ def reachable():
 
 @pytest.fixture
 def serve(backend, write_config, served, reachable):
-    """A serve --workers 2 with a cached tcp and socketmap endpoint, an uncached one and a policy one."""
+    """A serve --workers 2 with a cached tcp and socketmap endpoint, an uncached one, a policy one and an
+    auth one."""
     control = os.path.join(reachable, "control.sock")
-    ports = {name: free_port() for name in ("tcp", "sm", "plain", "pol")}
+    ports = {name: free_port() for name in ("tcp", "sm", "plain", "pol", "auth")}
     common = {"target": backend.url + "/lookup", "request-timeout": 3000}
     path = write_config([
         {"name": "tcp", "mode": "tcp-lookup", "bind-port": ports["tcp"], "cache-ttl": 600, **common},
         {"name": "sm", "mode": "socketmap-lookup", "bind-port": ports["sm"], "cache-ttl": 600, **common},
         {"name": "plain", "mode": "tcp-lookup", "bind-port": ports["plain"], **common},
-        {"name": "pol", "mode": "policy", "bind-port": ports["pol"], **common}], **{"control-socket": control})
+        {"name": "pol", "mode": "policy", "bind-port": ports["pol"], **common},
+        {"name": "auth", "mode": "dovecot-sasl", "bind-port": ports["auth"], **common}],
+        **{"control-socket": control})
     proc = served("-c", path, "--workers", "2")
-    proc.wait_for(r"ready: serving 4 endpoint")
+    proc.wait_for(r"ready: serving 5 endpoint")
     return path, ports, control, proc
 
 
@@ -100,7 +103,8 @@ def test_what_the_command_refuses(serve, write_config, tmp_path, capsys):
         out, err = capsys.readouterr()
         return subprocess.CompletedProcess(args, status, out, err)
     for args, status, words in (
-            (("drop", "pol", "k"), EX_USAGE, "policy answers are never cached"),
+            (("drop", "pol", "k"), EX_USAGE, "a policy endpoint: its answers are never cached"),
+            (("flush", "auth"), EX_USAGE, "a dovecot-sasl endpoint: its answers are never cached"),
             (("drop", "plain", "k"), EX_USAGE, "keeps no cache"),
             (("drop", "tcp"), EX_USAGE, "drop needs at least one KEY"),
             (("flush", "tcp", "k"), EX_USAGE, "flush takes no KEY"),

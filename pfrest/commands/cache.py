@@ -25,7 +25,7 @@ from pfrest.backend.request import query
 from pfrest.cache import sharedformat
 from pfrest.commands import localhttp
 from pfrest.commands.query import build_request
-from pfrest.config import POLICY, SOCKETMAP
+from pfrest.config import POLICY, SASL, SOCKETMAP
 from pfrest.ops import controlsocket
 from pfrest.protocol.answers import mode_for
 from pfrest.system import eventloop
@@ -39,8 +39,8 @@ EX_USAGE = 64
 def run(cfg, action, name, keys, mapname=None, out=print) -> int:
     """``keys``: bytes, as the command line gave them.  Returns the exit status."""
     endpoint = cfg.endpoint(name)
-    if endpoint.mode == POLICY:
-        return _usage(f"endpoint {name} is a policy endpoint: policy answers are never cached")
+    if endpoint.mode in (POLICY, SASL):
+        return _usage(f"endpoint {name} is a {endpoint.mode} endpoint: its answers are never cached")
     if not endpoint.caches:
         return _usage(f"endpoint {name} keeps no cache (neither cache-ttl nor cache-negative-ttl is set)")
     if action == "flush":
