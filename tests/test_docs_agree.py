@@ -1,4 +1,4 @@
-"""What the README, master.cf.example and bin/test each say about the same things agrees: the cost of
+"""What the README, docs/, master.cf.example and bin/test each say about the same things agrees: the cost of
 a handler's start, how serve runs, what bin/test installs, and that the Debian package has done the
 first steps master.cf.example lists."""
 
@@ -13,11 +13,11 @@ def read(name):
 
 
 def test_the_start_cost_and_threads_agree():
-    readme, master = read("README.md"), read("master.cf.example")
-    readme_start = re.search(r"each connection costs a Python start, about ([\d.]+) s", readme).group(1)
+    deploying, master = read("docs/deploying.md"), read("master.cf.example")
+    docs_start = re.search(r"each connection costs a Python start, about ([\d.]+) s", deploying).group(1)
     master_start = re.search(r"a Python start \(~([\d.]+) s\) per connection", master).group(1)
-    assert readme_start == master_start
-    assert "no threads on the request path" in readme
+    assert docs_start == master_start
+    assert "no threads on the request path" in read("docs/design.md")
     assert "one process, threads" not in master and "one event loop, no threads" in master
 
 

@@ -2,7 +2,7 @@
 the exact commands to try printed.  No config file, no root, nothing left behind.
 
 The endpoints are served by the very Server of ``pfrest serve``; the backend is a minihttp app that
-follows the HTTP contract of the README (and checks the auth token, as a real one should).  Postfix's
+follows the HTTP contract (docs/http-contract.md) (and checks the auth token, as a real one should).  Postfix's
 ``postmap`` needs a main.cf, which a fresh "No configuration" install does not have, so the demo writes
 one into a temporary directory and prints ``postmap -c DIR ...``.
 """
