@@ -38,11 +38,24 @@ def sections(page):
 
 
 @pytest.fixture(scope="module")
-def pages(tmp_path_factory):
+def troff(tmp_path_factory):
     out = tmp_path_factory.mktemp("man")
     subprocess.run([sys.executable, GENERATOR, str(out)], check=True, timeout=60)
-    return {"pfrest.8": render((out / "man8" / "pfrest.8").read_text()),
-            "pfrest.json.5": render((out / "man5" / "pfrest.json.5").read_text())}
+    return {"pfrest.8": (out / "man8" / "pfrest.8").read_text(),
+            "pfrest.json.5": (out / "man5" / "pfrest.json.5").read_text()}
+
+
+@pytest.fixture(scope="module")
+def pages(troff):
+    return {name: render(text) for name, text in troff.items()}
+
+
+def test_pages_render_without_warnings_as_man_shows_them(troff):
+    """At man's own width, where a long word may have nowhere to break (``man -l man/pfrest.8``)."""
+    for name, text in troff.items():
+        proc = subprocess.run([need_binary("groff"), "-man", "-Tutf8", "-ww", "-z"], input=text,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stderr == "", (name, proc.stderr)
 
 
 @pytest.fixture(scope="module")
