@@ -34,7 +34,7 @@ PORTS = ("9001", "9002", "9003", "8081", "9100")
 
 # command of the guide -> what the test runs instead (bash; $T is the temporary root, $SERVE_LOG the log)
 GUIDE_MAPS = {
-    "apt-get install ./pfrest_*_all.deb": ":   # the checkout's pfrest is on PATH",
+    "apt-get install ../pfrest_*_all.deb": ":   # the checkout's pfrest is on PATH",
     "systemctl enable --now pfrest.service":
         'pfrest serve -c "$T/etc/pfrest/pfrest.json" --workers 2 >>"$SERVE_LOG" 2>&1 &\n'
         'echo $! >"$T/serve.pid"; echo $! >>"$T/pids"\n'
