@@ -31,3 +31,9 @@ def test_the_readme_lists_what_bin_test_installs():
 def test_master_cf_example_knows_what_the_package_did():
     master = read("master.cf.example")
     assert "The Debian package installed it" in master and "The Debian package created it" in master
+
+
+def test_the_documented_example_is_pfrest_json_example():
+    import json
+    shown = re.search(r"```json\n(.*?)```", read("docs/configuration.md"), re.S).group(1)
+    assert json.loads(shown) == json.loads(read("pfrest.json.example"))
