@@ -37,3 +37,12 @@ def test_the_documented_example_is_pfrest_json_example():
     import json
     shown = re.search(r"```json\n(.*?)```", read("docs/configuration.md"), re.S).group(1)
     assert json.loads(shown) == json.loads(read("pfrest.json.example"))
+
+
+def test_every_link_of_the_readme_and_docs_leads_to_a_file():
+    import glob
+    import os
+    for name in ["README.md", "contrib/backends/README.md", *(os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/docs/*.md"))]:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", read(name)):
+            if "://" not in target:
+                assert os.path.exists(os.path.join(ROOT, os.path.dirname(name), target)), (name, target)
