@@ -43,6 +43,11 @@ def test_every_link_of_the_readme_and_docs_leads_to_a_file():
     import glob
     import os
     for name in ["README.md", "contrib/backends/README.md", *(os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/docs/*.md"))]:
-        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", read(name)):
+        for target, anchor in re.findall(r"\]\(([^)#]+)(?:#([^)]*))?\)", read(name)):
             if "://" not in target:
-                assert os.path.exists(os.path.join(ROOT, os.path.dirname(name), target)), (name, target)
+                path = os.path.join(ROOT, os.path.dirname(name), target)
+                assert os.path.exists(path), (name, target)
+                if anchor:   # GitHub's heading ids: lower case, punctuation dropped, spaces as hyphens
+                    headings = re.findall(r"(?m)^#+ (.*)$", read(os.path.relpath(path, ROOT)))
+                    slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+                    assert anchor in slugs, (name, target, anchor)
