@@ -140,7 +140,7 @@ def need_package(name="pfrest"):
     if not package_installed(name):
         if IN_CI:
             pytest.fail(f"the package {name} is not installed; .ci/run must build and install it")
-        pytest.skip(f"the package {name} is not installed (README: Install)")
+        pytest.skip(f"the package {name} is not installed (docs/deploying.md: Install)")
 
 
 @pytest.fixture(scope="session")

@@ -216,7 +216,7 @@ def postfix_config(root, main, master):
 
 
 def pfrest_config(directory, endpoints, mode=0o640):
-    """A config that user nobody (spawn's user= here) can read, as the README says to install it."""
+    """A config that user nobody (spawn's user= here) can read, as docs/deploying.md says to install it."""
     path = directory / "pfrest.json"
     path.write_text(json.dumps({"user": "nobody", "endpoints": endpoints}))
     shutil.chown(path, "root", "nogroup")

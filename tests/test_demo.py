@@ -51,19 +51,33 @@ def demo():
 def test_printed_commands_work_as_printed(demo):
     proc, lines = demo
     commands = tries(lines)
-    assert [c.split()[0] for c, _ in commands] == ["postmap"] * 4 + ["python3"]
+    assert [os.path.basename(c.split()[0]) for c, _ in commands][:4] == ["postmap"] * 4
+    assert " query -c " in commands[4][0] and commands[4][0].endswith(" domains example.com")
+    assert commands[5][0].startswith("python3")
     confdir = shlex.split(commands[0][0])[2]
     assert os.path.isabs(confdir) and os.path.exists(os.path.join(confdir, "main.cf"))
     for command, expectation in commands:
         run = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60,
                              env={"PATH": os.environ["PATH"], "LANG": "C.UTF-8"}, cwd="/")
-        if expectation.startswith("prints: "):
+        if expectation.startswith("prints among them: "):   # pfrest query: the URL, the answer, the reply
+            assert run.returncode == 0 and expectation[len("prints among them: "):] + "\n" in run.stdout, \
+                (command, run.stdout, run.stderr)
+        elif expectation.startswith("prints: "):
             assert (run.stdout, run.returncode) == (expectation[len("prints: "):] + "\n", 0), \
                 (command, run.stderr)
         else:
             assert "exits 1" in expectation and (run.stdout, run.returncode) == ("", 1), (command, run)
     # the main.cf lines name the same sockets
     text = "\n".join(lines)
+    # the config it printed is the file it wrote, which pfrest check finds valid, with the ports served
+    path = re.search(r"^The config they are served with, written to (\S+) ", text, re.M).group(1)
+    printed = re.search(r"written to \S+ \(removed when the demo stops\):\n\n((?:    .*\n)+)", text + "\n").group(1)
+    with open(path) as f:
+        assert [line[4:] for line in printed.splitlines()] == f.read().splitlines()
+    check = subprocess.run(pfrest_cmd("check", "-c", path), capture_output=True, text=True, timeout=30,
+                           env=pfrest_env())
+    assert check.returncode == 0 and "valid; domains (tcp-lookup), aliases (socketmap-lookup)" in check.stdout
+    assert re.search(r'"bind-port": %s,' % re.search(r"tcp:127\.0\.0\.1:(\d+)", commands[0][0]).group(1), printed)
     tcp = re.search(r"tcp:(127\.0\.0\.1:\d+)", commands[0][0]).group(1)
     assert f"virtual_mailbox_domains = tcp:{tcp}" in text
     assert re.search(r"check_policy_service inet:127\.0\.0\.1:\d+", text)

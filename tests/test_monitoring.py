@@ -263,10 +263,10 @@ def test_the_dashboard_queries_only_metrics_pfrest_exposes(service):
         assert subject in titles
 
 
-def test_the_readme_scrape_config_and_alerts_pass_promtool(service, tmp_path):
+def test_the_documented_scrape_config_and_alerts_pass_promtool(service, tmp_path):
     promtool = need_binary("promtool")
-    with open(os.path.join(ROOT, "README.md")) as f:
-        monitoring = f.read().split("\n## Monitoring\n", 1)[1].split("\n## ", 1)[0]
+    with open(os.path.join(ROOT, "docs", "monitoring.md")) as f:
+        monitoring = f.read()
     scrape, rules = re.findall(r"```yaml\n(.*?)```", monitoring, re.S)
     for kind, text in (("config", scrape), ("rules", rules)):
         path = tmp_path / f"{kind}.yml"

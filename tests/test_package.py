@@ -2,8 +2,9 @@
 
 - The units' sandbox as `systemd-analyze security` rates the files: at most 2.5 for the per-connection
   handlers, 3.5 for pfrest.service, in the repository and as installed.
-- What the package installed: /usr/sbin/pfrest, the units (disabled), the man pages (`man -w`) with
-  every option and config key of the installed pfrest, the conffile root:pfrest 0640, the account.
+- What the package installed: /usr/sbin/pfrest, the units (disabled), the examples and reference backends
+  (executable, run by Debian's python3), the man pages (`man -w`) with every option and config key of the
+  installed pfrest, the conffile root:pfrest 0640, the account.
 - The installed units run by systemd itself, their whole sandbox applied: a container (systemd-nspawn,
   its own loopback) boots the machine's /usr with systemd as PID 1, and tests/units_probe.py starts each
   deployment style there and asks every endpoint (the deployment tests run the units' ExecStart= under
@@ -98,8 +99,12 @@ def test_installed_files(package):
         text = Path(SYSTEM, unit).read_text()
         for exec_line in unit_settings(text).get("ExecStart", []):
             assert exec_line.startswith("/usr/sbin/pfrest "), exec_line
-    for relpath in ("master.cf.example", "pfrest.json.example", "xinetd.d/pfrest-tcp"):
-        assert f"{EXAMPLES}/{relpath}" in package
+    for relpath in ("master.cf.example", "pfrest.json.example", "xinetd.d/pfrest-tcp", "backends/README.md",
+                    "backends/table.json", "backends/stdlib_backend.py", "backends/flask_backend.py"):
+        assert f"{EXAMPLES}/{relpath}" in package, relpath   # as they are: not compressed
+    for script in ("stdlib_backend.py", "flask_backend.py"):   # runnable as the README's first deployment runs them
+        path = f"{EXAMPLES}/backends/{script}"
+        assert os.stat(path).st_mode & 0o111 and Path(path).read_text().startswith("#!/usr/bin/python3\n"), path
     # the repository's files name /usr/local/bin/pfrest (the venv route); nothing installed does
     for path in package:
         if path.startswith((SYSTEM + "/pfrest", EXAMPLES + "/")) and os.path.isfile(path):

@@ -163,7 +163,7 @@ def test_every_copy_of_an_echoing_backend_is_caught(served, delay, workers):
 
 def test_a_backend_without_the_echo_has_its_idle_copies_caught(served):
     """Without X-Request-Id a copy that arrives after the next request went out cannot be told from
-    its answer (the README says so): one client per endpoint here, which asks its next key only once
+    its answer (docs/http-contract.md says so): one client per endpoint here, which asks its next key only once
     the copy of the last answer was sent and has had SETTLE to arrive, so that the connection is idle
     until it came (a fixed pause from the reply let a loaded machine deliver a copy after the next
     request, 1 in 120: the very race the echo is for)."""

@@ -4,7 +4,7 @@
     PFREST_AUTH_TOKEN=<the config's auth-token> python3 stdlib_backend.py [--listen 127.0.0.1:8081]
         [--table table.json]
 
-It follows the HTTP contract of pfrest's README ("The HTTP contract, for backend authors"):
+It follows pfrest's HTTP contract (docs/http-contract.md, "The HTTP contract, for backend authors"):
 - GET /domains?key=K (tcp-lookup) and GET /aliases?name=MAP&key=K (socketmap-lookup): the table named by
   `name` (else by the path's last part); 200 with a JSON array of strings when K is in it, else 404.
 - /policy (GET or POST, the attributes form-encoded in the body): 200 with the action as text/plain,

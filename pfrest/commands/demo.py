@@ -2,12 +2,15 @@
 the exact commands to try printed.  No config file, no root, nothing left behind.
 
 The endpoints are served by the very Server of ``pfrest serve``; the backend is a minihttp app that
-follows the HTTP contract of the README (and checks the auth token, as a real one should).  Postfix's
+follows the HTTP contract (docs/http-contract.md) (and checks the auth token, as a real one should).  Postfix's
 ``postmap`` needs a main.cf, which a fresh "No configuration" install does not have, so the demo writes
-one into a temporary directory and prints ``postmap -c DIR ...``.
+one into a temporary directory and prints ``postmap -c DIR ...``.  It also writes the config it serves
+there, as a file any command reads (the ports those the endpoints got), prints it and the ``pfrest query``
+command that asks the backend through it.
 """
 
 import asyncio
+import json
 import logging
 import os
 import shlex
@@ -77,6 +80,27 @@ def demo_config(backend_url, port_base, host=HOST):
     return config.Config(endpoints=endpoints, user_agent="pfrest demo")
 
 
+def config_file(root, addresses, backend_url):
+    """The demo's config as a file (its endpoints where they listen now): (path, text)."""
+    endpoints = [{"name": name, "mode": mode, "target": f"{backend_url}/{name}",
+                  "bind-address": addresses[name][0], "bind-port": addresses[name][1], "auth-token": TOKEN,
+                  "request-timeout": 2000}
+                 for name, mode, _ in ENDPOINTS]
+    text = json.dumps({"user-agent": "pfrest demo", "endpoints": endpoints}, indent=2) + "\n"
+    path = os.path.join(root, "pfrest.json")
+    with open(path, "w") as f:
+        f.write(text)
+    return path, text
+
+
+def pfrest_command():
+    """This pfrest as the user can run it again: the ``pfrest`` script that runs (a venv's, say), else
+    this Python with ``-m pfrest``."""
+    if os.path.basename(sys.argv[0]) == "pfrest":
+        return shlex.quote(os.path.abspath(sys.argv[0]))
+    return f"{shlex.quote(sys.executable)} -m pfrest"
+
+
 def postfix_dir(root):
     """A config directory for postmap: a fresh Debian install with "No configuration" has no
     /etc/postfix/main.cf, and postmap refuses to run without one."""
@@ -100,8 +124,8 @@ def postmap_command():
     return None
 
 
-def instructions(addresses, confdir, backend_url):
-    """What to print: the commands to try and the main.cf lines."""
+def instructions(addresses, confdir, backend_url, config=None):
+    """What to print: the config served (path, text), the commands to try and the main.cf lines."""
     (h1, tcp), (h2, sockmap), (h3, policy) = (addresses[name] for name, _, _ in ENDPOINTS)
     postmap = postmap_command()
     pm = f"{postmap or 'postmap'} -c {shlex.quote(confdir)} -q"
@@ -112,7 +136,12 @@ def instructions(addresses, confdir, backend_url):
              % (h3, policy, BLOCKED_SENDER))
     lines = [
         f"pfrest demo: three endpoints on loopback, answered by a built-in REST backend at {backend_url}",
-        "",
+        ""]
+    if config:
+        path, text = config
+        lines += [f"The config they are served with, written to {path} (removed when the demo stops):", "",
+                  *("    " + line for line in text.rstrip("\n").splitlines()), ""]
+    lines += [
         "Look things up with Postfix's own client:" if postmap else
         "Look things up with Postfix's own client (install Postfix first: apt-get install postfix, "
         "and choose \"No configuration\"):",
@@ -125,6 +154,12 @@ def instructions(addresses, confdir, backend_url):
         "        prints: alice@example.com,bob@example.com",
         f"    {pm} postmaster@example.com socketmap:inet:{h2}:{sockmap}:aliases",
         "        prints: alice@example.com",
+        "",
+        "Ask the backend through an endpoint with pfrest's own client, which shows the URL asked, the",
+        "backend's answer and the reply Postfix gets:",
+        "",
+        f"    {pfrest_command()} query -c {shlex.quote(config[0]) if config else 'FILE'} domains example.com",
+        "        prints among them: result: found",
         "",
         "Send the policy request that Postfix's smtpd would send for a sender the demo policy blocks:",
         "",
@@ -172,7 +207,8 @@ async def _serve(cfg, port_base, root, backend_url, out):
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    print(instructions(server.addresses, postfix_dir(root), backend_url), file=out, flush=True)
+    config = config_file(root, server.addresses, backend_url)
+    print(instructions(server.addresses, postfix_dir(root), backend_url, config), file=out, flush=True)
     await stop.wait()
     logger.info("stopping")
     await server.stop(2.0)

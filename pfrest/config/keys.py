@@ -1,5 +1,5 @@
 """Every key of the config file and its check: ENDPOINT_KEYS and TOP_KEYS are the one list that the
-loader (__init__.py), the README's key tables and the man pages (bin/pfrest-manpages) follow.  Each check
+loader (__init__.py), the key tables of docs/configuration.md and the man pages (bin/pfrest-manpages) follow.  Each check
 returns an error message or None; nothing here reads a file or builds a Config.
 """
 

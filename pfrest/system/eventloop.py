@@ -3,7 +3,7 @@
 ``serve`` runs on uvloop where it is installed (Linux, macOS): it nearly halves the CPU each request
 costs.  ``handle`` and ``query`` run on asyncio's own loop: one connection, a few requests, and what
 counts is the memory of a process Postfix may start a hundred times (uvloop adds 1.1 MiB to each) and
-its start.  The README's design notes give the figures."""
+its start.  docs/design.md gives the figures."""
 
 import asyncio
 
