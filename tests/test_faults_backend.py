@@ -186,3 +186,19 @@ def test_an_interim_answer_never_answers_the_next_key_through_postmap(postmap_co
     finally:
         server.stop()
         backend.stop()
+
+
+def test_https_to_a_plain_http_port_is_logged_with_what_to_do(write_config, tmp_path):
+    """The admin reading serve's log (or handle's) learns what OpenSSL's "wrong version number" means."""
+    server = minihttp.serve_app(lambda req: (200, {}, b'["plain"]'))
+    try:
+        cfg = config_for(write_config, server.url.replace("http://", "https://"), "tcp-lookup")
+        log = tmp_path / "handle.log"
+        proc = subprocess.run(pfrest_cmd("handle", "-c", cfg, "--log-file", str(log), "ep"), input=b"get k\n",
+                              capture_output=True, timeout=60, env=pfrest_env(), cwd=ROOT)
+        assert proc.stdout.startswith(b"400 TLS%20error%20talking%20to%20the%20backend")
+        assert "error=tls: " in log.read_text()
+        assert "that port speaks plain HTTP, not TLS: use an http:// target, or the port that speaks TLS" \
+            in log.read_text()
+    finally:
+        server.stop()

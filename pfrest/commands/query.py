@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from pfrest import config
 from pfrest.backend.client import Client
+from pfrest.backend.errors import PLAIN_HTTP_HINT
 from pfrest.backend.request import new_request_id, query as query_string
 from pfrest.conversation.services import Service
 from pfrest.ops.counters import reply_class
@@ -43,8 +44,6 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # class names ("ConnectionRefusedError: "), errno and OpenSSL tags, the C source line.
 _PYTHON_NOISE = re.compile(r"\b[A-Za-z_][\w.]*(?:Error|Exception|error): |\[Errno -?\d+\] |\[SSL: \w+\] "
                            r"| ?\(_ssl\.c:\d+\)")
-# What OpenSSL says when the server's first bytes are not a TLS record (a plain HTTP answer).
-PLAIN_HTTP = re.compile(r"wrong version number|record layer failure|packet length too long", re.IGNORECASE)
 EXCERPT = 120   # bytes of a malformed answer's body shown
 _CERTIFICATE = re.compile(r"certificate verify failed:?\s*(.*)", re.IGNORECASE)
 
@@ -191,9 +190,8 @@ def failure_words(failure: Failure, endpoint) -> str:
     if kind == "dns":
         return f"host name {peer.rpartition(':')[0].strip('[]')} does not resolve ({detail})"
     if kind == "tls":
-        if PLAIN_HTTP.search(detail):
-            return (f"TLS with {peer} failed: that port speaks plain HTTP, not TLS: use an http:// target, "
-                    "or the port that speaks TLS")
+        if PLAIN_HTTP_HINT in detail:
+            return f"TLS with {peer} failed: {PLAIN_HTTP_HINT}"
         certificate = _CERTIFICATE.search(detail)
         if certificate:
             return f"TLS certificate not trusted: {certificate.group(1) or 'verification failed'} ({peer})"
