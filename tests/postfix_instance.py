@@ -432,11 +432,12 @@ class PostfixInstance:
         self.services = ""
         self.smtpd = {}  # name -> port
 
-    def add_smtpd(self, name="smtpd", **overrides):
-        """An smtpd service on a free loopback port, with ``-o name=value`` overrides; returns the port."""
+    def add_smtpd(self, name="smtpd", maxproc="-", **overrides):
+        """An smtpd service on a free loopback port, with ``-o name=value`` overrides; returns the port.
+        ``maxproc=1``: every SMTP session goes to one smtpd process, one after the other."""
         port = free_port()
         opts = "".join(f"\n  -o {{ {k} = {v} }}" for k, v in overrides.items())
-        self.services += f"127.0.0.1:{port} inet n - n - - smtpd{opts}\n"
+        self.services += f"127.0.0.1:{port} inet n - n - {maxproc} smtpd{opts}\n"
         self.smtpd[name] = port
         return port
 

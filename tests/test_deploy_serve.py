@@ -150,5 +150,5 @@ def test_pfrest_socket_passes_the_sockets(site, notify):
     finally:
         stop_process(proc)
     text = (s.root / "activate.log").read_text()
-    assert text.count("(from systemd)") == 3, text
+    assert text.count("(from systemd)") == 4, text
     assert "Traceback" not in text
