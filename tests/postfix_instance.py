@@ -222,7 +222,7 @@ def shipped(relpath):
     return (Path(ROOT) / relpath).read_text()
 
 
-SHIPPED_PORTS = {"tcp": 9001, "socketmap": 9002, "policy": 9003}
+SHIPPED_PORTS = {"tcp": 9001, "socketmap": 9002, "policy": 9003, "auth": 9004}
 _ACCOUNT = [(r"(?m)^(\s*user\s*=\s*)pfrest$", r"\1nobody"),     # xinetd
             (r"(?m)^(\s*group\s*=\s*)pfrest$", r"\1nogroup"),
             (r"(?m)^User=pfrest$", "User=nobody"),                # systemd

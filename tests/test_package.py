@@ -30,7 +30,7 @@ from postfix_instance import EXAMPLES, need_root, stop_process, unit_settings
 from test_manpages import has_entry, render, sections
 
 LIMITS = {"pfrest.service": 3.5, "pfrest-tcp@.service": 2.5, "pfrest-socketmap@.service": 2.5,
-          "pfrest-policy@.service": 2.5}
+          "pfrest-policy@.service": 2.5, "pfrest-auth@.service": 2.5}
 UNITS = sorted(os.listdir(os.path.join(ROOT, "systemd")))
 SYSTEM = "/lib/systemd/system"
 
