@@ -106,9 +106,9 @@ def launchers(installation):
             "systemd", smtpd_recipient_restrictions=systemd_main["smtpd_recipient_restrictions"])
         # SMTP AUTH with the files' smtpd_sasl_* lines, in the clear (STARTTLS: test_sasl_postfix.py);
         # one smtpd process, which keeps its auth connection across sessions
-        s.xinetd.smtp_auth = instance.add_smtpd("xinetd-auth", maxproc=1, **sasl_lines(s.xinetd.main))
-        smtp_auth_systemd = instance.add_smtpd("systemd-auth", maxproc=1, **sasl_lines(commented_main_cf(
-            installation.shipped("systemd/pfrest-auth.socket"))))
+        s.xinetd.smtp_auth = instance.add_smtpd("xinetd-auth", maxproc=1, **sasl_lines(s.xinetd.text))
+        smtp_auth_systemd = instance.add_smtpd("systemd-auth", maxproc=1, **sasl_lines(
+            installation.shipped("systemd/pfrest-auth.socket")))
         # the unix sockets of the systemd units live in the queue directory's private/, and must be there
         # before Postfix starts: an smtpd with SMTP AUTH connects to its auth server as a session begins,
         # and exits if none answers ("fatal: no SASL authentication mechanisms")
@@ -166,11 +166,14 @@ def test_policy_through_smtpd(launcher):
     check_policy_transaction(s.backend, via.smtp, slow=False)
 
 
-def sasl_lines(main):
-    """A shipped file's main.cf lines for SMTP AUTH, but offered without TLS."""
+def sasl_lines(text):
+    """A shipped file's main.cf lines for SMTP AUTH and its master.cf -o that enables it, but AUTH offered
+    without TLS."""
+    main = commented_main_cf(text)
     lines = {k: v for k, v in main.items() if k.startswith("smtpd_sasl_")}
     assert lines["smtpd_sasl_type"] == "dovecot" and main["smtpd_tls_auth_only"] == "yes"
-    return dict(lines, smtpd_tls_auth_only="no")
+    assert "-o smtpd_sasl_auth_enable=yes" in text
+    return dict(lines, smtpd_sasl_auth_enable="yes", smtpd_tls_auth_only="no")
 
 
 def smtp_login(port, password):

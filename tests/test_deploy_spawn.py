@@ -61,8 +61,7 @@ def test_shipped_lines_are_what_postfix_expects(deployment):
         "virtual_alias_maps": "socketmap:unix:private/pfrest-aliases:aliases",
         "smtpd_recipient_restrictions": "permit_mynetworks, reject_unauth_destination, "
                                         "check_policy_service unix:private/pfrest-policy",
-        "smtpd_sasl_auth_enable": "yes", "smtpd_sasl_type": "dovecot",
-        "smtpd_sasl_path": "private/pfrest-auth", "smtpd_tls_auth_only": "yes",
+        "smtpd_sasl_type": "dovecot", "smtpd_sasl_path": "private/pfrest-auth", "smtpd_tls_auth_only": "yes",
         f"127.0.0.1:{port}_time_limit": "3600s", "pfrest-aliases_time_limit": "3600s",
         "pfrest-policy_time_limit": "3600s", "pfrest-auth_time_limit": "86400s"}
     shipped = deployment.installation.shipped("master.cf.example")

@@ -39,9 +39,10 @@ PASSWORD = "Corr3ct-h0rse-batt3ry"               # must show nowhere but in the 
 WRONG = "Wr0ng-staple-guess"
 REQUEST_TIMEOUT_MS = 1000                         # the backend's "slow" answers take longer
 SLOW_SECONDS = 2.5
-# master.cf.example's main.cf lines for SMTP AUTH (the others are its lookups' and policy's)
-SASL_LINES = ("smtpd_sasl_auth_enable", "smtpd_sasl_type", "smtpd_sasl_path", "smtpd_tls_auth_only",
-              "pfrest-auth_time_limit")
+# master.cf.example's main.cf lines for SMTP AUTH (the others are its lookups' and policy's), and the
+# override it gives for the submission service, which every smtpd here gets
+SASL_LINES = ("smtpd_sasl_type", "smtpd_sasl_path", "smtpd_tls_auth_only", "pfrest-auth_time_limit")
+ENABLE = "-o smtpd_sasl_auth_enable=yes"
 # smtpd's TLS needs tlsmgr(8) (its session cache and entropy): without it, STARTTLS is refused
 TLSMGR = "tlsmgr unix - - n 1000? 1 tlsmgr\n"
 # The fields of the HTTP contract (docs/dovecot-sasl.md), in order, when the client gives no authzid
@@ -179,17 +180,19 @@ def site():
         # Every smtpd: maxproc 1 (one process, whose auth connection lives across sessions), its own
         # syslog_name (its PID found in the maillog), the policy endpoint after the login
         s.cert, s.key = certificate(root)
+        assert ENABLE in master
         restrictions = f"check_policy_service inet:127.0.0.1:{s.policy_port}, permit"
-        plain = {"smtpd_tls_auth_only": "no", "smtpd_recipient_restrictions": restrictions}
+        enabled = {"smtpd_sasl_auth_enable": "yes", "smtpd_recipient_restrictions": restrictions}
+        plain = dict(enabled, smtpd_tls_auth_only="no")
         s.smtp = {
             "serve": instance.add_smtpd("serve", maxproc=1, syslog_name="postfix/sasl-serve",
                                         smtpd_sasl_path=f"inet:127.0.0.1:{s.auth_port}", **plain),
             "spawn": instance.add_smtpd("spawn", maxproc=1, syslog_name="postfix/sasl-spawn", **plain),
-            # master.cf.example's main.cf lines as they are (smtpd_tls_auth_only = yes), with TLS
+            # master.cf.example's lines as they are (smtpd_tls_auth_only = yes), with TLS
             "tls": instance.add_smtpd("tls", maxproc=1, syslog_name="postfix/sasl-tls",
                                       smtpd_sasl_path=f"inet:127.0.0.1:{s.auth_port}",
                                       smtpd_tls_security_level="may", smtpd_tls_cert_file=s.cert,
-                                      smtpd_tls_key_file=s.key, smtpd_recipient_restrictions=restrictions),
+                                      smtpd_tls_key_file=s.key, **enabled),
         }
         log = open(s.serve_log, "wb")
         proc = subprocess.Popen(pfrest_cmd("serve", "-c", str(s.config), "auth-tcp", "policy-tcp"),
