@@ -155,6 +155,7 @@ def site():
     instance = PostfixInstance(root)
     s = types.SimpleNamespace(root=root, backend=backend, instance=instance, installation=installation,
                               auth_port=free_port(), policy_port=free_port(), metrics_port=free_port(),
+                              closed_port=free_port(),   # where nothing listens
                               serve_log=root / "serve.log", config=root / "pfrest.json", sampler=Sampler())
     proc = None
     try:
@@ -184,16 +185,24 @@ def site():
         restrictions = f"check_policy_service inet:127.0.0.1:{s.policy_port}, permit"
         enabled = {"smtpd_sasl_auth_enable": "yes", "smtpd_recipient_restrictions": restrictions}
         plain = dict(enabled, smtpd_tls_auth_only="no")
+        tls = {"smtpd_tls_security_level": "may", "smtpd_tls_cert_file": s.cert, "smtpd_tls_key_file": s.key}
         s.smtp = {
             "serve": instance.add_smtpd("serve", maxproc=1, syslog_name="postfix/sasl-serve",
                                         smtpd_sasl_path=f"inet:127.0.0.1:{s.auth_port}", **plain),
             "spawn": instance.add_smtpd("spawn", maxproc=1, syslog_name="postfix/sasl-spawn", **plain),
             # master.cf.example's lines as they are (smtpd_tls_auth_only = yes), with TLS
             "tls": instance.add_smtpd("tls", maxproc=1, syslog_name="postfix/sasl-tls",
-                                      smtpd_sasl_path=f"inet:127.0.0.1:{s.auth_port}",
-                                      smtpd_tls_security_level="may", smtpd_tls_cert_file=s.cert,
-                                      smtpd_tls_key_file=s.key, **enabled),
+                                      smtpd_sasl_path=f"inet:127.0.0.1:{s.auth_port}", **tls, **enabled),
         }
+        # What makes an smtpd exit as AUTH becomes available (after STARTTLS, so that the banner
+        # instance.start() waits for comes first): no auth server, or no mechanism left
+        s.smtp["unreachable"] = instance.add_smtpd("unreachable", syslog_name="postfix/sasl-unreachable",
+                                                   smtpd_sasl_path=f"inet:127.0.0.1:{s.closed_port}",
+                                                   **tls, **enabled)
+        s.smtp["noplain"] = instance.add_smtpd("noplain", syslog_name="postfix/sasl-noplain",
+                                               smtpd_sasl_path=f"inet:127.0.0.1:{s.auth_port}",
+                                               smtpd_sasl_tls_security_options="noanonymous, noplaintext",
+                                               **tls, **enabled)
         log = open(s.serve_log, "wb")
         proc = subprocess.Popen(pfrest_cmd("serve", "-c", str(s.config), "auth-tcp", "policy-tcp"),
                                 stdout=log, stderr=log, env=pfrest_env())
@@ -349,6 +358,30 @@ def test_auth_only_after_starttls_and_secured(fresh):
     with smtplib.SMTP("127.0.0.1", s.smtp["serve"], local_hostname="client.example", timeout=60) as smtp:
         smtp.ehlo()
         assert smtp.esmtp_features["auth"].split() == ["PLAIN", "LOGIN"]
+
+
+@pytest.mark.parametrize("smtpd, why", [
+    ("unreachable", "warning: SASL: Connect to Dovecot auth socket 'inet:127.0.0.1:{port}' failed: "
+                    "Connection refused"),
+    # PLAIN and LOGIN are "plaintext": smtpd_tls_auth_only is the way to keep them under TLS
+    ("noplain", None)])
+def test_an_smtpd_without_mechanisms_exits(fresh, smtpd, why):
+    """smtpd connects to its auth server when AUTH becomes available (here after STARTTLS), and exits
+    when that gives it no mechanism: the SMTP client loses its connection (docs/dovecot-sasl.md: hence
+    AUTH on the submission service only)."""
+    s = fresh
+    with smtplib.SMTP("127.0.0.1", s.smtp[smtpd], local_hostname="client.example", timeout=60) as smtp:
+        smtp.ehlo()
+        smtp.starttls(context=ssl.create_default_context(cafile=str(s.cert)))
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            smtp.ehlo()
+    deadline = time.monotonic() + 10
+    fatal = rf"postfix/sasl-{smtpd}/smtpd\[\d+\]: fatal: no SASL authentication mechanisms"
+    while not re.search(fatal, s.instance.log()):
+        assert time.monotonic() < deadline, s.instance.log()
+        time.sleep(0.05)
+    if why is not None:
+        assert why.format(port=s.closed_port) in s.instance.log()
 
 
 @pytest.mark.parametrize("smtpd", ["serve", "spawn"])
