@@ -17,7 +17,6 @@ on those the Debian package installed, running /usr/sbin/pfrest as pfrest (conft
 
 import grp
 import os
-import smtplib
 import pwd
 import re
 import shlex
@@ -30,7 +29,7 @@ import pytest
 
 from conftest import ROOT, need_binary
 from postfix_instance import (PostfixInstance, RoutedBackend, check_policy_transaction, commented_main_cf,
-                              free_port, remove_tree, sandbox, stop_process, unit_settings, wait_path,
+                              free_port, remove_tree, sandbox, smtp_login, stop_process, unit_settings, wait_path,
                               wait_port, world_tmpdir)
 
 MODES = ("tcp", "socketmap", "policy", "auth")
@@ -176,17 +175,6 @@ def sasl_lines(text):
     return dict(lines, smtpd_sasl_auth_enable="yes", smtpd_tls_auth_only="no")
 
 
-def smtp_login(port, password):
-    """AUTH PLAIN as alice in a new SMTP session; the SMTP reply code."""
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=60) as smtp:
-        smtp.ehlo()
-        smtp.user, smtp.password = "alice", password
-        try:
-            return smtp.auth("PLAIN", smtp.auth_plain)[0]
-        except smtplib.SMTPAuthenticationError as e:
-            return e.smtp_code
-
-
 def test_login_through_smtpd(launcher):
     """235 for the password the backend takes, 535 for another, 454 when the backend fails (the handler
     ends the connection), and 235 at the next login: smtpd connected again, to a new handler."""
@@ -197,11 +185,11 @@ def test_login_through_smtpd(launcher):
         password = dict(request.form()).get("password")
         return (state["status"], b"") if password == "right" else (401, b"")
     s.backend.answers["auth "] = decide
-    assert [smtp_login(via.smtp_auth, p) for p in ("right", "wrong")] == [235, 535]
+    assert [smtp_login(via.smtp_auth, "alice", p)[0] for p in ("right", "wrong")] == [235, 535]
     state["status"] = 500
-    assert smtp_login(via.smtp_auth, "right") == 454
+    assert smtp_login(via.smtp_auth, "alice", "right")[0] == 454
     state["status"] = 200
-    assert smtp_login(via.smtp_auth, "right") == 235
+    assert smtp_login(via.smtp_auth, "alice", "right")[0] == 235
     logins = [dict(r.form()) for r in s.backend.requests if r.path == "/postfix/auth"]
     assert [(f["username"], f["mechanism"], f["service"]) for f in logins] == [("alice", "PLAIN", "smtp")] * 4
 

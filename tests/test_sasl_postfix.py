@@ -29,10 +29,11 @@ import urllib.request
 
 import pytest
 
-from conftest import IN_CI, Backend, need_binary, package_installed, pfrest_cmd, pfrest_env
+from conftest import IN_CI, Backend, package_installed, pfrest_cmd, pfrest_env
 from pfrest.commands import minihttp
-from postfix_instance import (Installation, PostfixInstance, commented_main_cf, free_port, installed_for_nobody,
-                              master_entries, processes_with, remove_tree, stop_process, wait_port, world_tmpdir)
+from postfix_instance import (TLSMGR, Installation, PostfixInstance, certificate, commented_main_cf, free_port,
+                              installed_for_nobody, master_entries, processes_with, remove_tree, smtp_login,
+                              stop_process, wait_port, world_tmpdir)
 
 USER, CANONICAL = "alice", "alice@example.com"   # the backend names the canonical user
 PASSWORD = "Corr3ct-h0rse-batt3ry"               # must show nowhere but in the backend's requests
@@ -43,8 +44,6 @@ SLOW_SECONDS = 2.5
 # override it gives for the submission service, which every smtpd here gets
 SASL_LINES = ("smtpd_sasl_type", "smtpd_sasl_path", "smtpd_tls_auth_only", "pfrest-auth_time_limit")
 ENABLE = "-o smtpd_sasl_auth_enable=yes"
-# smtpd's TLS needs tlsmgr(8) (its session cache and entropy): without it, STARTTLS is refused
-TLSMGR = "tlsmgr unix - - n 1000? 1 tlsmgr\n"
 # The fields of the HTTP contract (docs/dovecot-sasl.md), in order, when the client gives no authzid
 FIELDS = ["mechanism", "username", "password", "service", "client_address", "server_address", "secured"]
 
@@ -115,16 +114,6 @@ def installation_with_auth():
             return
     with installed_for_nobody() as script:
         yield Installation.checkout(script)
-
-
-def certificate(directory):
-    """A self-signed certificate for 127.0.0.1 (the client trusts it as its CA)."""
-    need_binary("openssl")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
-    return cert, key
 
 
 class Sampler:
@@ -228,22 +217,8 @@ def fresh(site):
 
 
 def login(site, smtpd, mechanism, password=PASSWORD, initial=True, user=USER, tls=False, then=None):
-    """One SMTP session on the smtpd ``smtpd``: EHLO, (STARTTLS, EHLO), AUTH. Returns (code, text) of
-    the AUTH; ``then(smtp)`` runs after a successful one."""
-    with smtplib.SMTP("127.0.0.1", site.smtp[smtpd], local_hostname="client.example", timeout=60) as smtp:
-        smtp.ehlo()
-        if tls:
-            smtp.starttls(context=ssl.create_default_context(cafile=str(site.cert)))
-            smtp.ehlo()
-        smtp.user, smtp.password = user, password
-        authobject = {"PLAIN": smtp.auth_plain, "LOGIN": smtp.auth_login}[mechanism]
-        try:
-            code, text = smtp.auth(mechanism, authobject, initial_response_ok=initial)
-        except smtplib.SMTPAuthenticationError as e:
-            code, text = e.smtp_code, e.smtp_error
-        if code == 235 and then is not None:
-            then(smtp)
-        return code, text.decode()
+    """One SMTP session on the smtpd ``smtpd`` (postfix_instance.smtp_login): (code, text) of the AUTH."""
+    return smtp_login(site.smtp[smtpd], user, password, mechanism, initial, site.cert if tls else None, then)
 
 
 WAYS = [("PLAIN", True), ("PLAIN", False), ("LOGIN", True), ("LOGIN", False)]
