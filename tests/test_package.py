@@ -172,7 +172,7 @@ PROBE_UNITS = {
                      "TimeoutStartSec=120\nExecStopPost=/bin/systemctl poweroff --no-block\n",
 }
 EXPECTED = {"tcp": "200 domains:example.com\n", "socketmap": "27:OK aliases:info@example.com,",
-            "policy": "action=REJECT probe b@example.com\n\n"}
+            "policy": "action=REJECT probe b@example.com\n\n", "auth": "OK\t1\tuser=probe:alice\n"}
 SERVE_CAPS = 0xc3   # CapabilityBoundingSet= of pfrest.service: CHOWN, DAC_OVERRIDE, SETGID, SETUID
 
 
