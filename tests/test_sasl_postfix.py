@@ -31,6 +31,7 @@ import pytest
 
 from conftest import IN_CI, Backend, package_installed, pfrest_cmd, pfrest_env
 from pfrest.commands import minihttp
+from test_serve import connect, ephemeral, listening  # noqa: F401 (listening: a fixture)
 from postfix_instance import (TLSMGR, Installation, PostfixInstance, certificate, commented_main_cf, free_port,
                               installed_for_nobody, master_entries, processes_with, remove_tree, smtp_login,
                               stop_process, wait_port, world_tmpdir)
@@ -399,3 +400,36 @@ def test_the_password_shows_nowhere(site):
 
 def b64(text):
     return base64.b64encode(text.encode()).decode()
+
+
+# --- without Postfix (and without root): what the smtpd tests above rely on -----------------------
+
+LOGIN_LINES = (b"VERSION\t1\t2\nCPID\t1\nAUTH\t1\tPLAIN\tservice=smtp\tnologin\tlip=127.0.0.1\trip=127.0.0.1\tresp="
+               + base64.b64encode(b"\0alice\0" + PASSWORD.encode()) + b"\n")
+
+
+def test_a_temporary_failure_resets_tcp_and_closes_unix(backend, tmp_path, listening):
+    """The backend answers 500: pfrest ends the connection without a reply, over TCP with a reset (so
+    that an smtpd before 3.7.15 sees an error, not an end, and connects again for its next login:
+    test_logins_and_temporary_failures_in_one_smtpd), over a unix socket with an ordinary end."""
+    backend.default = (500, b"")
+    cfg = ephemeral([
+        {"name": "tcp", "mode": "dovecot-sasl", "target": backend.url, "bind-address": "127.0.0.1", "bind-port": 1},
+        {"name": "unix", "mode": "dovecot-sasl", "target": backend.url, "bind-path": str(tmp_path / "auth")}])
+    addresses = listening(cfg).addresses
+    for name in ("tcp", "unix"):
+        with connect(addresses[name]) as sock:
+            sock.sendall(LOGIN_LINES)
+            received = b""
+            try:
+                while True:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    received += chunk
+                ended = "end"
+            except ConnectionResetError:
+                ended = "reset"
+        assert received.endswith(b"\nDONE\n")   # the greeting, and no answer
+        assert ended == {"tcp": "reset", "unix": "end"}[name], name
+    assert len(backend.requests) == 2
