@@ -8,11 +8,14 @@ Two ways to reach pfrest: `pfrest serve` on loopback TCP (``smtpd_sasl_path = in
 service of master.cf.example in ``private/`` with its main.cf lines, each on its own smtpd.  A third
 smtpd has TLS and ``smtpd_tls_auth_only = yes``: AUTH is offered only after STARTTLS, and the backend
 sees ``secured=yes``.  After a login the policy endpoint of the same pfrest gets ``sasl_username``.
-The password shows in no log file, metrics page or process listing.  One Postfix instance and one
-`pfrest serve` for the module; the tests run in order.
+The password shows in no log file, metrics page or process listing.  An smtpd that gets no mechanism
+from its auth server (none listening, or ``noplaintext``) exits.  One Postfix instance and one
+`pfrest serve` for the module; the tests run in order.  The last test needs neither Postfix nor root:
+how pfrest ends a connection on a temporary failure, which the smtpd tests rely on.
 """
 
 import base64
+import contextlib
 import json
 import os
 import pwd
@@ -105,6 +108,7 @@ class AuthBackend(Backend):
         return [dict(minihttp.form_bytes(r)) for r in self.requests if r.path.endswith("/auth")]
 
 
+@contextlib.contextmanager
 def installation_with_auth():
     """The files to deploy: the installed package's when it ships the auth service (always in CI, which
     builds it from this checkout), else this checkout's, with a pfrest that user nobody can run."""
@@ -138,8 +142,8 @@ class Sampler:
 
 @pytest.fixture(scope="module")
 def site():
-    installations = installation_with_auth()
-    installation = next(installations)
+    stack = contextlib.ExitStack()
+    installation = stack.enter_context(installation_with_auth())
     root = world_tmpdir("pfrest-sasl-")
     backend = AuthBackend()
     instance = PostfixInstance(root)
@@ -193,7 +197,7 @@ def site():
                                                smtpd_sasl_path=f"inet:127.0.0.1:{s.auth_port}",
                                                smtpd_sasl_tls_security_options="noanonymous, noplaintext",
                                                **tls, **enabled)
-        log = open(s.serve_log, "wb")
+        log = stack.enter_context(open(s.serve_log, "wb"))
         proc = subprocess.Popen(pfrest_cmd("serve", "-c", str(s.config), "auth-tcp", "policy-tcp"),
                                 stdout=log, stderr=log, env=pfrest_env())
         for port in (s.auth_port, s.policy_port, s.metrics_port):
@@ -207,7 +211,7 @@ def site():
         instance.stop()
         backend.stop()
         remove_tree(root)
-        next(installations, None)
+        stack.close()
 
 
 @pytest.fixture
