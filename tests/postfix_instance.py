@@ -222,7 +222,7 @@ def shipped(relpath):
     return (Path(ROOT) / relpath).read_text()
 
 
-SHIPPED_PORTS = {"tcp": 9001, "socketmap": 9002, "policy": 9003}
+SHIPPED_PORTS = {"tcp": 9001, "socketmap": 9002, "policy": 9003, "auth": 9004}
 _ACCOUNT = [(r"(?m)^(\s*user\s*=\s*)pfrest$", r"\1nobody"),     # xinetd
             (r"(?m)^(\s*group\s*=\s*)pfrest$", r"\1nogroup"),
             (r"(?m)^User=pfrest$", "User=nobody"),                # systemd
@@ -432,11 +432,12 @@ class PostfixInstance:
         self.services = ""
         self.smtpd = {}  # name -> port
 
-    def add_smtpd(self, name="smtpd", **overrides):
-        """An smtpd service on a free loopback port, with ``-o name=value`` overrides; returns the port."""
+    def add_smtpd(self, name="smtpd", maxproc="-", **overrides):
+        """An smtpd service on a free loopback port, with ``-o name=value`` overrides; returns the port.
+        ``maxproc=1``: every SMTP session goes to one smtpd process, one after the other."""
         port = free_port()
         opts = "".join(f"\n  -o {{ {k} = {v} }}" for k, v in overrides.items())
-        self.services += f"127.0.0.1:{port} inet n - n - - smtpd{opts}\n"
+        self.services += f"127.0.0.1:{port} inet n - n - {maxproc} smtpd{opts}\n"
         self.smtpd[name] = port
         return port
 
@@ -582,3 +583,42 @@ def check_policy_transaction(backend, smtp_port, slow=True):
         assert attrs["request"] == "smtpd_access_policy" and attrs["protocol_state"] == "RCPT"
         assert attrs["sender"] == "sender@source.example" and attrs["helo_name"] == "client.example"
         assert attrs["client_address"] == "127.0.0.1"
+
+
+# --- SMTP AUTH (smtpd_sasl_type = dovecot, pfrest's dovecot-sasl endpoints) ------------------------
+
+# smtpd's TLS needs tlsmgr(8) (its session cache and entropy): without it, STARTTLS is refused
+TLSMGR = "tlsmgr unix - - n 1000? 1 tlsmgr\n"
+
+
+def certificate(directory):
+    """A self-signed certificate for 127.0.0.1 in ``directory`` (an SMTP client trusts it as its CA):
+    (cert path, key path)."""
+    need_binary("openssl")
+    cert, key = Path(directory) / "cert.pem", Path(directory) / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def smtp_login(port, user, password, mechanism="PLAIN", initial=True, cafile=None, then=None):
+    """One SMTP session through a real smtpd: EHLO, (STARTTLS trusting ``cafile``, EHLO), AUTH
+    ``mechanism`` (``initial``: with the initial response). Returns (code, text) of the AUTH;
+    ``then(smtp)`` runs after a successful one."""
+    import smtplib
+    import ssl
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=60) as smtp:
+        smtp.ehlo()
+        if cafile is not None:
+            smtp.starttls(context=ssl.create_default_context(cafile=str(cafile)))
+            smtp.ehlo()
+        smtp.user, smtp.password = user, password
+        authobject = {"PLAIN": smtp.auth_plain, "LOGIN": smtp.auth_login}[mechanism]
+        try:
+            code, text = smtp.auth(mechanism, authobject, initial_response_ok=initial)
+        except smtplib.SMTPAuthenticationError as e:
+            code, text = e.smtp_code, e.smtp_error
+        if code == 235 and then is not None:
+            then(smtp)
+        return code, text.decode()

@@ -10,7 +10,8 @@
 
 Only ports, paths and the account (nobody instead of pfrest, in the repository's files) are substituted.
 Lookups go through real `postmap -q` with the tables the files' main.cf comments give; policy through a
-real smtpd that uses the file's check_policy_service line.  Each test runs on the repository's files and
+real smtpd that uses the file's check_policy_service line, SMTP AUTH through one that uses its
+smtpd_sasl_* lines.  Each test runs on the repository's files and
 on those the Debian package installed, running /usr/sbin/pfrest as pfrest (conftest.py: installation).
 """
 
@@ -19,6 +20,7 @@ import os
 import pwd
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import types
@@ -27,10 +29,10 @@ import pytest
 
 from conftest import ROOT, need_binary
 from postfix_instance import (PostfixInstance, RoutedBackend, check_policy_transaction, commented_main_cf,
-                              free_port, remove_tree, sandbox, stop_process, unit_settings, wait_path,
+                              free_port, remove_tree, sandbox, smtp_login, stop_process, unit_settings, wait_path,
                               wait_port, world_tmpdir)
 
-MODES = ("tcp", "socketmap", "policy")
+MODES = ("tcp", "socketmap", "policy", "auth")
 UNITS = sorted(f"systemd/{name}" for name in os.listdir(os.path.join(ROOT, "systemd")))
 
 
@@ -95,16 +97,27 @@ def launchers(installation):
         config.write_text(installation.config(backend.url))
         config.chmod(0o644)  # read by the handlers, which run as the files' account
         s.xinetd = start_xinetd(root, installation, config, procs)
-        # the unix sockets of the systemd units live in the queue directory, made by `postfix start`;
         # the smtpd's policy restriction is the file's main.cf line, as an -o override per launcher
         systemd_main = commented_main_cf(installation.shipped("systemd/pfrest-policy.socket"))
         s.xinetd.smtp = instance.add_smtpd(
             "xinetd", smtpd_recipient_restrictions=s.xinetd.main["smtpd_recipient_restrictions"])
         smtp_systemd = instance.add_smtpd(
             "systemd", smtpd_recipient_restrictions=systemd_main["smtpd_recipient_restrictions"])
-        instance.start()
+        # SMTP AUTH with the files' smtpd_sasl_* lines, in the clear (STARTTLS: test_sasl_postfix.py);
+        # one smtpd process, which keeps its auth connection across sessions
+        s.xinetd.smtp_auth = instance.add_smtpd("xinetd-auth", maxproc=1, **sasl_lines(s.xinetd.text))
+        smtp_auth_systemd = instance.add_smtpd("systemd-auth", maxproc=1, **sasl_lines(
+            installation.shipped("systemd/pfrest-auth.socket")))
+        # the unix sockets of the systemd units live in the queue directory's private/, and must be there
+        # before Postfix starts: an smtpd with SMTP AUTH connects to its auth server as a session begins,
+        # and exits if none answers ("fatal: no SASL authentication mechanisms")
+        private = instance.spool / "private"
+        private.mkdir(parents=True)
+        shutil.chown(private, "postfix")
+        private.chmod(0o700)
         s.systemd = start_socket_activate(root, installation, config, instance.spool, procs)
-        s.systemd.smtp = smtp_systemd
+        s.systemd.smtp, s.systemd.smtp_auth = smtp_systemd, smtp_auth_systemd
+        instance.start()
         yield s
     finally:
         for proc in procs:
@@ -152,6 +165,35 @@ def test_policy_through_smtpd(launcher):
     check_policy_transaction(s.backend, via.smtp, slow=False)
 
 
+def sasl_lines(text):
+    """A shipped file's main.cf lines for SMTP AUTH and its master.cf -o that enables it, but AUTH offered
+    without TLS."""
+    main = commented_main_cf(text)
+    lines = {k: v for k, v in main.items() if k.startswith("smtpd_sasl_")}
+    assert lines["smtpd_sasl_type"] == "dovecot" and main["smtpd_tls_auth_only"] == "yes"
+    assert "-o smtpd_sasl_auth_enable=yes" in text
+    return dict(lines, smtpd_sasl_auth_enable="yes", smtpd_tls_auth_only="no")
+
+
+def test_login_through_smtpd(launcher):
+    """235 for the password the backend takes, 535 for another, 454 when the backend fails (the handler
+    ends the connection), and 235 at the next login: smtpd connected again, to a new handler."""
+    s, via = launcher
+    state = {"status": 200}
+
+    def decide(request):
+        password = dict(request.form()).get("password")
+        return (state["status"], b"") if password == "right" else (401, b"")
+    s.backend.answers["auth "] = decide
+    assert [smtp_login(via.smtp_auth, "alice", p)[0] for p in ("right", "wrong")] == [235, 535]
+    state["status"] = 500
+    assert smtp_login(via.smtp_auth, "alice", "right")[0] == 454
+    state["status"] = 200
+    assert smtp_login(via.smtp_auth, "alice", "right")[0] == 235
+    logins = [dict(r.form()) for r in s.backend.requests if r.path == "/postfix/auth"]
+    assert [(f["username"], f["mechanism"], f["service"]) for f in logins] == [("alice", "PLAIN", "smtp")] * 4
+
+
 def test_xinetd_takes_a_burst_above_its_default_rate(launchers):
     """55 connections at once: xinetd's default cps (50/s) would disable the service for 10 s."""
     launchers.backend.answers["domains burst.example"] = (200, ["yes"])
@@ -180,14 +222,16 @@ def test_shipped_limits(installation):
         assert sock["Accept"] == ["yes"] and int(sock["MaxConnections"][0]) > 100
         assert int(sock["TriggerLimitBurst"][0]) >= 1000
         assert service["StandardInput"] == ["socket"] and service["StandardError"] == ["journal"]
-        assert service["CollectMode"] == ["inactive-or-failed"] and service["RuntimeMaxSec"] == ["3600"]
+        # smtpd keeps an auth connection for its life (master.cf.example: pfrest-auth_time_limit)
+        runtime = "86400" if mode == "auth" else "3600"
+        assert service["CollectMode"] == ["inactive-or-failed"] and service["RuntimeMaxSec"] == [runtime]
         assert service["ExecStart"][0].split()[1:4] == ["handle", "-c", "/etc/pfrest/pfrest.json"]
 
 
 def test_systemd_analyze_verify(tmp_path, installation):
     """systemd's own parser accepts the shipped units: no unknown keys, no bad values."""
     analyze = need_binary("systemd-analyze")
-    assert len(UNITS) == 8 and "systemd/pfrest.service" in UNITS and "systemd/pfrest.socket" in UNITS
+    assert len(UNITS) == 10 and "systemd/pfrest.service" in UNITS and "systemd/pfrest.socket" in UNITS
     paths = []
     for unit in UNITS:
         path = tmp_path / os.path.basename(unit)

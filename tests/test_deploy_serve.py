@@ -1,7 +1,7 @@
 """`pfrest serve` in a private Postfix instance, as systemd/pfrest.service and systemd/pfrest.socket run
 it: the shipped pfrest.json.example (targets, the TCP port and the queue directory substituted) served
 by one process started as root that drops to the config's user; Postfix reaches it over the unix sockets
-under its queue directory and over TCP.  Then the same endpoints with their sockets created by
+under its queue directory and over TCP, for lookups, policy checks and SMTP AUTH.  Then the same endpoints with their sockets created by
 `systemd-socket-activate` from pfrest.socket's ListenStream= lines (Accept=no), running
 pfrest.service's ExecStart=, with sd_notify READY=1 as Type=notify waits for it.  Both run with only the
 capabilities the unit grants (CapabilityBoundingSet=, NoNewPrivileges=; the rest of its sandbox:
@@ -22,9 +22,9 @@ import types
 import pytest
 
 from conftest import need_binary
-from postfix_instance import (NotifySocket, PostfixInstance, RoutedBackend, check_policy_transaction,
-                              commented_main_cf, free_port, remove_tree, sandbox, stop_process, unit_settings,
-                              wait_path, world_tmpdir)
+from postfix_instance import (TLSMGR, NotifySocket, PostfixInstance, RoutedBackend, certificate,
+                              check_policy_transaction, commented_main_cf, free_port, remove_tree, sandbox,
+                              smtp_login, stop_process, unit_settings, wait_path, world_tmpdir)
 
 
 def substituted(relpath, s):
@@ -54,6 +54,15 @@ def site(installation):
         s.smtp_unix = instance.add_smtpd("unix", smtpd_recipient_restrictions=restrictions)
         s.smtp_inet = instance.add_smtpd("inet", smtpd_recipient_restrictions=restrictions.replace(
             "unix:private/pfrest-policy", f"inet:127.0.0.1:{s.policy_port}"))
+        # SMTP AUTH as master.cf.example says (its main.cf lines, AUTH enabled on this smtpd), over the
+        # endpoint auth's socket; with TLS, as smtpd_tls_auth_only wants, so that smtpd asks for the
+        # mechanisms only after STARTTLS, not at the connection instance.start() makes before serve runs
+        s.cert, s.key = certificate(root)
+        sasl = {k: v for k, v in commented_main_cf(master).items()
+                if k.startswith("smtpd_sasl_") or k == "smtpd_tls_auth_only"}
+        s.smtp_auth = instance.add_smtpd("auth", smtpd_sasl_auth_enable="yes", smtpd_tls_security_level="may",
+                                         smtpd_tls_cert_file=s.cert, smtpd_tls_key_file=s.key, **sasl)
+        instance.services += TLSMGR
         instance.start()
         yield s
     finally:
@@ -83,6 +92,15 @@ def check_lookups(s):
     assert pm("info@example.com", aliases).stdout == "alice@example.com\n"
 
 
+def check_login(s):
+    """AUTH PLAIN through smtpd (after STARTTLS) and the endpoint auth's unix socket: 235 for the
+    password the backend takes, 535 for another."""
+    s.backend.answers["auth "] = lambda request: (200, b"") if dict(request.form())["password"] == "right" \
+        else (401, b"")
+    assert smtp_login(s.smtp_auth, "alice", "right", cafile=s.cert) == (235, "2.7.0 Authentication successful")
+    assert smtp_login(s.smtp_auth, "alice", "wrong", cafile=s.cert)[0] == 535
+
+
 def uid_of(pid):
     with open(f"/proc/{pid}/status") as f:
         return int(next(line for line in f if line.startswith("Uid:")).split()[1])
@@ -99,13 +117,14 @@ def test_serve_as_pfrest_service_runs_it(site, notify):
         # started as root, it bound everything, gave the unix sockets to the config's user and became it
         user = pwd.getpwnam(s.installation.user)
         assert uid_of(proc.pid) == user.pw_uid
-        for name in ("pfrest-aliases", "pfrest-policy"):
+        for name in ("pfrest-aliases", "pfrest-policy", "pfrest-auth"):
             st = os.stat(s.spool / "private" / name)
             assert (st.st_uid, st.st_mode & 0o777) == (user.pw_uid, 0o666)
         # the backend timeout case tests pfrest rather than the files: on the repository's only
         check_policy_transaction(s.backend, s.smtp_unix, slow=s.installation.name == "checkout")
         check_policy_transaction(s.backend, s.smtp_inet, slow=False)
         check_lookups(s)
+        check_login(s)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         notify.wait_for("STOPPING=1")
@@ -145,10 +164,11 @@ def test_pfrest_socket_passes_the_sockets(site, notify):
         notify.wait_for("READY=1")
         check_lookups(s)
         check_policy_transaction(s.backend, s.smtp_unix, slow=False)
+        check_login(s)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
         stop_process(proc)
     text = (s.root / "activate.log").read_text()
-    assert text.count("(from systemd)") == 3, text
+    assert text.count("(from systemd)") == 4, text
     assert "Traceback" not in text

@@ -61,13 +61,14 @@ def test_shipped_lines_are_what_postfix_expects(deployment):
         "virtual_alias_maps": "socketmap:unix:private/pfrest-aliases:aliases",
         "smtpd_recipient_restrictions": "permit_mynetworks, reject_unauth_destination, "
                                         "check_policy_service unix:private/pfrest-policy",
+        "smtpd_sasl_type": "dovecot", "smtpd_sasl_path": "private/pfrest-auth", "smtpd_tls_auth_only": "yes",
         f"127.0.0.1:{port}_time_limit": "3600s", "pfrest-aliases_time_limit": "3600s",
-        "pfrest-policy_time_limit": "3600s"}
+        "pfrest-policy_time_limit": "3600s", "pfrest-auth_time_limit": "86400s"}
     shipped = deployment.installation.shipped("master.cf.example")
     services = [line.split() for line in master_entries(shipped).splitlines()
                 if not line[0].isspace()]
     assert [s[:3] for s in services] == [["127.0.0.1:9001", "inet", "n"], ["pfrest-aliases", "unix", "-"],
-                                         ["pfrest-policy", "unix", "-"]]
+                                         ["pfrest-policy", "unix", "-"], ["pfrest-auth", "unix", "-"]]
     for fields in services:  # unpriv n, chroot n, wakeup -, no process limit, spawn
         assert fields[3:] == ["n", "n", "-", "0", "spawn"]
     # Postfix knows every line: no "unused parameter" for the _time_limit lines, nothing to warn about

@@ -31,7 +31,7 @@ from postfix_instance import EXAMPLES, need_root, stop_process, unit_settings
 from test_manpages import has_entry, render, sections
 
 LIMITS = {"pfrest.service": 3.5, "pfrest-tcp@.service": 2.5, "pfrest-socketmap@.service": 2.5,
-          "pfrest-policy@.service": 2.5}
+          "pfrest-policy@.service": 2.5, "pfrest-auth@.service": 2.5}
 UNITS = sorted(os.listdir(os.path.join(ROOT, "systemd")))
 SYSTEM = "/lib/systemd/system"
 
@@ -177,7 +177,7 @@ PROBE_UNITS = {
                      "TimeoutStartSec=120\nExecStopPost=/bin/systemctl poweroff --no-block\n",
 }
 EXPECTED = {"tcp": "200 domains:example.com\n", "socketmap": "27:OK aliases:info@example.com,",
-            "policy": "action=REJECT probe b@example.com\n\n"}
+            "policy": "action=REJECT probe b@example.com\n\n", "auth": "OK\t1\tuser=probe:alice\n"}
 SERVE_CAPS = 0xc3   # CapabilityBoundingSet= of pfrest.service: CHOWN, DAC_OVERRIDE, SETGID, SETUID
 
 

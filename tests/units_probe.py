@@ -6,6 +6,7 @@ listens where that config's placeholder targets point (the container has its own
 Writes OUT/probe.json (what each step answered and how the processes ran) and OUT/journal.txt, for the
 test to judge.  Standard library and the installed pfrest only: it runs with the container's Python."""
 
+import base64
 import json
 import os
 import shutil
@@ -20,12 +21,22 @@ from pfrest.commands import minihttp
 
 CONFIG = "/etc/pfrest/pfrest.json"
 PRIVATE = "/var/spool/postfix/private"
-PER_CONNECTION = ["pfrest-tcp.socket", "pfrest-socketmap.socket", "pfrest-policy.socket"]
+PER_CONNECTION = ["pfrest-tcp.socket", "pfrest-socketmap.socket", "pfrest-policy.socket", "pfrest-auth.socket"]
+PASSWORD = b"probe-password"
+# What smtpd sends on its auth connection for one AUTH PLAIN with an initial response
+LOGIN = b"VERSION\t1\t2\nCPID\t4242\nAUTH\t1\tPLAIN\tservice=smtp\tnologin\tlip=127.0.0.1\trip=127.0.0.1\tresp=" \
+    + base64.b64encode(b"\0alice\0" + PASSWORD) + b"\n"
 
 
 def backend(request):
-    """Found values that name the endpoint and the key; a policy verdict that names the recipient."""
+    """Found values that name the endpoint and the key; a policy verdict that names the recipient; a
+    login accepted for PASSWORD, as the user name given prefixed with "probe:"."""
     endpoint = request.path.rsplit("/", 1)[-1]
+    if endpoint == "auth":
+        fields = dict(minihttp.form_bytes(request))
+        if fields[b"password"] != PASSWORD:
+            return 401, {}, b""
+        return 200, {"Content-Type": "application/json"}, json.dumps(["probe:" + fields[b"username"].decode()]).encode()
     if endpoint == "policy":
         recipient = dict(minihttp.form_bytes(request))[b"recipient"].decode()
         return 200, {"Content-Type": "text/plain"}, f"REJECT probe {recipient}".encode()
@@ -101,9 +112,12 @@ def ask_all(per_connection=False):
              b"client_address=192.0.2.1\nsender=a@example.org\nrecipient=b@example.com\n\n"
     def unit(mode):
         return f"pfrest-{mode}@*" if per_connection else "pfrest.service"
+    # the auth server greets first (its pid and a random cookie in it): only the answer to the AUTH
+    greeted, process = exchange(f"{PRIVATE}/pfrest-auth", LOGIN, b"user=probe:alice\n", unit("auth"))
     return {"tcp": exchange(("127.0.0.1", 9001), b"get example.com\n", b"\n", unit("tcp")),
             "socketmap": exchange(f"{PRIVATE}/pfrest-aliases", netstring, b",", unit("socketmap")),
-            "policy": exchange(f"{PRIVATE}/pfrest-policy", policy, b"\n\n", unit("policy"))}
+            "policy": exchange(f"{PRIVATE}/pfrest-policy", policy, b"\n\n", unit("policy")),
+            "auth": (greeted.split("\nDONE\n", 1)[-1], process)}
 
 
 def main(out):

@@ -23,6 +23,8 @@ that disowns the connection (at once, or after the reply to the request with the
 
 import asyncio
 import logging
+import socket
+import struct
 import time
 from collections import deque
 from functools import partial
@@ -36,6 +38,7 @@ log = logging.getLogger("pfrest")
 
 MAX_QUEUED = 64         # decoded items waiting to be answered before reading pauses
 WRITE_TIMEOUT = 100.0   # seconds a client may leave our replies unread (Postfix's own I/O timeout)
+NO_LINGER = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends a reset, not FIN (_reset)
 
 
 class Conversation(asyncio.Protocol):
@@ -247,7 +250,7 @@ class Conversation(asyncio.Protocol):
         if answer.reply:
             self._write(answer.reply)
         if answer.close:
-            self._end()
+            self._reset()
 
     def _write(self, reply):
         if not self.lost and not self.transport.is_closing():
@@ -295,6 +298,21 @@ class Conversation(asyncio.Protocol):
         self._cancel_timers()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def _reset(self):
+        """End the connection so that the client's next write fails (an Answer that closes: a dovecot-sasl
+        temporary failure).  Over TCP that takes a reset: Postfix before 3.7.15, 3.8.10, 3.9.4 and 3.10.2
+        keeps an auth connection the server ended with FIN, writes its next AUTH into it (which succeeds)
+        and reads the end again, failing a second login; after a reset its read fails with an error, and
+        a connection with an error is replaced at the next login.  A unix socket needs none: a write to
+        a closed peer fails at once."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, NO_LINGER)
+            except OSError:
+                pass   # the connection is gone already
+        self._end()
 
     def _cancel_timers(self):
         for timer in (self.timer, self.write_timer):
