@@ -55,7 +55,7 @@ class Client:
                           % (auth_id, client, plain(user, password)))
         try:
             return self.line()
-        except EOFError:
+        except (EOFError, ConnectionResetError):   # over TCP, pfrest resets (see Conversation)
             return None
 
     def close(self):
