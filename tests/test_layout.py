@@ -21,6 +21,9 @@ LAYERS = [
     ("pfrest.config",),         # the config file: schema, loading, checks
     ("pfrest.system",),         # the event loop, sockets, privileges, systemd
     ("pfrest.backend",),        # the HTTP client
+    # oauth2's bearer tokens: fetched with the HTTP client, handed to it through the cache's
+    # for_endpoint; a folder of its own, as pfrest/backend/ holds its thirteen modules already
+    ("pfrest.identity",),
     ("pfrest.cache",),          # the answer caches in front of it, local and shared
     ("pfrest.ops",),            # counters, metrics, health, control socket, their HTTP server
     ("pfrest.conversation",),   # one Postfix client's conversation: a request becomes an HTTP request
