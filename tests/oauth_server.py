@@ -8,7 +8,7 @@ Authlib's AuthorizationServer (the client credentials grant, RFC 6749 4.4) and R
   "pfrest-post" (client_secret_post only), both with the secret SECRET;
 - GET /.well-known/openid-configuration: OIDC discovery, naming /token;
 - GET /lookup?key=K: the backend, ["value-of-K"] for a valid token, else 401 with a Bearer challenge;
-  POST /policy: "DUNNO" likewise;
+  POST /policy: "DUNNO" likewise; POST /login: a dovecot-sasl backend (password "good");
 - /admin/stats (tokens issued, by client; lookups answered; requests refused), POST /admin/revoke (every
   token issued so far), POST /admin/fail?status=N (the token endpoint answers N, with a body that must
   never reach pfrest's log; 0 ends it), POST /admin/delay?seconds=S (the token endpoint takes S
@@ -153,6 +153,14 @@ def create_app(lifetime):
         with state.lock:
             state.lookups += 1
         return "DUNNO"
+
+    @app.route("/login", methods=["POST"])
+    @require()
+    def login():
+        """dovecot-sasl's backend: 200 for the password "good", a plain 401 (no challenge) for another."""
+        with state.lock:
+            state.lookups += 1
+        return ("", 200) if request.form.get("password") == "good" else ("", 401)
 
     @app.route("/admin/stats")
     def stats():

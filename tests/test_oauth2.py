@@ -195,6 +195,29 @@ def test_a_revoked_token_is_replaced_once_a_lookup_is_sent_again_a_policy_reques
     assert stats["lookups"] == 3    # before, after (again), and the policy request's next try
 
 
+def test_dovecot_sasl_a_wrong_password_is_no_refused_token_a_revoked_token_no_second_login(idp):
+    """In dovecot-sasl a 401 is a wrong password: only one with a Bearer challenge (the resource
+    server's, RFC 6750) is a refused token, and the login is not sent again."""
+    client = for_endpoint(endpoint(idp, mode="dovecot-sasl", path="/login"), UA)
+
+    def login(password):
+        return [(b"mechanism", b"PLAIN"), (b"username", b"alice"), (b"password", password)]
+
+    async def go():
+        good = await client.policy(login(b"good"), new_request_id())
+        wrong = await client.policy(login(b"wrong"), new_request_id())
+        idp.admin("revoke")
+        revoked = await client.policy(login(b"good"), new_request_id())
+        again = await client.policy(login(b"good"), new_request_id())
+        return good, wrong, revoked, again
+    good, wrong, revoked, again = asyncio.run(go())
+    assert good.status == 200 and wrong.status == 401 and not wrong.bearer_challenge   # FAIL, as before
+    assert revoked.__class__ is Failure and revoked.kind == "token" and "not sent twice" in revoked.detail
+    assert again.status == 200
+    stats = idp.stats()
+    assert stats["total"] == 2 and stats["lookups"] == 3   # the wrong password kept the token; sent once
+
+
 def test_renewal_happens_ahead_of_expiry_and_no_lookup_waits_for_it():
     """A 10 s token, renewed from 7.5 s on by a token endpoint that takes a second to answer: the
     lookups meanwhile go on with the current token (none takes that second), and the new token comes
