@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # (pfrest/log.py).  A module imports from its own room or from a room on a lower floor, never from a room
 # above, nor from another room of its own floor.
 LAYERS = [
-    ("pfrest", "pfrest.log", "pfrest.addresses"),   # pfrest: __version__ only
+    # tracing: its global tracer, None unless configured; the conversation and the backend client use it
+    ("pfrest", "pfrest.log", "pfrest.addresses", "pfrest.tracing"),   # pfrest: __version__ only
     ("pfrest.protocol",),       # Postfix's side, pure
     ("pfrest.config",),         # the config file: schema, loading, checks
     ("pfrest.system",),         # the event loop, sockets, privileges, systemd

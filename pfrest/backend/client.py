@@ -48,6 +48,7 @@ import asyncio
 import logging
 from functools import partial
 
+from pfrest import tracing
 from pfrest.backend import route as routes
 from pfrest.backend import tls
 from pfrest.backend.backoff import Backoff
@@ -178,7 +179,7 @@ class Client:
                     return auth
             if len(self._targets) == 1:
                 result, _ = await self._attempt(loop, deadline, self._targets[0], idempotent, items,
-                                                request_id, None, auth)
+                                                request_id, None, auth, 2 if again else 1)
             else:
                 result = await self._failover(loop, deadline, idempotent, items, request_id, auth)
             if result.__class__ is not HttpResult or result.status != 401 \
@@ -201,7 +202,7 @@ class Client:
         for tried, target in enumerate(self._candidates(loop), 1):
             cutoff = None if tried == last else self._cutoff(loop, deadline, tried)
             result, move_on = await self._attempt(loop, deadline, target, idempotent, items,
-                                                  request_id, cutoff, auth)
+                                                  request_id, cutoff, auth, tried)
             if not move_on:
                 return result
         return result
@@ -225,12 +226,35 @@ class Client:
                 waiting.append(target)
         yield from waiting
 
+    async def _traced(self, loop, deadline, target, idempotent: bool, items, request_id: str, cutoff,
+                      auth: bytes, attempt: int):
+        """_attempt in a span of its own, its traceparent sent to the backend (a request sampled out:
+        no span, its context sent on)."""
+        if not tracing.sampled():
+            return await self._attempt(loop, deadline, target, idempotent, items, request_id, cutoff,
+                                       auth + tracing.headers(), attempt, True)
+        method = "GET" if idempotent else self.endpoint.method
+        span, token = tracing.start_exchange(method, target.where, attempt, len(self._targets) > 1)
+        outcome, status = "cancelled", None
+        try:
+            result, move_on = await self._attempt(loop, deadline, target, idempotent, items, request_id, cutoff,
+                                                  auth + tracing.headers(), attempt, True)
+            if result.__class__ is HttpResult:
+                outcome, status = "ok", result.status
+            else:
+                outcome = result.kind
+            return result, move_on
+        finally:
+            tracing.end_exchange(span, token, outcome, status)
+
     async def _attempt(self, loop, deadline, target, idempotent: bool, items, request_id: str,
-                       cutoff, auth=b""):
+                       cutoff, auth=b"", attempt=1, traced=False):
         """One target asked: (result, whether the next target may be asked); the outcome is told to
         the observer and to the target's health.  (One coroutine, not two: this is every request's
         path.)  Until the request is written, only building it (an unusable target) and
-        open_connection raise; after, only a cancellation."""
+        open_connection raise; after, only a cancellation.  With tracing, in a span (_traced)."""
+        if tracing.tracer is not None and not traced:
+            return await self._traced(loop, deadline, target, idempotent, items, request_id, cutoff, auth, attempt)
         started = loop.time()
         try:
             build = target.template.lookup if idempotent else target.template.policy

@@ -2,7 +2,8 @@
 can test.
 
 What is printed: the endpoint and the URL asked (a lookup's with its query, for curl), with ``oauth2``
-the token step (``token: fetched from URL, expires in 3599 s``, or why none could be had), the backend's
+the token step (``token: fetched from URL, expires in 3599 s``, or why none could be had), with
+``tracing`` the ``traceparent`` sent, the backend's
 HTTP status or, when no answer came, what went wrong in plain words (``connection refused by
 127.0.0.1:8080``, ``no answer within 2 s``, ``TLS certificate not trusted``), the status class (found,
 not found, temporary, permanent; a policy action's class), for a malformed answer its Content-Type and
@@ -23,7 +24,7 @@ import re
 import time
 from urllib.parse import urlsplit
 
-from pfrest import config
+from pfrest import config, tracing
 from pfrest.backend.client import Client
 from pfrest.backend.request import new_request_id, query as query_string
 from pfrest.conversation.services import Service
@@ -103,7 +104,11 @@ def run(cfg, name, words, mapname=None, out=print, backend=None) -> int:
         from pfrest.identity import bearer_for   # only for an endpoint with oauth2
         bearer = bearer_for(endpoint, cfg.user_agent)
     service = Service(endpoint, cfg.user_agent, backend=backend or Client(endpoint, cfg.user_agent, bearer=bearer))
-    result, answer, request_id, ms = eventloop.run(ask(service, request), fast=False)
+    tracing.configure(cfg.tracing)
+    try:
+        result, answer, request_id, ms = eventloop.run(ask(service, request), fast=False)
+    finally:
+        tracing.shutdown()   # the query's spans go out
     status = status_class(endpoint, answer)
     method = endpoint.method if endpoint.mode == config.POLICY else "GET"
     out(f"endpoint: {endpoint.name} ({endpoint.mode}) -> {method} {redact(url(service, request))}")
@@ -111,6 +116,9 @@ def run(cfg, name, words, mapname=None, out=print, backend=None) -> int:
     if bearer is not None:
         out(f"token: {token_words(bearer, result)}")
     out(f"request id: {request_id}")
+    if cfg.tracing is not None:
+        sent = tracing.last_sent and tracing.last_sent.split("\r\n")[0].partition(": ")[2]
+        out(f"traceparent: {sent or '(none sent)'}")
     out(f"backend: {backend_words(result, endpoint)}")
     out(f"time: {ms:.1f} ms")
     v = answer.verdict

@@ -29,7 +29,7 @@ from pfrest.config.schema import (  # noqa: F401 (config.Endpoint ...)
     CACHE_SCHEMES, CACHE_URL_FILES, Config, ConfigError, DEFAULT_BIND_ADDRESS,
     DEFAULT_CACHE_ENTRIES, DEFAULT_CACHE_LOCAL_TTL, DEFAULT_CACHE_TIMEOUT_MS, DEFAULT_CONTROL_SOCKET,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_PATH, DEFAULT_TIMEOUT_MS, DEFAULT_USER_AGENT,
-    Endpoint, LOG_ALL, OAuth2, LOG_NONE, LOG_PROBLEMS, LOG_REQUESTS, PARTIAL_REQUEST_TIMEOUT, RESERVED_HEADERS)
+    Endpoint, LOG_ALL, OAuth2, Tracing, LOG_NONE, LOG_PROBLEMS, LOG_REQUESTS, PARTIAL_REQUEST_TIMEOUT, RESERVED_HEADERS)
 
 
 def _convert(key, value):
@@ -194,7 +194,15 @@ def parse(raw, path=None, partial=False) -> Config:
                   user=raw.get("user"), path=path, metrics_address=metrics,
                   metrics_allow_from=tuple(str(ipaddress.ip_network(n, strict=False))
                                            for n in raw.get("metrics-allow-from", ())),
-                  log_requests=log_requests, control_socket=raw.get("control-socket"))
+                  log_requests=log_requests, control_socket=raw.get("control-socket"),
+                  tracing=_tracing(raw.get("tracing")))
+
+
+def _tracing(raw):
+    if raw is None:
+        return None
+    return Tracing(raw["otlp-endpoint"], float(raw.get("sample-ratio", 1.0)),
+                   raw.get("service-name", Tracing._field_defaults["service_name"]))
 
 
 def decode(text: bytes, path: str):

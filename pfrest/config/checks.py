@@ -56,9 +56,21 @@ def refusals(cfg: config.Config) -> List[str]:
     return problems
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (only its parent packages)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def warnings(cfg: config.Config) -> List[str]:
     """config.warnings, and what the file system says about the config file and the TLS files."""
     found = config.warnings(cfg)
+    if cfg.tracing is not None and not _installed("opentelemetry.sdk.trace"):
+        found.append("tracing: the OpenTelemetry SDK is not installed: pip install 'pfrest[otel]' (pfrest runs, "
+                     "without traces, until it is)")
     user = account(cfg.user) if cfg.user else None
     if user is not None and user.uid == 0:
         user = None   # root reads everything

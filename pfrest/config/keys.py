@@ -286,6 +286,26 @@ def _oauth2(v):
     return None
 
 
+TRACING_KEYS = {
+    "otlp-endpoint": _url,
+    "sample-ratio": lambda v: None if _is_number(v) and 0 <= v <= 1 else "must be a number 0..1",
+    "service-name": _header_text,
+}
+
+
+def _tracing(v):
+    """``{"otlp-endpoint": "http://127.0.0.1:4318/v1/traces", "sample-ratio": 0.1, "service-name": ...}``"""
+    if not isinstance(v, dict):
+        return "must be an object such as {\"otlp-endpoint\": \"http://127.0.0.1:4318/v1/traces\"}"
+    for key, value in v.items():
+        if key not in TRACING_KEYS:
+            return f"{key!r} is not one of its keys (" + ", ".join(TRACING_KEYS) + ")"
+        problem = TRACING_KEYS[key](value)
+        if problem:
+            return f"{key} {problem}"
+    return None if "otlp-endpoint" in v else "needs otlp-endpoint (the collector's OTLP/HTTP traces URL)"
+
+
 # key -> (attribute, check, modes it applies to or None for all)
 _LOOKUPS = LOOKUPS
 ENDPOINT_KEYS = {
@@ -333,4 +353,5 @@ TOP_KEYS = {
     "metrics-allow-from": _networks,
     "log-requests": _log_requests,
     "control-socket": _abspath,
+    "tracing": _tracing,
 }

@@ -67,6 +67,16 @@ class OAuth2(NamedTuple):
         return f"OAuth2(token_url={self.token_url!r}, issuer={self.issuer!r}, client_id={self.client_id!r})"
 
 
+DEFAULT_SERVICE_NAME = "pfrest"
+
+
+class Tracing(NamedTuple):
+    """The top-level ``tracing`` object: where spans go (OTLP/HTTP) and which requests are sampled."""
+    otlp_endpoint: str
+    sample_ratio: float = 1.0
+    service_name: str = DEFAULT_SERVICE_NAME
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -172,6 +182,7 @@ class Config:
     metrics_allow_from: Tuple[str, ...] = ()
     log_requests: str = LOG_ALL
     control_socket: Optional[str] = None   # None: DEFAULT_CONTROL_SOCKET, if it can be had
+    tracing: Optional[Tracing] = None
 
     def endpoint(self, name: str) -> Endpoint:
         for ep in self.endpoints:
