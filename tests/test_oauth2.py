@@ -348,3 +348,27 @@ def test_query_shows_the_token_step(idp, write_config, private_runtime):
     assert proc.returncode == os.EX_TEMPFAIL, proc.stdout + proc.stderr
     assert f"token: none could be had: {idp.url}/token answered HTTP 503" in proc.stdout, proc.stdout
     assert PROVIDER_BODY not in proc.stdout + proc.stderr and SECRET not in proc.stdout + proc.stderr
+
+
+def test_serve_with_two_workers_renews_once_for_both(write_config, served, private_runtime):
+    """A 6 s token, renewed from 4.5 s on: both workers' timers come due together; one renews, the
+    other takes the file's token.  Lookups on both workers for 7 s: two tokens in all."""
+    idp = AuthServer(lifetime=6)
+    try:
+        port = free_port()
+        proc = served("-c", write_config([dict(endpoint_doc(idp), **{"bind-port": port})]), "--workers", "2",
+                      env=dict(pfrest_env(), RUNTIME_DIRECTORY=str(private_runtime)))
+        proc.wait_for(r"2 workers")
+        socks = [connect(("127.0.0.1", port)) for _ in range(4)]   # both workers get some
+        try:
+            end, replies = time.monotonic() + 7, set()
+            while time.monotonic() < end:
+                replies.update(tcp_get(sock, b"k") for sock in socks)
+                time.sleep(0.1)
+        finally:
+            for sock in socks:
+                sock.close()
+        assert replies == {b"200 value-of-k\n"}
+        assert idp.stats()["total"] == 2
+    finally:
+        idp.stop()

@@ -4,6 +4,7 @@ of OpenTelemetry is imported."""
 
 import gzip
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from conftest import ROOT, pfrest_cmd, pfrest_env
+from test_serve import served  # noqa: F401 (a fixture)
 from pfrest import config
 from pfrest.config import ConfigError
 
@@ -167,3 +169,28 @@ def test_query_shows_the_traceparent_sent(backend, receiver, write_config):
     sent = backend.requests[0].headers["traceparent"]
     assert f"traceparent: {sent}\n" in proc.stdout
     assert [s["trace"] for s in receiver.spans] == [sent.split("-")[1]]   # the exchange's span: query's only
+
+
+def test_serve_with_two_workers_exports_every_span_by_its_end(backend, receiver, write_config, served):
+    from postfix_instance import free_port
+    from test_serve import connect, tcp_get
+    backend.answers["k"] = (200, ["v"])
+    port = free_port()
+    proc = served("-c", write_config([{"name": "ep", "mode": "tcp-lookup", "target": backend.url + "/lookup",
+                                       "bind-port": port}], tracing={"otlp-endpoint": receiver.url}),
+                  "--workers", "2")
+    proc.wait_for(r"2 workers")
+    socks = [connect(("127.0.0.1", port)) for _ in range(6)]
+    try:
+        assert [tcp_get(sock, b"k") for sock in socks] == [b"200 v\n"] * 6
+    finally:
+        for sock in socks:
+            sock.close()
+    proc.send(signal.SIGTERM)
+    assert proc.exit_status() == 0
+    requests = [s for s in receiver.spans if s["name"] == "pfrest tcp-lookup"]
+    exchanges = [s for s in receiver.spans if s["name"] != "pfrest tcp-lookup"]
+    assert len(requests) == 6 and len(exchanges) == 6
+    assert {e["parent"] for e in exchanges} == {r["id"] for r in requests}
+    sent = {r.headers["traceparent"].split("-")[1] for r in backend.requests}
+    assert sent == {r["trace"] for r in requests}
