@@ -2,7 +2,7 @@
 Authlib's AuthorizationServer (the client credentials grant, RFC 6749 4.4) and ResourceProtector
 (Bearer tokens, RFC 6750) on Flask, served by werkzeug on a loopback port.
 
-    python3 tests/oauth_server.py [--lifetime SECONDS]    # prints "listening on URL", then serves
+    python3 tests/oauth_server.py [--lifetime SECONDS] [--port N]   # prints "listening on URL", serves
 
 - POST /token: the token endpoint.  Clients: "pfrest-basic" (client_secret_basic only) and
   "pfrest-post" (client_secret_post only), both with the secret SECRET;
@@ -196,8 +196,9 @@ class Quiet(WSGIRequestHandler):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lifetime", type=int, default=3600)
+    parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    server = make_server("127.0.0.1", 0, create_app(args.lifetime), threaded=True, request_handler=Quiet)
+    server = make_server("127.0.0.1", args.port, create_app(args.lifetime), threaded=True, request_handler=Quiet)
     print(f"listening on http://127.0.0.1:{server.server_port}", flush=True)
     server.serve_forever()
 

@@ -45,9 +45,9 @@ UA = "pfrest-test"
 class AuthServer:
     """tests/oauth_server.py as a process on a free loopback port."""
 
-    def __init__(self, lifetime=3600):
-        self.proc = subprocess.Popen([sys.executable, SERVER, "--lifetime", str(lifetime)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True)
+    def __init__(self, lifetime=3600, port=0):
+        self.proc = subprocess.Popen([sys.executable, SERVER, "--lifetime", str(lifetime), "--port", str(port)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.proc.stdout.readline()
         assert line.startswith("listening on http://127.0.0.1:"), f"oauth_server did not start: {line!r}"
         self.url = line.split()[-1]
@@ -164,6 +164,34 @@ def test_a_failing_token_endpoint_gives_temporary_answers_and_recovers_by_itself
     assert any("again" in line for line in lines), lines
     text = caplog.text + repr(first)
     assert PROVIDER_BODY not in text and SECRET not in text
+
+
+def test_a_provider_that_is_down_gives_temporary_answers_and_one_back_is_used_again(idp, caplog):
+    """The provider's process ends (connection refused), the backend refuses the token it had issued
+    (it is a new process: a revocation); a new provider on the same port: the lookups recover alone."""
+    client = for_endpoint(endpoint(idp), UA)
+    port = int(idp.url.rsplit(":", 1)[1])
+
+    async def go():
+        first = await client.lookup((("key", b"k"),), new_request_id())
+        idp.stop()
+        client.bearer.refused(client.bearer.line(asyncio.get_running_loop()))   # as a 401 would
+        down = [await client.lookup((("key", b"k"),), new_request_id()) for _ in range(3)]
+        back = await asyncio.get_running_loop().run_in_executor(None, lambda: AuthServer(port=port))
+        try:
+            deadline = time.monotonic() + 15
+            while True:
+                result = await client.lookup((("key", b"k"),), new_request_id())
+                if result.__class__ is HttpResult or time.monotonic() > deadline:
+                    return first, down, result
+                await asyncio.sleep(0.1)
+        finally:
+            back.stop()
+    first, down, last = asyncio.run(go())
+    assert first.status == 200
+    assert all(r.__class__ is Failure and r.kind == "token" and "refused" in r.detail for r in down), down
+    assert (last.status, json.loads(last.body)) == (200, ["value-of-k"])
+    assert len([r for r in caplog.records if "cannot be had" in r.getMessage()]) == 1
 
 
 def test_a_revoked_token_is_replaced_once_a_lookup_is_sent_again_a_policy_request_not(idp):
@@ -372,3 +400,12 @@ def test_serve_with_two_workers_renews_once_for_both(write_config, served, priva
         assert idp.stats()["total"] == 2
     finally:
         idp.stop()
+
+
+def test_check_warns_of_a_client_secret_file_it_cannot_read(write_config, tmp_path):
+    path = write_config([{"name": "ep", "mode": "tcp-lookup", "target": "https://b.test/x", "oauth2": {
+        "token-url": "https://idp.test/token", "client-id": "c", "client-secret-file": str(tmp_path / "none")}}])
+    proc = subprocess.run(pfrest_cmd("check", "-c", path), capture_output=True, text=True, timeout=60,
+                          env=pfrest_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "oauth2.client-secret-file:" in proc.stderr and "no token can be fetched" in proc.stderr, proc.stderr

@@ -82,6 +82,11 @@ def warnings(cfg: config.Config) -> List[str]:
             problem = path and _unreadable(path, user)
             if problem:
                 found.append(f"{config.where(i, ep.name)}.{key}: {problem}; connections to {ep.target} will fail")
+        secret_file = ep.oauth2 and ep.oauth2.client_secret_file
+        problem = secret_file and _unreadable(secret_file, user)
+        if problem:
+            found.append(f"{config.where(i, ep.name)}.oauth2.client-secret-file: {problem}; no token can be "
+                         "fetched, Postfix gets temporary answers")
         for name, path in parse_qsl(urlsplit(ep.cache_url or "").query):
             problem = name in config.CACHE_URL_FILES and _unreadable(path, user)
             if problem:
