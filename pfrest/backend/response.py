@@ -259,12 +259,11 @@ class ResponseReader:
         if location is not None:
             location = location.decode("latin-1")
         kind = self._type   # bytes: only pfrest query shows it, for a malformed answer
-        if self._challenge:
-            self.result = HttpResult(self._status, body, location, content_type=kind, bearer_challenge=True)
-        elif cache_control is None:   # most answers
+        if cache_control is None and not self._challenge:   # most answers
             self.result = HttpResult(self._status, body, location, content_type=kind)
         else:
-            text = cache_control.decode("latin-1")
+            text = cache_control.decode("latin-1") if cache_control is not None else None
             self.result = HttpResult(self._status, body, location, max_age(text),
-                                     stale_if_error=stale_if_error(text), content_type=kind)
+                                     stale_if_error=stale_if_error(text) if text else None, content_type=kind,
+                                     bearer_challenge=self._challenge)
         self.done, self.keep_alive = True, keep_alive and not self._until_eof
