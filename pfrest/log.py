@@ -58,6 +58,12 @@ def add_secret(text):
         _secrets.sort(key=len, reverse=True)
 
 
+def forget_secret(text):
+    """A secret no longer used (an oauth2 token replaced): the list stays as long as what is in use."""
+    if text in _secrets:
+        _secrets.remove(text)
+
+
 def redact(text: str) -> str:
     for secret in _secrets:
         if secret in text:

@@ -16,11 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # (pfrest/log.py).  A module imports from its own room or from a room on a lower floor, never from a room
 # above, nor from another room of its own floor.
 LAYERS = [
-    ("pfrest", "pfrest.log", "pfrest.addresses"),   # pfrest: __version__ only
+    # tracing: its global tracer, None unless configured; the conversation and the backend client use it
+    ("pfrest", "pfrest.log", "pfrest.addresses", "pfrest.tracing"),   # pfrest: __version__ only
     ("pfrest.protocol",),       # Postfix's side, pure
     ("pfrest.config",),         # the config file: schema, loading, checks
     ("pfrest.system",),         # the event loop, sockets, privileges, systemd
     ("pfrest.backend",),        # the HTTP client
+    # oauth2's bearer tokens: fetched with the HTTP client, handed to it through the cache's
+    # for_endpoint; a folder of its own, as pfrest/backend/ holds its thirteen modules already
+    ("pfrest.identity",),
     ("pfrest.cache",),          # the answer caches in front of it, local and shared
     ("pfrest.ops",),            # counters, metrics, health, control socket, their HTTP server
     ("pfrest.conversation",),   # one Postfix client's conversation: a request becomes an HTTP request

@@ -33,12 +33,22 @@ Every attempt is told to the observer: ``exchange(url, "ok" or the Failure kind,
 cancelled by its caller is not an outcome of the target, and is not told.  A target that goes down,
 and one that is up again, gets a WARNING line: once per change, not per request (its failed retries
 in back-off are not changes).
+
+With ``oauth2``, a ``bearer`` (pfrest/identity/'s TokenSource) gives each request its Authorization
+line: at hand, but for the first request (or one after every token expired), which waits for a fetch
+within its deadline.  A 401 that refuses the token (any 401 in the lookup and policy modes, whose
+answers are never 401; in dovecot-sasl, where a 401 is a wrong password, only one with a Bearer
+``WWW-Authenticate``: RFC 6750 3) drops it, and a new one is fetched, once.  A lookup is sent again
+with it, within the same deadline; a policy request or a login is not: nothing proves that the
+backend did not count it (a rate limit, a failed-login counter) before it looked at the token, so it
+gets a temporary answer (a "token" Failure) and Postfix asks again later, with the new token.
 """
 
 import asyncio
 import logging
 from functools import partial
 
+from pfrest import tracing
 from pfrest.backend import route as routes
 from pfrest.backend import tls
 from pfrest.backend.backoff import Backoff
@@ -49,6 +59,7 @@ from pfrest.backend.observer import NOBODY
 from pfrest.backend.pool import Pool
 from pfrest.backend.request import Template
 from pfrest.backend.response import ResponseReader
+from pfrest.protocol.modes import SASL
 from pfrest.protocol.verdict import Failure, HttpResult
 
 log = logging.getLogger("pfrest")
@@ -106,8 +117,10 @@ class Client:
     """Talks to one endpoint's targets; one per endpoint and process.  Built outside the loop if need
     be: the running loop is looked up at each call."""
 
-    def __init__(self, endpoint, user_agent: str, observer=NOBODY):
+    def __init__(self, endpoint, user_agent: str, observer=NOBODY, bearer=None):
         self.endpoint = endpoint
+        self.bearer = bearer   # the endpoint's oauth2 TokenSource, or None
+        self._any_401_refuses = endpoint.mode != SASL
         self._timeout = endpoint.timeout
         self._user_agent = user_agent
         self._observer = observer
@@ -139,6 +152,8 @@ class Client:
             self._new_loop(loop)
         deadline = self._deadlines.start(loop, asyncio.current_task())
         try:
+            if self.bearer is not None:
+                return await self._authorized(loop, deadline, idempotent, items, request_id)
             if len(self._targets) == 1:   # the common case, without failover's bookkeeping
                 result, _ = await self._attempt(loop, deadline, self._targets[0], idempotent, items,
                                                 request_id, None)
@@ -154,14 +169,40 @@ class Client:
         finally:
             self._deadlines.finish(deadline)
 
-    async def _failover(self, loop, deadline, idempotent: bool, items, request_id: str):
+    async def _authorized(self, loop, deadline, idempotent: bool, items, request_id: str):
+        """The request with the bearer token; a refused token replaced once (see the module's notes)."""
+        bearer, auth = self.bearer, self.bearer.line(loop)
+        for again in (False, True):
+            if auth is None:
+                auth = await bearer.fetched(loop)   # a Failure when the token endpoint failed
+                if auth.__class__ is Failure:
+                    return auth
+            if len(self._targets) == 1:
+                result, _ = await self._attempt(loop, deadline, self._targets[0], idempotent, items,
+                                                request_id, None, auth, 2 if again else 1)
+            else:
+                result = await self._failover(loop, deadline, idempotent, items, request_id, auth)
+            if result.__class__ is not HttpResult or result.status != 401 \
+                    or not (self._any_401_refuses or result.bearer_challenge):
+                return result
+            renewed = bearer.refused(auth)
+            if not renewed:
+                return Failure("token", "the backend refused a token just fetched (HTTP 401): check the "
+                                        "client's scope and audience")
+            if not idempotent or again:
+                return Failure("token", "the backend refused the bearer token (HTTP 401); a new one is "
+                                        "fetched" + ("" if idempotent else ", the request is not sent twice"))
+            auth = None
+        return result   # not reached: the second pass returns
+
+    async def _failover(self, loop, deadline, idempotent: bool, items, request_id: str, auth=b""):
         """The first result that must not move on to the next target (see the module's notes), or
         the last target's."""
         last = len(self._targets)
         for tried, target in enumerate(self._candidates(loop), 1):
             cutoff = None if tried == last else self._cutoff(loop, deadline, tried)
             result, move_on = await self._attempt(loop, deadline, target, idempotent, items,
-                                                  request_id, cutoff)
+                                                  request_id, cutoff, auth, tried)
             if not move_on:
                 return result
         return result
@@ -185,16 +226,39 @@ class Client:
                 waiting.append(target)
         yield from waiting
 
+    async def _traced(self, loop, deadline, target, idempotent: bool, items, request_id: str, cutoff,
+                      auth: bytes, attempt: int):
+        """_attempt in a span of its own, its traceparent sent to the backend (a request sampled out:
+        no span, its context sent on)."""
+        if not tracing.sampled():
+            return await self._attempt(loop, deadline, target, idempotent, items, request_id, cutoff,
+                                       auth + tracing.headers(), attempt, True)
+        method = "GET" if idempotent else self.endpoint.method
+        span, token = tracing.start_exchange(method, target.where, attempt, len(self._targets) > 1)
+        outcome, status = "cancelled", None
+        try:
+            result, move_on = await self._attempt(loop, deadline, target, idempotent, items, request_id, cutoff,
+                                                  auth + tracing.headers(), attempt, True)
+            if result.__class__ is HttpResult:
+                outcome, status = "ok", result.status
+            else:
+                outcome = result.kind
+            return result, move_on
+        finally:
+            tracing.end_exchange(span, token, outcome, status)
+
     async def _attempt(self, loop, deadline, target, idempotent: bool, items, request_id: str,
-                       cutoff):
+                       cutoff, auth=b"", attempt=1, traced=False):
         """One target asked: (result, whether the next target may be asked); the outcome is told to
         the observer and to the target's health.  (One coroutine, not two: this is every request's
         path.)  Until the request is written, only building it (an unusable target) and
-        open_connection raise; after, only a cancellation."""
+        open_connection raise; after, only a cancellation.  With tracing, in a span (_traced)."""
+        if tracing.tracer is not None and not traced:
+            return await self._traced(loop, deadline, target, idempotent, items, request_id, cutoff, auth, attempt)
         started = loop.time()
         try:
             build = target.template.lookup if idempotent else target.template.policy
-            request, conn = build(items, request_id), target.pool.take(started, look=not idempotent)
+            request, conn = build(items, request_id, auth), target.pool.take(started, look=not idempotent)
             while True:
                 fresh = conn is None
                 if fresh:
@@ -303,7 +367,7 @@ class _Unusable:
     def __init__(self, failure: Failure):
         self.failure = failure
 
-    def lookup(self, items, request_id):
+    def lookup(self, items, request_id, auth=b""):
         raise Failed(self.failure)
 
     policy = lookup

@@ -3,7 +3,9 @@
 Everything that is the same for every request to an endpoint (request line prefix, Host, User-Agent,
 Accept, X-Auth-Token, Proxy-Authorization, Connection, then Authorization from ``basic-auth`` and the
 endpoint's own ``headers``) is encoded once; per request only the query or form body and X-Request-Id
-are added, and the whole request is one ``bytes`` for one write.  The CONNECT request to a proxy is
+are added (and, with ``oauth2``, the bearer token's Authorization line, which changes as tokens are
+renewed: the caller passes the current line, already encoded), and the whole request is one ``bytes``
+for one write.  The CONNECT request to a proxy is
 built apart (``connect_request``) and carries none of the endpoint's headers.
 """
 
@@ -67,7 +69,7 @@ def _endpoint_headers(endpoint) -> bytes:
 
 class Template:
     """Builds lookup and policy requests for one endpoint along ``route`` (see route.py)."""
-    __slots__ = ("_lookup_start", "_lookup_rest", "_lookup_end", "_policy_head", "_policy_rest")
+    __slots__ = ("_lookup_start", "_lookup_rest", "_after_id", "_policy_head", "_policy_rest")
 
     def __init__(self, endpoint, user_agent: str, route):
         target = route.request_target.encode("ascii")
@@ -81,20 +83,20 @@ class Template:
         after_id = b"\r\n" + _endpoint_headers(endpoint)
         self._lookup_start = b"GET " + target + (b"&" if b"?" in target else b"?")
         self._lookup_rest = b" HTTP/1.1\r\n" + head
-        self._lookup_end = after_id + b"\r\n"
+        self._after_id = after_id
         self._policy_head = endpoint.method.encode("ascii") + b" " + target + b" HTTP/1.1\r\n" + head
-        self._policy_rest = after_id + b"Content-Type: " + FORM_TYPE + b"\r\nContent-Length: "
+        self._policy_rest = b"Content-Type: " + FORM_TYPE + b"\r\nContent-Length: "
 
-    def lookup(self, params, request_id: str) -> bytes:
-        """GET target?name=value&... for (str, bytes) params."""
+    def lookup(self, params, request_id: str, auth: bytes = b"") -> bytes:
+        """GET target?name=value&... for (str, bytes) params; ``auth``: a header line, or b""."""
         return b"".join((self._lookup_start, query(params).encode("ascii"), self._lookup_rest,
-                         request_id.encode("ascii"), self._lookup_end))
+                         request_id.encode("ascii"), self._after_id, auth, b"\r\n"))
 
-    def policy(self, pairs, request_id: str) -> bytes:
+    def policy(self, pairs, request_id: str, auth: bytes = b"") -> bytes:
         """The policy attributes as a form body, with the endpoint's method (GET too, as before)."""
         body = form(pairs)
-        return b"".join((self._policy_head, request_id.encode("ascii"), self._policy_rest,
-                         b"%d\r\n\r\n" % len(body), body))
+        return b"".join((self._policy_head, request_id.encode("ascii"), self._after_id, auth,
+                         self._policy_rest, b"%d\r\n\r\n" % len(body), body))
 
 
 def connect_request(route, user_agent: str) -> bytes:

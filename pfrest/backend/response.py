@@ -33,7 +33,7 @@ MAX_FIELDS = 256     # header and trailer fields of a response, interim ones inc
 MAX_FRAMING = 1 << 16   # bytes after the final head that are not body: chunk lines, extensions, trailers
 NO_BODY_STATUSES = (204, 304)
 _KEPT = frozenset((b"content-length", b"transfer-encoding", b"content-encoding", b"cache-control",
-                   b"location", b"x-request-id", b"content-type"))
+                   b"location", b"x-request-id", b"content-type", b"www-authenticate"))
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)", re.I)
 _STALE_IF_ERROR = re.compile(r"(?:^|,)\s*stale-if-error\s*=\s*\"?(\d+)", re.I)
 _NO_STORE = re.compile(r"(?:^|,)\s*(?:no-store|no-cache|private)\b", re.I)
@@ -84,7 +84,7 @@ class ResponseReader:
     __slots__ = ("done", "result", "keep_alive", "started", "echoed", "_request_id", "_require", "_fed",
                  "_fields", "_head_done", "_parser", "_status", "_length", "_transfer", "_encoding",
                  "_cache_control", "_location", "_echo", "_until_eof", "_size", "_chunks", "_inflater",
-                 "_inflated", "_type")
+                 "_inflated", "_type", "_challenge")
 
     def __init__(self, request_id: bytes = None, require: bool = False):
         self.done, self.result, self.keep_alive, self.started = False, None, False, False
@@ -158,6 +158,7 @@ class ResponseReader:
     def _new_message(self):
         self._status = self._length = self._transfer = self._encoding = None
         self._cache_control = self._location = self._echo = self._inflater = self._type = None
+        self._challenge = False
         self._until_eof, self._size, self._chunks, self._inflated = False, 0, [], 0
 
     def on_header(self, name: bytes, value: bytes):
@@ -182,6 +183,8 @@ class ResponseReader:
             self._echo = value if self._echo is None else self._echo + b"," + value
         elif name == b"content-type":
             self._type = value
+        elif name == b"www-authenticate":   # oauth2: a 401 that says the bearer token was refused
+            self._challenge = self._challenge or b"bearer" in value.lower()
 
     def on_headers_complete(self):
         self._status = status = self._parser.get_status_code()
@@ -256,10 +259,11 @@ class ResponseReader:
         if location is not None:
             location = location.decode("latin-1")
         kind = self._type   # bytes: only pfrest query shows it, for a malformed answer
-        if cache_control is None:   # most answers
+        if cache_control is None and not self._challenge:   # most answers
             self.result = HttpResult(self._status, body, location, content_type=kind)
         else:
-            text = cache_control.decode("latin-1")
+            text = cache_control.decode("latin-1") if cache_control is not None else None
             self.result = HttpResult(self._status, body, location, max_age(text),
-                                     stale_if_error=stale_if_error(text), content_type=kind)
+                                     stale_if_error=stale_if_error(text) if text else None, content_type=kind,
+                                     bearer_challenge=self._challenge)
         self.done, self.keep_alive = True, keep_alive and not self._until_eof

@@ -14,7 +14,11 @@ __all__ = ["CachingClient", "for_endpoint"]
 def for_endpoint(endpoint, user_agent: str, observer=NOBODY):
     """The client for one endpoint: HTTP, behind a cache when a lookup endpoint configures one;
     ``observer`` (observer.Observer) hears of every exchange and cache event."""
-    client = Client(endpoint, user_agent, observer)
+    bearer = None
+    if endpoint.oauth2 is not None:
+        from pfrest.identity import bearer_for   # only where an endpoint has oauth2
+        bearer = bearer_for(endpoint, user_agent)
+    client = Client(endpoint, user_agent, observer, bearer=bearer)
     if not endpoint.caches:
         return client
     shared = None

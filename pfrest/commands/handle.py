@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from pfrest import config, log
+from pfrest import config, log, tracing
 from pfrest.conversation import stdio
 from pfrest.conversation.conversation import Conversation
 from pfrest.conversation.services import Origin, Services
@@ -40,7 +40,11 @@ def run(config_path: str, name: str, log_file=None) -> int:
         for problem in exc.problems:
             logger.error("%s", problem)
         return EX_CONFIG
-    eventloop.run(converse(endpoint, cfg.user_agent), fast=False)
+    tracing.configure(cfg.tracing)
+    try:
+        eventloop.run(converse(endpoint, cfg.user_agent), fast=False)
+    finally:
+        tracing.shutdown()   # the spans of this connection go out before the process ends
     return 0
 
 

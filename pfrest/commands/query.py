@@ -1,7 +1,9 @@
 """``pfrest query``: one real backend call, shown as Postfix will read it, with an exit status a script
 can test.
 
-What is printed: the endpoint and the URL asked (a lookup's with its query, for curl), the backend's
+What is printed: the endpoint and the URL asked (a lookup's with its query, for curl), with ``oauth2``
+the token step (``token: fetched from URL, expires in 3599 s``, or why none could be had), with
+``tracing`` the ``traceparent`` sent, the backend's
 HTTP status or, when no answer came, what went wrong in plain words (``connection refused by
 127.0.0.1:8080``, ``no answer within 2 s``, ``TLS certificate not trusted``), the status class (found,
 not found, temporary, permanent; a policy action's class), for a malformed answer its Content-Type and
@@ -22,7 +24,7 @@ import re
 import time
 from urllib.parse import urlsplit
 
-from pfrest import config
+from pfrest import config, tracing
 from pfrest.backend.client import Client
 from pfrest.backend.errors import PLAIN_HTTP_HINT
 from pfrest.backend.request import new_request_id, query as query_string
@@ -96,13 +98,26 @@ def run(cfg, name, words, mapname=None, out=print, backend=None) -> int:
     endpoint = cfg.endpoint(name)
     request = build_request(endpoint, words, mapname)
     # the backend itself, past any cache: the answer as it is now
-    service = Service(endpoint, cfg.user_agent, backend=backend or Client(endpoint, cfg.user_agent))
-    result, answer, request_id, ms = eventloop.run(ask(service, request), fast=False)
+    bearer = None
+    if backend is None and endpoint.oauth2 is not None:
+        from pfrest.identity import bearer_for   # only for an endpoint with oauth2
+        bearer = bearer_for(endpoint, cfg.user_agent)
+    service = Service(endpoint, cfg.user_agent, backend=backend or Client(endpoint, cfg.user_agent, bearer=bearer))
+    tracing.configure(cfg.tracing)
+    try:
+        result, answer, request_id, ms = eventloop.run(ask(service, request), fast=False)
+    finally:
+        tracing.shutdown()   # the query's spans go out
     status = status_class(endpoint, answer)
     method = endpoint.method if endpoint.mode == config.POLICY else "GET"
     out(f"endpoint: {endpoint.name} ({endpoint.mode}) -> {method} {redact(url(service, request))}")
     out(f"auth-token: {'(set, redacted)' if endpoint.auth_token else '(none)'}")
+    if bearer is not None:
+        out(f"token: {token_words(bearer, result)}")
     out(f"request id: {request_id}")
+    if cfg.tracing is not None:
+        sent = tracing.last_sent and tracing.last_sent.split("\r\n")[0].partition(": ")[2]
+        out(f"traceparent: {sent or '(none sent)'}")
     out(f"backend: {backend_words(result, endpoint)}")
     out(f"time: {ms:.1f} ms")
     v = answer.verdict
@@ -126,6 +141,16 @@ def url(service, request) -> str:
     if call is None or call.kind != "lookup":
         return target
     return target + ("&" if "?" in target else "?") + query_string(call.params)
+
+
+def token_words(bearer, result) -> str:
+    """The oauth2 step: where the token came from and how long it lives, or why there is none."""
+    left = bearer.expires_in()
+    if left is not None:
+        return f"{bearer.origin}, expires in {left:.0f} s"
+    if isinstance(result, Failure) and result.kind == "token":
+        return f"none could be had: {redact(result.detail)}"
+    return "none"
 
 
 def result_words(status: str, answer) -> str:
@@ -202,6 +227,8 @@ def failure_words(failure: Failure, endpoint) -> str:
         return f"answer from {peer} too large: {detail}"
     if kind == "protocol":
         return f"answer from {peer} is not HTTP as it should be: {detail}"
+    if kind == "token":
+        return f"not asked: no bearer token ({redact(failure.detail)})"
     return f"internal error in pfrest: {detail}"
 
 

@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 
-from pfrest import config, log
+from pfrest import config, log, tracing
 from pfrest.config import checks
 from pfrest.process.listener import FD_RESERVE
 from pfrest.system import eventloop, privileges, systemd
@@ -91,6 +91,7 @@ async def serve(server, options) -> int:
                 signal.Signals(signum).name, options.drain_timeout)
     systemd.notify("STOPPING=1")
     await server.stop(options.drain_timeout)
+    tracing.shutdown()   # the spans still in the batch go out
     log_counters(server.summary())
     logger.info("stopped")
     return 0
@@ -109,6 +110,14 @@ def preload(cfg):
     import pfrest.process.worker  # noqa: F401
     if any(ep.cache_url for ep in cfg.endpoints):
         import pfrest.cache.shared  # noqa: F401
+    if any(ep.oauth2 for ep in cfg.endpoints):
+        import pfrest.identity  # noqa: F401
+    if cfg.tracing is not None:
+        try:
+            import opentelemetry.sdk.trace  # noqa: F401
+            import opentelemetry.exporter.otlp.proto.http.trace_exporter  # noqa: F401
+        except ImportError:
+            pass   # tracing.configure says it
     eventloop.new_loop().close()  # uvloop, where installed
 
 

@@ -29,7 +29,7 @@ from pfrest.config.schema import (  # noqa: F401 (config.Endpoint ...)
     CACHE_SCHEMES, CACHE_URL_FILES, Config, ConfigError, DEFAULT_BIND_ADDRESS,
     DEFAULT_CACHE_ENTRIES, DEFAULT_CACHE_LOCAL_TTL, DEFAULT_CACHE_TIMEOUT_MS, DEFAULT_CONTROL_SOCKET,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_PATH, DEFAULT_TIMEOUT_MS, DEFAULT_USER_AGENT,
-    Endpoint, LOG_ALL, LOG_NONE, LOG_PROBLEMS, LOG_REQUESTS, PARTIAL_REQUEST_TIMEOUT, RESERVED_HEADERS)
+    Endpoint, LOG_ALL, OAuth2, Tracing, LOG_NONE, LOG_PROBLEMS, LOG_REQUESTS, PARTIAL_REQUEST_TIMEOUT, RESERVED_HEADERS)
 
 
 def _convert(key, value):
@@ -46,6 +46,8 @@ def _convert(key, value):
         return tuple(value.items())
     if key == "mechanisms":
         return tuple(m.upper() for m in value)
+    if key == "oauth2":
+        return OAuth2(**{name.replace("-", "_"): item for name, item in value.items()})
     return value
 
 
@@ -114,6 +116,10 @@ def _endpoint(raw, where, problems):
     if "basic_auth" in values and any(name.lower() == "authorization"
                                       for name, _ in values.get("headers", ())):
         problems.append(f"{where}.basic-auth: conflicts with headers' Authorization")
+    if "oauth2" in values and ("basic_auth" in values or any(
+            name.lower() == "authorization" for name, _ in values.get("headers", ()))):
+        problems.append(f"{where}.oauth2: sends Authorization: Bearer, so basic-auth and headers' Authorization "
+                        "cannot be given too")
     if "client-key" in raw and "client-cert" not in raw:
         problems.append(f"{where}.client-key: needs client-cert (the key of that certificate)")
     if ("client-cert" in raw or "client-key" in raw) and not any(
@@ -188,7 +194,15 @@ def parse(raw, path=None, partial=False) -> Config:
                   user=raw.get("user"), path=path, metrics_address=metrics,
                   metrics_allow_from=tuple(str(ipaddress.ip_network(n, strict=False))
                                            for n in raw.get("metrics-allow-from", ())),
-                  log_requests=log_requests, control_socket=raw.get("control-socket"))
+                  log_requests=log_requests, control_socket=raw.get("control-socket"),
+                  tracing=_tracing(raw.get("tracing")))
+
+
+def _tracing(raw):
+    if raw is None:
+        return None
+    return Tracing(raw["otlp-endpoint"], float(raw.get("sample-ratio", 1.0)),
+                   raw.get("service-name", Tracing._field_defaults["service_name"]))
 
 
 def decode(text: bytes, path: str):
@@ -289,12 +303,18 @@ def warnings(config: Config) -> List[str]:
     if config.metrics_address and not config.metrics_allow_from and not is_loopback(config.metrics_address[0]):
         found.append(f"metrics-address: listens on {config.metrics_address[0]}, beyond loopback, without "
                      "metrics-allow-from: any host that reaches it can read the metrics")
-    if config.path and any(ep.auth_token for ep in config.endpoints):
+    for i, ep in enumerate(config.endpoints):
+        url = ep.oauth2 and (ep.oauth2.token_url or ep.oauth2.issuer)
+        if url and not url.startswith("https:"):
+            found.append(f"{where(i, ep.name)}.oauth2: {url} is not https: the client secret and the tokens "
+                         "would cross the network in clear")
+    if config.path and any(ep.auth_token or (ep.oauth2 and ep.oauth2.client_secret) for ep in config.endpoints):
         try:
             mode = os.stat(config.path).st_mode
         except OSError:
             mode = 0
         if mode & 0o004:
-            found.append(f"{config.path}: holds an auth-token and is readable by every user; "
+            what = "an auth-token" if any(ep.auth_token for ep in config.endpoints) else "an oauth2 client-secret"
+            found.append(f"{config.path}: holds {what} and is readable by every user; "
                          "chmod o-r it")
     return found

@@ -56,9 +56,21 @@ def refusals(cfg: config.Config) -> List[str]:
     return problems
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (only its parent packages)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def warnings(cfg: config.Config) -> List[str]:
     """config.warnings, and what the file system says about the config file and the TLS files."""
     found = config.warnings(cfg)
+    if cfg.tracing is not None and not _installed("opentelemetry.sdk.trace"):
+        found.append("tracing: the OpenTelemetry SDK is not installed: pip install 'pfrest[otel]' (pfrest runs, "
+                     "without traces, until it is)")
     user = account(cfg.user) if cfg.user else None
     if user is not None and user.uid == 0:
         user = None   # root reads everything
@@ -70,6 +82,11 @@ def warnings(cfg: config.Config) -> List[str]:
             problem = path and _unreadable(path, user)
             if problem:
                 found.append(f"{config.where(i, ep.name)}.{key}: {problem}; connections to {ep.target} will fail")
+        secret_file = ep.oauth2 and ep.oauth2.client_secret_file
+        problem = secret_file and _unreadable(secret_file, user)
+        if problem:
+            found.append(f"{config.where(i, ep.name)}.oauth2.client-secret-file: {problem}; no token can be "
+                         "fetched, Postfix gets temporary answers")
         for name, path in parse_qsl(urlsplit(ep.cache_url or "").query):
             problem = name in config.CACHE_URL_FILES and _unreadable(path, user)
             if problem:

@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl, urlsplit
 from pfrest.protocol import actions
 from pfrest.protocol.dovecotauth import MECHANISMS
 from pfrest.protocol.modes import LOOKUPS, MODES, POLICY, SASL
-from pfrest.config.schema import CACHE_SCHEMES, CACHE_URL_FILES, LOG_REQUESTS, RESERVED_HEADERS, _NAME_RE
+from pfrest.config.schema import AUTH_METHODS, CACHE_SCHEMES, CACHE_URL_FILES, LOG_REQUESTS, RESERVED_HEADERS, _NAME_RE
 
 
 # --- checks: each returns an error message or None ------------------------------------------------
@@ -256,6 +256,56 @@ def _mechanisms(v):
     return None
 
 
+# oauth2's keys: each with its check; token-url or issuer, client-secret or client-secret-file
+OAUTH2_KEYS = {
+    "token-url": _url, "issuer": _url, "client-id": _token, "client-secret": _token,
+    "client-secret-file": _abspath, "scope": _token, "audience": _token,
+    "auth-method": lambda v: None if v in AUTH_METHODS else "must be one of " + ", ".join(AUTH_METHODS),
+}
+
+
+def _oauth2(v):
+    """The client credentials grant's settings (see OAUTH2_KEYS); the secret never in a message."""
+    if not isinstance(v, dict):
+        return ("must be an object such as {\"token-url\": \"https://idp/token\", \"client-id\": \"pfrest\", "
+                "\"client-secret-file\": \"/etc/pfrest/client-secret\"}")
+    for key, value in v.items():
+        if key not in OAUTH2_KEYS:
+            return f"{key!r} is not one of its keys (" + ", ".join(OAUTH2_KEYS) + ")"
+        problem = OAUTH2_KEYS[key](value)
+        if problem:
+            return f"{key} {problem}" if key != "client-secret" else "client-secret must be printable ASCII"
+        if key in ("token-url", "issuer") and "@" in value.split("/")[2]:
+            return f"{key} must not hold user:password@"
+    if ("token-url" in v) == ("issuer" in v):
+        return "needs token-url or issuer (OIDC discovery), one of them"
+    if "client-id" not in v:
+        return "needs client-id"
+    if ("client-secret" in v) == ("client-secret-file" in v):
+        return "needs client-secret or client-secret-file, one of them"
+    return None
+
+
+TRACING_KEYS = {
+    "otlp-endpoint": _url,
+    "sample-ratio": lambda v: None if _is_number(v) and 0 <= v <= 1 else "must be a number 0..1",
+    "service-name": _header_text,
+}
+
+
+def _tracing(v):
+    """``{"otlp-endpoint": "http://127.0.0.1:4318/v1/traces", "sample-ratio": 0.1, "service-name": ...}``"""
+    if not isinstance(v, dict):
+        return "must be an object such as {\"otlp-endpoint\": \"http://127.0.0.1:4318/v1/traces\"}"
+    for key, value in v.items():
+        if key not in TRACING_KEYS:
+            return f"{key!r} is not one of its keys (" + ", ".join(TRACING_KEYS) + ")"
+        problem = TRACING_KEYS[key](value)
+        if problem:
+            return f"{key} {problem}"
+    return None if "otlp-endpoint" in v else "needs otlp-endpoint (the collector's OTLP/HTTP traces URL)"
+
+
 # key -> (attribute, check, modes it applies to or None for all)
 _LOOKUPS = LOOKUPS
 ENDPOINT_KEYS = {
@@ -292,6 +342,7 @@ ENDPOINT_KEYS = {
     "cache-timeout": ("cache_timeout", _cache_timeout_ms, _LOOKUPS),
     "require-request-id": ("require_request_id", _boolean, None),
     "mechanisms": ("mechanisms", _mechanisms, (SASL,)),
+    "oauth2": ("oauth2", _oauth2, None),
 }
 REQUIRED_ENDPOINT_KEYS = ("name", "mode", "target")
 TOP_KEYS = {
@@ -302,4 +353,5 @@ TOP_KEYS = {
     "metrics-allow-from": _networks,
     "log-requests": _log_requests,
     "control-socket": _abspath,
+    "tracing": _tracing,
 }

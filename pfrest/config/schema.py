@@ -3,7 +3,7 @@ ConfigError.  Nothing here reads a file or checks a value: keys.py checks, __ini
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
 from pfrest.protocol import actions
@@ -45,6 +45,37 @@ DEFAULT_IDLE_TIMEOUT = {TCP: 600.0, SOCKETMAP: 60.0, POLICY: 600.0, SASL: 86400.
 # From the first byte of a request to its last (R3): Postfix writes a request in one go, so only a
 # stalled or dripping client (slowloris) takes longer.  A deadline for the whole request, not per read.
 PARTIAL_REQUEST_TIMEOUT = 30.0
+
+# oauth2's auth-method: how the client authenticates at the token endpoint (RFC 6749 2.3.1)
+CLIENT_SECRET_BASIC, CLIENT_SECRET_POST = "client_secret_basic", "client_secret_post"
+AUTH_METHODS = (CLIENT_SECRET_BASIC, CLIENT_SECRET_POST)
+
+
+class OAuth2(NamedTuple):
+    """An endpoint's ``oauth2`` object: where its bearer token comes from (the client credentials
+    grant, RFC 6749 4.4).  Hashable: endpoints with equal credentials share one token."""
+    token_url: Optional[str] = None      # or issuer, whose OIDC discovery document names it
+    issuer: Optional[str] = None
+    client_id: str = ""
+    client_secret: Optional[str] = None  # or client_secret_file, read at each fetch (rotation)
+    client_secret_file: Optional[str] = None
+    scope: Optional[str] = None
+    audience: Optional[str] = None
+    auth_method: str = CLIENT_SECRET_BASIC
+
+    def __repr__(self):   # never the secret
+        return f"OAuth2(token_url={self.token_url!r}, issuer={self.issuer!r}, client_id={self.client_id!r})"
+
+
+DEFAULT_SERVICE_NAME = "pfrest"
+
+
+class Tracing(NamedTuple):
+    """The top-level ``tracing`` object: where spans go (OTLP/HTTP) and which requests are sampled."""
+    otlp_endpoint: str
+    sample_ratio: float = 1.0
+    service_name: str = DEFAULT_SERVICE_NAME
+
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -94,6 +125,7 @@ class Endpoint:
     cache_timeout: int = DEFAULT_CACHE_TIMEOUT_MS
     require_request_id: bool = False
     mechanisms: Tuple[str, ...] = MECHANISMS
+    oauth2: Optional[OAuth2] = field(default=None, repr=False)
 
     def __post_init__(self):
         if not self.targets:  # an Endpoint made in code with one target
@@ -102,6 +134,8 @@ class Endpoint:
     def secrets(self):
         """What must never show in a log line: token, password, header values."""
         found = [self.auth_token, self.basic_auth, *(value for _, value in self.headers)]
+        if self.oauth2 is not None:
+            found.append(self.oauth2.client_secret)
         if self.basic_auth:
             found.append(self.basic_auth.split(":", 1)[1])
         for url in (self.proxy, self.cache_url):
@@ -148,6 +182,7 @@ class Config:
     metrics_allow_from: Tuple[str, ...] = ()
     log_requests: str = LOG_ALL
     control_socket: Optional[str] = None   # None: DEFAULT_CONTROL_SOCKET, if it can be had
+    tracing: Optional[Tracing] = None
 
     def endpoint(self, name: str) -> Endpoint:
         for ep in self.endpoints:

@@ -30,6 +30,7 @@ from collections import deque
 from functools import partial
 
 from pfrest import log as logs
+from pfrest import tracing
 from pfrest.backend.request import new_request_id
 from pfrest.conversation import requestlog
 from pfrest.protocol.framing import Close, Prompt, Reject
@@ -61,6 +62,7 @@ class Conversation(asyncio.Protocol):
         self.last_io = self.loop.time()
         self.partial_since = None    # when the first byte of the request now arriving came
         self.timer = self.timer_at = self.write_timer = None
+        self.span = None             # with tracing: the current request's span
 
     # --- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -199,15 +201,23 @@ class Conversation(asyncio.Protocol):
         # time.monotonic, not loop.time: uvloop's clock ticks in milliseconds
         request_id, started = new_request_id(), time.monotonic()
         cached = service.answer_cached(request, request_id)
-        if cached is not None:  # no backend request: answered without a task
-            self._finish(service, request, cached[0], cached[1], request_id, started)
-            return
-        stored = service.answer_stored(request)
-        if stored is None:
-            self.answering = self.loop.create_task(self._ask(service, request, request_id, started))
-        else:  # the shared cache may have it: still no task until it turns out not to
-            self.answering = stored
-            stored.add_done_callback(partial(self._stored, service, request, request_id, started))
+        token = None
+        if tracing.tracer is not None:   # the span is current while the task asking the backend is made
+            self.span, token = tracing.start_request(service, request_id, "local" if cached is not None else
+                                                     "miss" if hasattr(service.backend, "peek") else "none")
+        try:
+            if cached is not None:  # no backend request: answered without a task
+                self._finish(service, request, cached[0], cached[1], request_id, started)
+                return
+            stored = service.answer_stored(request)
+            if stored is None:
+                self.answering = self.loop.create_task(self._ask(service, request, request_id, started))
+            else:  # the shared cache may have it: still no task until it turns out not to
+                self.answering = stored
+                stored.add_done_callback(partial(self._stored, service, request, request_id, started))
+        finally:
+            if token is not None:
+                tracing.current_done(token)
 
     def _stored(self, service, request, request_id, started, stored):
         self.answering = None
@@ -216,6 +226,8 @@ class Conversation(asyncio.Protocol):
         result = stored.result()[0]
         if self.lost:
             return self._ended()
+        if result is not None and self.span is not None:
+            self.span.set_attribute("pfrest.cache", "shared")
         if result is None:   # not there fresh: the backend, with what the store had for a stale answer
             self.answering = self.loop.create_task(self._ask(service, request, request_id, started,
                                                              stored.result()))
@@ -242,6 +254,9 @@ class Conversation(asyncio.Protocol):
         now = time.monotonic()
         ms = (now - started) * 1000
         reply = service.stats.record(answer.verdict, ms, result, answer.action, now)
+        if self.span is not None:
+            tracing.end_request(self.span, reply)
+            self.span = None
         if service.log_all or service.worth_logging(reply, result):
             warning = requestlog.warns(result, answer)
             if log.isEnabledFor(logging.WARNING if warning else logging.INFO):

@@ -21,6 +21,7 @@ import logging
 import socket
 from collections import Counter
 
+from pfrest import tracing
 from pfrest.conversation.conversation import Conversation
 from pfrest.conversation.services import Origin, Services
 from pfrest.ops import controlsocket, health, monitor
@@ -156,6 +157,7 @@ class Server:
         return self.conversations.take(sock, Origin(slot.endpoint.name, slot.key, host), peer)
 
     def _apply(self, cfg):
+        tracing.configure(cfg.tracing)
         self.services.apply(self.listener.served(cfg), cfg.user_agent, self.listener.key_of)
 
     def reload(self, cfg):

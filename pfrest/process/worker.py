@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 
-from pfrest import log
+from pfrest import log, tracing
 from pfrest.conversation.services import Origin, Services
 from pfrest.ops import health
 from pfrest.process import control
@@ -49,6 +49,7 @@ class Worker:
         self.flushed = None    # a future while messages wait for room on the channel
 
     def _apply(self, cfg):
+        tracing.configure(cfg.tracing)
         endpoints = selected(cfg, self.options.names, self.inherited)[0]
         self.services.apply(endpoints, cfg.user_agent, lambda ep: bind_key(ep, self.inherited))
         self.conversations.reconsider()
@@ -73,6 +74,7 @@ class Worker:
                 await asyncio.wait_for(asyncio.shield(self.flushed), FLUSH_TIMEOUT)
             except asyncio.TimeoutError:   # the arbiter counts our connections as ended when it reaps us
                 logger.warning("worker %d: the arbiter took not all of its last messages", self.index)
+        tracing.shutdown()   # the spans still in the batch go out
         return 0
 
     def _signals(self, loop):

@@ -38,11 +38,12 @@ class HttpResult(NamedTuple):
     stale_if_error: Optional[int] = None  # Cache-Control stale-if-error (RFC 5861), None when absent
     stale: bool = False                  # a cached answer past its lifetime, served as the backend failed
     content_type: Optional[bytes] = None  # the Content-Type header, only to tell a malformed answer
+    bearer_challenge: bool = False       # a WWW-Authenticate naming Bearer came with it (RFC 6750 3)
 
 
 class Failure(NamedTuple):
     """The HTTP exchange did not complete.  ``kind`` is one of the words below."""
-    kind: str        # timeout, refused, reset, dns, tls, too-large, protocol, stray, internal
+    kind: str        # timeout, refused, reset, dns, tls, too-large, protocol, stray, token, internal
     detail: str = ""  # for the log only, never for Postfix
 
 
@@ -67,6 +68,7 @@ def _failure(result: Failure) -> Verdict:
         "too-large": "backend answer too large",
         "protocol": "backend answer is not valid HTTP",
         "stray": "backend answer was not this request's",
+        "token": "no bearer token for the backend",
     }.get(result.kind, "internal error"))
 
 
