@@ -13,8 +13,8 @@ EX_USAGE = os.EX_USAGE   # 64: sysexits.h, for every command (argparse alone wou
 
 # The exit statuses of every command, as pfrest --help and pfrest(8) show them (bin/pfrest-manpages).
 EXIT_STATUSES = (
-    ("0", "success: valid (check), found (query), done (cache), figures printed (stats), a clean stop (serve)"),
-    ("1", "not found (query, as postmap -q); a mismatch with Postfix (check --postfix); a runtime failure "
+    ("0", "success: valid (check), found or authenticated (query), done (cache), figures printed (stats), a clean stop (serve)"),
+    ("1", "not found or login rejected (query, as postmap -q); a mismatch with Postfix (check --postfix); a runtime failure "
           "(serve, demo: a socket that cannot be bound)"),
     ("64", "EX_USAGE: arguments that do not fit (an unknown option, a missing ENDPOINT, a KEY for flush)"),
     ("69", "EX_UNAVAILABLE: what the command needs cannot be reached (stats: the metrics-address; cache: the "
@@ -72,10 +72,13 @@ def _parser():
 
     command("stats", "print the figures of the running pfrest serve (from its metrics-address)")
 
-    p = command("query", "make the real backend call and print the reply Postfix would get")
+    p = command("query", "make the real backend call and print the reply Postfix would get; for a "
+                         "dovecot-sasl endpoint, one login of USER, whose password is read from stdin (its "
+                         "first line) or, on a terminal, asked for: never given on the command line")
     p.add_argument("name", help="endpoint name")
-    p.add_argument("words", nargs="+", metavar="KEY | attr=value",
-                   help="the lookup key, or policy attributes (the usual ones are filled in)")
+    p.add_argument("words", nargs="+", metavar="KEY | attr=value | USER",
+                   help="the lookup key, policy attributes (the usual ones are filled in), or the user name "
+                        "to log in as (dovecot-sasl; the password comes from stdin or a prompt)")
     p.add_argument("--map", dest="mapname", metavar="MAPNAME",
                    help="socketmap map name sent to the backend (default: the endpoint name)")
 
@@ -173,8 +176,12 @@ def _query(args) -> int:
     from pfrest.commands import query
     log.for_foreground()
     cfg = config.load(args.config)
+    words = [os.fsencode(w) for w in args.words]
+    password = None
+    if cfg.endpoint(args.name).mode == config.SASL and len(words) == 1:
+        password = query.read_password(args.words[0])
     try:
-        return query.run(cfg, args.name, [os.fsencode(w) for w in args.words], args.mapname)
+        return query.run(cfg, args.name, words, args.mapname, password=password)
     except ValueError as exc:
         print(f"pfrest query: {exc}", file=sys.stderr)
         return EX_USAGE

@@ -119,3 +119,10 @@ def test_pfrest_8_has_the_exit_statuses_of_pfrest_help(pages):
     assert "EXIT STATUS" in page
     for code, text in cli.EXIT_STATUSES:
         assert re.search(rf"(?m)^ +{code}\b", page["EXIT STATUS"]) and words(text) in words(page["EXIT STATUS"]), code
+
+
+def test_pfrest_8_says_where_query_takes_a_password_from(pages):
+    """dovecot-sasl: the password comes from stdin or a prompt, never from the command line (ps shows argv)."""
+    parts = re.split(r"(?m)^   (\S+)$", sections(pages["pfrest.8"])["COMMANDS"])
+    text = words(dict(zip(parts[1::2], parts[2::2]))["query"])
+    assert "password is read from stdin" in text and "never given on the command line" in text
