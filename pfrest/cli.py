@@ -101,9 +101,10 @@ def _parser():
     p.add_argument("--target", required=True, metavar="URL",
                    help="the backend's base URL: each endpoint's target is URL/NAME (domains, aliases, policy)")
     p.add_argument("--modes", type=_modes, default="tcp,socketmap,policy", metavar="MODES",
-                   help="comma-separated: tcp, socketmap, policy (default all three)")
+                   help="comma-separated: tcp, socketmap, policy, auth (SMTP AUTH: an endpoint auth of mode "
+                        "dovecot-sasl; sasl says the same) (default tcp,socketmap,policy)")
     p.add_argument("--port-base", type=_init_port_base, metavar="N",
-                   help="every endpoint on 127.0.0.1 ports N, N+1, N+2 (default: tcp on 127.0.0.1:9001, "
+                   help="every endpoint on 127.0.0.1 ports N, N+1, N+2, N+3 (default: tcp on 127.0.0.1:9001, "
                         "the others on unix sockets in /var/spool/postfix/private)")
     return parser
 
@@ -129,8 +130,8 @@ def _port_base(text):
 
 
 def _init_port_base(text):
-    if not text.isdigit() or not 1 <= int(text) <= 65533:
-        raise _invalid("must be a port number, 1..65533 (the endpoints take N, N+1 and N+2)")
+    if not text.isdigit() or not 1 <= int(text) <= 65532:
+        raise _invalid("must be a port number, 1..65532 (the endpoints take N to N+3)")
     return int(text)
 
 
