@@ -4,10 +4,11 @@ smtpd_sasl_path (main.cf and master.cf -o), read through real postconf from priv
 
 import pytest
 
-from conftest import ROOT, pfrest_cmd, pfrest_env   # noqa: F401 (pfrest_cmd: the real command below)
+from conftest import need_binary
 from pfrest import config
 from pfrest.config import checks
-from test_check import run
+from test_check import endpoint, lines, pfrest_config, postfix_config, run
+from test_check import shared_dir   # noqa: F401 (a fixture: a directory nobody, spawn's user here, can enter)
 
 
 def login_warnings(**extra):
@@ -49,3 +50,87 @@ def test_check_prints_them_and_still_exits_0(write_config):
     assert proc.returncode == 0, proc.stderr
     assert "warning: endpoints[0] (auth).request-timeout: 15000 ms" in proc.stderr
     assert "warning: endpoints[0] (auth).target: http://auth.mail.lan/login is plain http" in proc.stderr
+
+
+# --- check --postfix ---------------------------------------------------------------------------------
+
+def test_a_sasl_path_is_compared_as_the_other_references(shared_dir):
+    """smtpd_sasl_path reaches endpoints by inet:, a path relative to the queue directory, unix:PATH, or a
+    spawn service running pfrest handle; one of another mode is a mismatch, one elsewhere is not ours."""
+    need_binary("postconf")
+    spool = shared_dir / "spool"
+    path = pfrest_config(shared_dir, [
+        endpoint("auth", "dovecot-sasl", **{"bind-address": "127.0.0.1", "bind-port": 9004}),
+        endpoint("policy", "policy", **{"bind-path": f"{spool}/private/pfrest-policy"}),
+        endpoint("auth2", "dovecot-sasl"),
+        endpoint("domains", **{"bind-address": "127.0.0.1", "bind-port": 9001})])
+    handle = f"spawn user=nobody argv=/usr/local/bin/pfrest handle -c {path}"
+    d = postfix_config(shared_dir, f"""\
+        compatibility_level = 3.6
+        queue_directory = {spool}
+        smtpd_sasl_auth_enable = yes
+        smtpd_sasl_type = dovecot
+        smtpd_sasl_path = inet:127.0.0.1:9004
+        virtual_mailbox_domains = tcp:127.0.0.1:9001
+        pfrest-auth2_time_limit = 86400s
+        pfrest-lookup_time_limit = 3600s
+        """, f"""\
+        smtp      inet  n       -       n       -       -       smtpd
+        submission inet n       -       n       -       -       smtpd
+          -o smtpd_sasl_path=private/pfrest-policy
+        smtps     inet  n       -       n       -       -       smtpd
+          -o smtpd_sasl_path=private/pfrest-auth2
+        465       inet  n       -       n       -       -       smtpd
+          -o smtpd_sasl_path=unix:{spool}/private/pfrest-policy -o smtpd_sasl_type=cyrus
+        2525      inet  n       -       n       -       -       smtpd
+          -o smtpd_sasl_path=private/dovecot-auth
+        pfrest-auth2 unix - n n - 0 {handle} auth2
+        pfrest-lookup unix - n n - 0 {handle} policy
+        2526      inet  n       -       n       -       -       smtpd
+          -o smtpd_sasl_path=private/pfrest-lookup
+        """)
+    proc = run("check", "-c", str(path), "--postfix", str(d))
+    assert lines(proc.stderr, "mismatch") == [
+        "mismatch: master.cf submission/inet -o smtpd_sasl_path: smtpd_sasl_path = private/pfrest-policy reaches "
+        f"endpoint policy at {spool}/private/pfrest-policy, a policy endpoint, not dovecot-sasl",
+        "mismatch: master.cf 2526/inet -o smtpd_sasl_path: smtpd_sasl_path = private/pfrest-lookup reaches "
+        "endpoint policy through master.cf service pfrest-lookup/unix, a policy endpoint, not dovecot-sasl"], \
+        proc.stderr
+    # cyrus on 465: not a dovecot path; 2525: Dovecot's own socket, not pfrest's business; auth2: reached
+    assert "465/inet" not in proc.stderr and "2525/inet" not in proc.stderr
+    assert lines(proc.stderr, "warning") == [], proc.stderr   # every endpoint is used: auth2 by smtps
+    assert proc.returncode == 1
+
+
+def test_noplaintext_with_only_plaintext_mechanisms_is_fatal_for_smtpd(shared_dir):
+    need_binary("postconf")
+    path = pfrest_config(shared_dir, [
+        endpoint("auth", "dovecot-sasl", **{"bind-address": "127.0.0.1", "bind-port": 9004})])
+    main = """\
+        smtpd_sasl_type = dovecot
+        smtpd_sasl_path = inet:127.0.0.1:9004
+        smtpd_sasl_security_options = noanonymous, noplaintext
+        """
+    d = postfix_config(shared_dir, main, """\
+        submission inet n       -       n       -       -       smtpd
+          -o smtpd_sasl_security_options=noanonymous -o smtpd_sasl_tls_security_options=noanonymous
+        """)
+    proc = run("check", "-c", str(path), "--postfix", str(d))
+    assert proc.returncode == 1
+    assert lines(proc.stderr, "mismatch") == [
+        "mismatch: main.cf smtpd_sasl_path: smtpd_sasl_path = inet:127.0.0.1:9004 reaches endpoint auth, whose "
+        "mechanisms (PLAIN, LOGIN) are all plaintext, and smtpd_sasl_security_options = noanonymous, noplaintext "
+        "holds noplaintext: smtpd exits \"fatal: no SASL authentication mechanisms\"; drop noplaintext, and "
+        "refuse logins without TLS with smtpd_tls_auth_only = yes"]   # submission's own options are fine
+
+
+def test_sasl_references_need_the_dovecot_type(shared_dir):
+    """smtpd_sasl_type's default is cyrus: its path names a Cyrus application, not a socket."""
+    need_binary("postconf")
+    path = pfrest_config(shared_dir, [endpoint("domains", **{"bind-address": "127.0.0.1", "bind-port": 9001})])
+    d = postfix_config(shared_dir, """\
+        smtpd_sasl_path = inet:127.0.0.1:9001
+        virtual_mailbox_domains = tcp:127.0.0.1:9001
+        """, "")
+    proc = run("check", "-c", str(path), "--postfix", str(d))
+    assert proc.returncode == 0 and lines(proc.stderr, "mismatch") == [], proc.stderr
