@@ -13,9 +13,10 @@ EX_USAGE = os.EX_USAGE   # 64: sysexits.h, for every command (argparse alone wou
 
 # The exit statuses of every command, as pfrest --help and pfrest(8) show them (bin/pfrest-manpages).
 EXIT_STATUSES = (
-    ("0", "success: valid (check), found or authenticated (query), done (cache), figures printed (stats), a clean stop (serve)"),
-    ("1", "not found or login rejected (query, as postmap -q); a mismatch with Postfix (check --postfix); a runtime failure "
-          "(serve, demo: a socket that cannot be bound)"),
+    ("0", "success: valid (check), found or authenticated (query), done (cache), figures printed (stats), "
+          "a clean stop (serve)"),
+    ("1", "not found or login rejected (query, as postmap -q); a mismatch with Postfix (check --postfix); a "
+          "runtime failure (serve, demo: a socket that cannot be bound)"),
     ("64", "EX_USAGE: arguments that do not fit (an unknown option, a missing ENDPOINT, a KEY for flush)"),
     ("69", "EX_UNAVAILABLE: what the command needs cannot be reached (stats: the metrics-address; cache: the "
            "store or the control socket; check --postfix: postconf), or a permanent failure (query)"),
@@ -92,10 +93,10 @@ def _parser():
     p.add_argument("--map", dest="mapname", metavar="MAPNAME",
                    help="socketmap: the map name the keys are looked up in (default: the endpoint name)")
 
-    text = "the three modes on loopback with a built-in REST backend, and the commands to try (no config)"
+    text = "the four modes on loopback with a built-in REST backend, and the commands to try (no config)"
     p = sub.add_parser("demo", help=text, description=text)
     p.add_argument("--port-base", type=_port_base, metavar="N",
-                   help="listen on ports N, N+1 and N+2 (default 9101; 0: any free ports)")
+                   help="listen on ports N to N+3 (default 9101; 0: any free ports)")
     p = command("init", "write a starting config for the modes asked, with a random auth token, and print the "
                         "Postfix lines that go with it; an existing file is never replaced (exit 73)")
     p.add_argument("--target", required=True, metavar="URL",
@@ -124,8 +125,8 @@ def _invalid(message):
 
 
 def _port_base(text):
-    if not text.isdigit() or not (int(text) == 0 or 1 <= int(text) <= 65533):
-        raise _invalid("must be 0 or a port number up to 65533")
+    if not text.isdigit() or not (int(text) == 0 or 1 <= int(text) <= 65532):
+        raise _invalid("must be 0 or a port number up to 65532")
     return int(text)
 
 

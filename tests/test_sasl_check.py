@@ -43,6 +43,13 @@ def test_every_target_is_judged():
     assert "http://b.mail.lan/" in warning
 
 
+def test_a_login_endpoint_made_in_code_posts_too():
+    """parse() forces POST for dovecot-sasl; an Endpoint made in code (the demo's, an embedding's) too."""
+    ep = config.Endpoint(name="auth", mode=config.SASL, target="http://127.0.0.1:9/login")
+    assert ep.method == "POST"
+    assert config.Endpoint(name="p", mode=config.POLICY, target="http://127.0.0.1:9/p").method == "GET"
+
+
 def test_check_prints_them_and_still_exits_0(write_config):
     path = write_config([{"name": "auth", "mode": "dovecot-sasl", "target": "http://auth.mail.lan/login",
                           "request-timeout": 15000}])

@@ -1,13 +1,17 @@
-"""``pfrest demo``: the three endpoint modes on loopback, answered by a small built-in REST backend, with
-the exact commands to try printed.  No config file, no root, nothing left behind.
+"""``pfrest demo``: the four endpoint modes on loopback, answered by a small built-in REST backend, with
+the exact commands to try printed.  No config file to write, no root, nothing left behind.
 
 The endpoints are served by the very Server of ``pfrest serve``; the backend is a minihttp app that
 follows the HTTP contract of the README (and checks the auth token, as a real one should).  Postfix's
 ``postmap`` needs a main.cf, which a fresh "No configuration" install does not have, so the demo writes
-one into a temporary directory and prints ``postmap -c DIR ...``.
+one into a temporary directory and prints ``postmap -c DIR ...``.  A login (dovecot-sasl) is tried with
+``pfrest query``, which reads a config: the demo writes its own beside that main.cf, and prints the
+command with the demo user's password on stdin (no swaks, no openssl, no Postfix needed).
 """
 
 import asyncio
+import hmac
+import json
 import logging
 import os
 import shlex
@@ -31,9 +35,12 @@ DOMAINS = ("example.com", "example.org")
 ALIASES = {"info@example.com": ["alice@example.com", "bob@example.com"],
            "postmaster@example.com": ["alice@example.com"]}
 BLOCKED_SENDER = "spammer@bad.example"
+# The one user the demo's login route knows; a demo's password, printed for anyone to try
+DEMO_USER, DEMO_PASSWORD = "demo@example.com", "demo-password"
 
 # (name, mode, port offset)
-ENDPOINTS = (("domains", config.TCP, 0), ("aliases", config.SOCKETMAP, 1), ("policy", config.POLICY, 2))
+ENDPOINTS = (("domains", config.TCP, 0), ("aliases", config.SOCKETMAP, 1), ("policy", config.POLICY, 2),
+             ("auth", config.SASL, 3))
 
 
 def backend_app(request):
@@ -59,11 +66,26 @@ def _answer(request):
         if attrs.get(b"sender", b"").lower() == BLOCKED_SENDER.encode():
             return 200, {"Content-Type": "text/plain"}, b"REJECT Sender blocked by the pfrest demo policy"
         return 200, {"Content-Type": "text/plain"}, b"DUNNO"
+    if request.path == "/auth":
+        return _login(request)
     return 404, {}, b""
 
 
+def _login(request):
+    """The login route, as the HTTP contract says: a POSTed form; 200 with the canonical user name for
+    the demo user's password, 401 for any other (saying nothing of which part was wrong)."""
+    if request.method != "POST":
+        return 405, {"Allow": "POST"}, b""
+    form = dict(minihttp.form_bytes(request))
+    user = form.get(b"username", b"").lower()
+    # compare_digest: the time taken says nothing of how much of the password was right
+    good = hmac.compare_digest(form.get(b"password", b""), DEMO_PASSWORD.encode())
+    if user == DEMO_USER.encode() and good:
+        return _json([DEMO_USER])
+    return 401, {}, b""
+
+
 def _json(values):
-    import json
     return 200, {"Content-Type": "application/json"}, json.dumps(values).encode()
 
 
@@ -75,6 +97,26 @@ def demo_config(backend_url, port_base, host=HOST):
                         request_timeout=2000)
         for name, mode, offset in ENDPOINTS)
     return config.Config(endpoints=endpoints, user_agent="pfrest demo")
+
+
+def write_config(cfg, root):
+    """The demo's endpoints as a config file for ``pfrest query -c`` (only the owner may read it: it
+    holds the token); its path."""
+    path = os.path.join(root, "pfrest.json")
+    doc = {"user-agent": cfg.user_agent,
+           "endpoints": [{"name": ep.name, "mode": ep.mode, "target": ep.target, "auth-token": ep.auth_token,
+                          "request-timeout": ep.request_timeout} for ep in cfg.endpoints]}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+    return path
+
+
+def pfrest_command():
+    """``pfrest`` as the user ran it: this very program, else ``python3 -m pfrest`` with this Python."""
+    if os.path.basename(sys.argv[0]) == "pfrest":
+        return shlex.quote(sys.argv[0]) if os.path.isabs(sys.argv[0]) else "pfrest"
+    return f"{shlex.quote(sys.executable)} -m pfrest"
 
 
 def postfix_dir(root):
@@ -100,9 +142,9 @@ def postmap_command():
     return None
 
 
-def instructions(addresses, confdir, backend_url):
+def instructions(addresses, confdir, backend_url, config_path):
     """What to print: the commands to try and the main.cf lines."""
-    (h1, tcp), (h2, sockmap), (h3, policy) = (addresses[name] for name, _, _ in ENDPOINTS)
+    (h1, tcp), (h2, sockmap), (h3, policy), (h4, auth) = (addresses[name] for name, _, _ in ENDPOINTS)
     postmap = postmap_command()
     pm = f"{postmap or 'postmap'} -c {shlex.quote(confdir)} -q"
     # double quotes, no $ or backquote: the same in sh, bash and zsh; Python turns \n into newlines
@@ -111,7 +153,7 @@ def instructions(addresses, confdir, backend_url):
              'recipient=info@example.com\\n\\n\'); print(s.recv(4096).decode().strip())"'
              % (h3, policy, BLOCKED_SENDER))
     lines = [
-        f"pfrest demo: three endpoints on loopback, answered by a built-in REST backend at {backend_url}",
+        f"pfrest demo: four endpoints on loopback, answered by a built-in REST backend at {backend_url}",
         "",
         "Look things up with Postfix's own client:" if postmap else
         "Look things up with Postfix's own client (install Postfix first: apt-get install postfix, "
@@ -131,12 +173,21 @@ def instructions(addresses, confdir, backend_url):
         f"    {probe}",
         "        prints: action=REJECT Sender blocked by the pfrest demo policy",
         "",
+        "Log in as the demo user (SMTP AUTH as smtpd would ask it; the password on stdin, never in argv):",
+        "",
+        f"    echo {DEMO_PASSWORD} | {pfrest_command()} query -c {shlex.quote(config_path)} auth {DEMO_USER}",
+        f"        shows: result: authenticated, and what smtpd answers: 235; exits 0 (another password: "
+        "rejected, 535, exit 1)",
+        "",
         "Or point a Postfix at the demo: in its main.cf, then `postfix reload`:",
         "",
         f"    virtual_mailbox_domains = tcp:{h1}:{tcp}",
         f"    virtual_alias_maps = socketmap:inet:{h2}:{sockmap}:aliases",
         "    smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination,",
         f"        check_policy_service inet:{h3}:{policy}",
+        "    smtpd_sasl_auth_enable = yes",
+        "    smtpd_sasl_type = dovecot",
+        f"    smtpd_sasl_path = inet:{h4}:{auth}",
         "",
         "Each request is logged below (on stderr). Ctrl-C stops the demo.",
     ]
@@ -165,14 +216,15 @@ async def _serve(cfg, port_base, root, backend_url, out):
         ports = ", ".join(str(port_base + offset) for _, _, offset in ENDPOINTS)
         print(f"pfrest demo: {exc}\n"
               f"pfrest demo: the demo listens on {HOST} ports {ports}; pick free ones with "
-              f"--port-base N (it uses N, N+1 and N+2), or --port-base 0 for any free ports",
+              f"--port-base N (it uses N to N+3), or --port-base 0 for any free ports",
               file=sys.stderr)
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    print(instructions(server.addresses, postfix_dir(root), backend_url), file=out, flush=True)
+    print(instructions(server.addresses, postfix_dir(root), backend_url, write_config(cfg, root)), file=out,
+          flush=True)
     await stop.wait()
     logger.info("stopping")
     await server.stop(2.0)

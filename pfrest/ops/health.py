@@ -47,7 +47,8 @@ class Check:
             elif stats.mode not in NEVER_PROBED:
                 self.found[name] = None
             elif stats.last_failed and now - stats.last_failed <= READY_WINDOW:
-                self.found[name] = (False, f"the last {NEVER_PROBED[stats.mode]} request ({now - stats.last_failed:.1f} "
+                ago = now - stats.last_failed
+                self.found[name] = (False, f"the last {NEVER_PROBED[stats.mode]} request ({ago:.1f} "
                                            f"s ago) got no answer from the backend ({stats.mode} endpoints are "
                                            "never probed)")
             else:
