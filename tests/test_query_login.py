@@ -52,7 +52,7 @@ def test_a_good_password_authenticates_and_shows_the_fields_sent(ask, backend):
     assert got == 0 and printed["result"] == "authenticated" and printed["user"] == "alice@example.com"
     assert printed["endpoint"] == f"auth (dovecot-sasl) -> POST {backend.url}/login"
     assert printed["fields"] == ("mechanism=PLAIN username=alice@example.com service=smtp client_address=127.0.0.1 "
-                                 f"server_address=127.0.0.1 secured=no password=({len(PASSWORD)} bytes, not shown)")
+                                 "server_address=127.0.0.1 secured=no password=(not shown)")
     assert printed["reply"] == '"OK\\t1\\tuser=alice@example.com\\n"'
     assert printed["smtpd"] == "235 2.7.0 Authentication successful"
     [request] = backend.requests

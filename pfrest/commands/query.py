@@ -162,7 +162,7 @@ def run_login(endpoint, user_agent, words, password, out, backend) -> int:
     out(f"endpoint: {endpoint.name} ({endpoint.mode}) -> POST {redact(endpoint.target)}")
     out(f"auth-token: {'(set, redacted)' if endpoint.auth_token else '(none)'}")
     out(f"request id: {request_id}")
-    out(f"fields: {fields}" + (f" password=({len(password)} bytes, not shown)" if result is not None else ""))
+    out(f"fields: {fields}" + (" password=(not shown)" if result is not None else ""))
     out(f"backend: {backend_words(result, endpoint)}")
     out(f"time: {ms:.1f} ms")
     status = login_class(answer)
