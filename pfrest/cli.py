@@ -13,9 +13,10 @@ EX_USAGE = os.EX_USAGE   # 64: sysexits.h, for every command (argparse alone wou
 
 # The exit statuses of every command, as pfrest --help and pfrest(8) show them (bin/pfrest-manpages).
 EXIT_STATUSES = (
-    ("0", "success: valid (check), found (query), done (cache), figures printed (stats), a clean stop (serve)"),
-    ("1", "not found (query, as postmap -q); a mismatch with Postfix (check --postfix); a runtime failure "
-          "(serve, demo: a socket that cannot be bound)"),
+    ("0", "success: valid (check), found or authenticated (query), done (cache), figures printed (stats), "
+          "a clean stop (serve)"),
+    ("1", "not found or login rejected (query, as postmap -q); a mismatch with Postfix (check --postfix); a "
+          "runtime failure (serve, demo: a socket that cannot be bound)"),
     ("64", "EX_USAGE: arguments that do not fit (an unknown option, a missing ENDPOINT, a KEY for flush)"),
     ("69", "EX_UNAVAILABLE: what the command needs cannot be reached (stats: the metrics-address; cache: the "
            "store or the control socket; check --postfix: postconf), or a permanent failure (query)"),
@@ -72,10 +73,13 @@ def _parser():
 
     command("stats", "print the figures of the running pfrest serve (from its metrics-address)")
 
-    p = command("query", "make the real backend call and print the reply Postfix would get")
+    p = command("query", "make the real backend call and print the reply Postfix would get; for a "
+                         "dovecot-sasl endpoint, one login of USER, whose password is read from stdin (its "
+                         "first line) or, on a terminal, asked for: never given on the command line")
     p.add_argument("name", help="endpoint name")
-    p.add_argument("words", nargs="+", metavar="KEY | attr=value",
-                   help="the lookup key, or policy attributes (the usual ones are filled in)")
+    p.add_argument("words", nargs="+", metavar="KEY | attr=value | USER",
+                   help="the lookup key, policy attributes (the usual ones are filled in), or the user name "
+                        "to log in as (dovecot-sasl; the password comes from stdin or a prompt)")
     p.add_argument("--map", dest="mapname", metavar="MAPNAME",
                    help="socketmap map name sent to the backend (default: the endpoint name)")
 
@@ -89,18 +93,19 @@ def _parser():
     p.add_argument("--map", dest="mapname", metavar="MAPNAME",
                    help="socketmap: the map name the keys are looked up in (default: the endpoint name)")
 
-    text = "the three modes on loopback with a built-in REST backend, and the commands to try (no config)"
+    text = "the four modes on loopback with a built-in REST backend, and the commands to try (no config)"
     p = sub.add_parser("demo", help=text, description=text)
     p.add_argument("--port-base", type=_port_base, metavar="N",
-                   help="listen on ports N, N+1 and N+2 (default 9101; 0: any free ports)")
+                   help="listen on ports N to N+3 (default 9101; 0: any free ports)")
     p = command("init", "write a starting config for the modes asked, with a random auth token, and print the "
                         "Postfix lines that go with it; an existing file is never replaced (exit 73)")
     p.add_argument("--target", required=True, metavar="URL",
                    help="the backend's base URL: each endpoint's target is URL/NAME (domains, aliases, policy)")
     p.add_argument("--modes", type=_modes, default="tcp,socketmap,policy", metavar="MODES",
-                   help="comma-separated: tcp, socketmap, policy (default all three)")
+                   help="comma-separated: tcp, socketmap, policy, auth (SMTP AUTH: an endpoint auth of mode "
+                        "dovecot-sasl; sasl says the same) (default tcp,socketmap,policy)")
     p.add_argument("--port-base", type=_init_port_base, metavar="N",
-                   help="every endpoint on 127.0.0.1 ports N, N+1, N+2 (default: tcp on 127.0.0.1:9001, "
+                   help="every endpoint on 127.0.0.1 ports N, N+1, N+2, N+3 (default: tcp on 127.0.0.1:9001, "
                         "the others on unix sockets in /var/spool/postfix/private)")
     return parser
 
@@ -120,14 +125,14 @@ def _invalid(message):
 
 
 def _port_base(text):
-    if not text.isdigit() or not (int(text) == 0 or 1 <= int(text) <= 65533):
-        raise _invalid("must be 0 or a port number up to 65533")
+    if not text.isdigit() or not (int(text) == 0 or 1 <= int(text) <= 65532):
+        raise _invalid("must be 0 or a port number up to 65532")
     return int(text)
 
 
 def _init_port_base(text):
-    if not text.isdigit() or not 1 <= int(text) <= 65533:
-        raise _invalid("must be a port number, 1..65533 (the endpoints take N, N+1 and N+2)")
+    if not text.isdigit() or not 1 <= int(text) <= 65532:
+        raise _invalid("must be a port number, 1..65532 (the endpoints take N to N+3)")
     return int(text)
 
 
@@ -173,8 +178,12 @@ def _query(args) -> int:
     from pfrest.commands import query
     log.for_foreground()
     cfg = config.load(args.config)
+    words = [os.fsencode(w) for w in args.words]
+    password = None
+    if cfg.endpoint(args.name).mode == config.SASL and len(words) == 1:
+        password = query.read_password(args.words[0])
     try:
-        return query.run(cfg, args.name, [os.fsencode(w) for w in args.words], args.mapname)
+        return query.run(cfg, args.name, words, args.mapname, password=password)
     except ValueError as exc:
         print(f"pfrest query: {exc}", file=sys.stderr)
         return EX_USAGE

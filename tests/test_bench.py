@@ -44,3 +44,21 @@ def test_bench_fleet_mode_prints_figures():
     assert re.search(r"backend requests per distinct key of the fleet: separate caches \d+\.\d\d, shared cache "
                      r"\d+\.\d\d", text), text
     assert re.search(r"CPU of a lookup answered from the store: \d+\.\d us, from the local cache \d+\.\d us", text)
+
+
+def test_bench_measures_logins():
+    """--modes auth: dovecot-sasl logins (AUTH PLAIN with an initial response over smtpd-like persistent
+    connections), paced too, and the same logins straight to the backend for the ratio; none fails."""
+    out = subprocess.run([sys.executable, f"{ROOT}/bin/pfrest-bench", "--backend", "python", "--clients", "2",
+                          "--client-processes", "1", "--duration", "0.5", "--runs", "1", "--modes", "auth",
+                          "--workloads", "uniform", "--paced-policy", "100", "--spawn-runs", "0", "--workers", "1"],
+                         capture_output=True, text=True, timeout=120, env=pfrest_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout.split("medians of 1 run(s)")[1]
+    number = r"\s+\d+(\.\d+)?"
+    for label in ("serve auth uniform", "serve auth uniform @100/s"):
+        # rate, p50, p90, p99, max, CPU; ... no bad reply (every login answered OK)
+        assert re.search(re.escape(label) + number * 6 + r".* 0\n", text), text
+    assert re.search(r"direct HTTP auth" + number * 5, text), text
+    assert re.search(r"auth +through pfrest: +\d+/s, .* straight to the backend: +\d+/s", text), text
+    assert "serve auth skewed" not in text   # logins are never cached

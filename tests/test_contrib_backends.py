@@ -193,3 +193,54 @@ def test_the_stdlib_backend_refuses_a_body_it_cannot_read_and_closes():
         assert reply.startswith(b"HTTP/1.1 400 ") and reply.endswith(b"a body needs a Content-Length up to 1 MiB")
     finally:
         backend.stop()
+
+
+ALICE_PASSWORD = "alice-password"   # the password of table.json's user, as contrib/backends/README.md says
+
+
+@pytest.mark.parametrize("script", ["stdlib_backend.py", "flask_backend.py"])
+def test_logins_through_pfrest_and_the_reference_backend(script, write_config):
+    """dovecot-sasl: `pfrest query` logs in with table.json's user; a wrong password and an unknown user
+    get the same 401 (FAIL); the hashes are never answered as a lookup."""
+    need_flask(script)
+    backend = Backend(script, "tok")
+    try:
+        path = write_config([{"name": "auth", "mode": "dovecot-sasl", "target": f"{backend.url}/auth",
+                              "auth-token": "tok"}])
+        results = {}
+        for user, password in (("Alice@example.com", ALICE_PASSWORD), ("alice@example.com", "guess"),
+                               ("mallory@example.com", ALICE_PASSWORD)):
+            proc = subprocess.run(pfrest_cmd("query", "-c", path, "auth", user), input=password + "\n",
+                                  capture_output=True, text=True, timeout=60, env=pfrest_env(), cwd=ROOT)
+            results[user, password] = (proc.returncode, [line for line in proc.stdout.splitlines()
+                                                         if line.startswith(("backend:", "user:"))])
+        assert results == {("Alice@example.com", ALICE_PASSWORD): (0, ["backend: HTTP 200", "user: alice@example.com"]),
+                           ("alice@example.com", "guess"): (1, ["backend: HTTP 401"]),
+                           ("mallory@example.com", ALICE_PASSWORD): (1, ["backend: HTTP 401"])}
+        import urllib.error
+        import urllib.request
+        for url in (f"{backend.url}/users?key=alice@example.com", f"{backend.url}/x?name=users&key=alice@example.com",
+                    f"{backend.url}/auth"):
+            request = urllib.request.Request(url, headers={"X-Auth-Token": "tok"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=START_TIMEOUT)
+            assert refused.value.code in (404, 405), url   # /auth by GET: 405, temporary for pfrest
+    finally:
+        backend.stop()
+
+
+def test_a_password_hash_for_the_table():
+    """--hash-password reads stdin (never argv) and prints what the table's "users" hold; it matches that
+    password alone, and each hash has its own salt."""
+    sys.path.insert(0, BACKENDS)
+    try:
+        import stdlib_backend
+    finally:
+        sys.path.remove(BACKENDS)
+    hashes = [subprocess.run([sys.executable, f"{BACKENDS}/stdlib_backend.py", "--hash-password"], input=b"s3cret\n",
+                             capture_output=True, timeout=60, check=True).stdout.decode().strip() for _ in range(2)]
+    assert hashes[0] != hashes[1] and hashes[0].startswith("pbkdf2_sha256$600000$")
+    assert stdlib_backend.password_matches(b"s3cret", hashes[0])
+    assert not stdlib_backend.password_matches(b"s3cret\n", hashes[0])
+    assert not stdlib_backend.password_matches(b"s3cret", stdlib_backend.NOBODY)
+    assert not stdlib_backend.password_matches(b"s3cret", "md5$1$x$y")

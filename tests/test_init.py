@@ -145,3 +145,32 @@ def test_as_root_readable_by_the_pfrest_account(tmp_path, capsys):
     assert grp.getgrgid(st.st_gid).gr_name == "pfrest"
     assert read(tmp_path / "root.toml")["user"] == "pfrest"
     assert "(mode 0640, group pfrest)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("word", ["auth", "sasl", "dovecot-sasl"])
+def test_smtp_auth_when_asked_with_the_main_cf_lines(tmp_path, word):
+    path = tmp_path / "p.toml"
+    proc = pfrest("init", "-c", str(path), "--target", TARGET, "--modes", f"policy,{word}")
+    assert proc.returncode == 0, proc.stderr
+    [policy, auth] = read(path)["endpoints"]
+    assert (auth["name"], auth["mode"], auth["target"]) == ("auth", "dovecot-sasl", f"{TARGET}/auth")
+    assert auth["bind-path"] == "/var/spool/postfix/private/pfrest-auth"
+    for line in ("smtpd_sasl_auth_enable = yes", "smtpd_sasl_type = dovecot",
+                 "smtpd_sasl_path = private/pfrest-auth", "smtpd_tls_auth_only = yes",
+                 "pfrest-auth unix - n n - 0 spawn", "pfrest-auth_time_limit = 86400s",
+                 "pfrest-policy_time_limit = 3600s"):
+        assert f"    {line}" in proc.stdout, (line, proc.stdout)
+    assert f" handle -c {path} auth\n" in proc.stdout
+    assert "# dovecot-sasl: SMTP AUTH" in path.read_text()
+    check = pfrest("check", "-c", str(path))
+    assert check.returncode == 0 and "(auth)" not in check.stderr, check.stderr   # no login warning
+    assert "tcp" not in [ep["name"] for ep in read(path)["endpoints"]]
+
+
+def test_smtp_auth_on_a_port(tmp_path):
+    path = tmp_path / "p.json"
+    proc = pfrest("init", "-c", str(path), "--target", TARGET, "--modes", "tcp,auth", "--port-base", "9301")
+    assert proc.returncode == 0, proc.stderr
+    assert [(ep["name"], ep.get("bind-port")) for ep in read(path)["endpoints"]] == [("domains", 9301), ("auth", 9304)]
+    assert "    smtpd_sasl_path = inet:127.0.0.1:9304" in proc.stdout
+    assert pfrest("init", "-c", str(tmp_path / "q.json"), "--target", TARGET, "--port-base", "65533").returncode == 64

@@ -178,3 +178,10 @@ def test_no_page_sends_its_reader_to_the_readme(pages):
     for heading in ("TOP-LEVEL KEYS", "ENDPOINT KEYS"):
         for entry in re.split(r"\n(?=       \S)", json_5[heading]):
             assert not re.search(r"\b(?:must be|a|the|of|to)\s*$", entry.strip()), entry
+
+
+def test_pfrest_8_says_where_query_takes_a_password_from(pages):
+    """dovecot-sasl: the password comes from stdin or a prompt, never from the command line (ps shows argv)."""
+    parts = re.split(r"(?m)^   (\S+)$", sections(pages["pfrest.8"])["COMMANDS"])
+    text = words(dict(zip(parts[1::2], parts[2::2]))["query"])
+    assert "password is read from stdin" in text and "never given on the command line" in text

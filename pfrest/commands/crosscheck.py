@@ -4,9 +4,12 @@ Postfix reaches pfrest in two ways, and both are compared with the pfrest config
 
 - references in main.cf parameters and master.cf ``-o`` overrides: ``tcp:HOST:PORT``,
   ``socketmap:inet:HOST:PORT:NAME`` / ``socketmap:unix:PATH:NAME``, ``check_policy_service
-  inet:HOST:PORT`` / ``unix:PATH`` (``private/NAME`` is relative to the queue directory).  Each one
-  that reaches a pfrest endpoint must reach one of its mode: a tcp table talking to a policy endpoint
-  gets nothing but protocol errors;
+  inet:HOST:PORT`` / ``unix:PATH`` (``private/NAME`` is relative to the queue directory), and
+  ``smtpd_sasl_path`` where ``smtpd_sasl_type = dovecot`` (main.cf, or a service's ``-o``; ``inet:``,
+  ``unix:PATH`` or a path).  Each one that reaches a pfrest endpoint must reach one of its mode: a tcp
+  table talking to a policy endpoint gets nothing but protocol errors.  An smtpd that reaches a
+  dovecot-sasl endpoint with ``noplaintext`` in its SASL security options has no mechanism left (pfrest
+  offers only PLAIN and LOGIN) and exits "fatal: no SASL authentication mechanisms";
 - master.cf spawn services that run ``pfrest handle NAME``: the endpoint must exist, spawn's time limit
   (``SERVICE_time_limit``, 1000 s by default) must be set, or spawn kills handlers that Postfix still
   uses, and spawn's ``user=`` must be able to read the config.
@@ -27,9 +30,15 @@ from pfrest.commands.postconf import PostfixConfig, Service
 from pfrest.config import checks
 
 MISMATCH, WARNING = "mismatch", "warning"
-NEEDS = {"tcp": config.TCP, "socketmap": config.SOCKETMAP, "policy": config.POLICY}
+NEEDS = {"tcp": config.TCP, "socketmap": config.SOCKETMAP, "policy": config.POLICY, "sasl": config.SASL}
 TIME_LIMIT = "{}_time_limit"   # spawn(8): a handler's lifetime, default $command_time_limit (1000s)
 SPAWN_DEFAULT_LIMIT = "1000 s"
+# What to set it to: an smtpd keeps its auth connection for its whole life (a day covers any)
+ADVISED_LIMIT = {config.SASL: "86400s"}
+# smtpd's SASL parameters and their defaults (postconf -n lists only those set)
+SASL_TYPE, SASL_PATH = ("smtpd_sasl_type", "cyrus"), ("smtpd_sasl_path", "smtpd")
+SASL_OPTIONS = ("smtpd_sasl_security_options", "smtpd_sasl_tls_security_options")
+SASL_DEFAULT_OPTIONS = "noanonymous"   # smtpd_sasl_tls_security_options: $smtpd_sasl_security_options
 
 _TCP = re.compile(r"(?<![\w.-])tcp:(\[[^\]]+\]|[^\s,:{}\[\]]+):([^\s,:{}]+)")
 _SOCKETMAP = re.compile(r"(?<![\w.-])socketmap:(inet|unix):([^\s,{}]+)")
@@ -44,8 +53,9 @@ class Finding(NamedTuple):
 class Reference(NamedTuple):
     where: str                          # "main.cf virtual_alias_maps", "master.cf smtp/inet -o ..."
     text: str                           # as written
-    protocol: str                       # "tcp", "socketmap" or "policy"
+    protocol: str                       # "tcp", "socketmap", "policy" or "sasl"
     address: Optional[addresses.Address]
+    noplaintext: str = ""               # sasl: the security options that hold noplaintext, as written
 
 
 class Handler(NamedTuple):
@@ -151,6 +161,12 @@ def compare(cfg: config.Config, postfix: PostfixConfig) -> List[Finding]:
             findings.append(finding)
         if name:
             used.add(name)
+        if name and ref.noplaintext and by_name[name].mode == config.SASL:
+            findings.append(Finding(MISMATCH, f"{ref.where}: {ref.text} reaches endpoint {name}, whose mechanisms "
+                                              f"({', '.join(by_name[name].mechanisms)}) are all plaintext, and "
+                                              f"{ref.noplaintext} holds noplaintext: smtpd exits \"fatal: no SASL "
+                                              "authentication mechanisms\"; drop noplaintext, and refuse logins "
+                                              "without TLS with smtpd_tls_auth_only = yes"))
     for spawned in filter(None, (h for _, h, _ in listeners)):
         used.add(spawned.endpoint)   # a master.cf service runs it: Postfix's own, referenced or not
     for ep in cfg.endpoints:
@@ -168,6 +184,28 @@ def _all_references(postfix: PostfixConfig) -> List[Reference]:
     for (service, kind), params in postfix.overrides.items():
         for name, value in params.items():
             found += references(f"master.cf {service}/{kind} -o {name}", value, postfix.queue_directory)
+    return found + _sasl_references(postfix)
+
+
+def _sasl_references(postfix: PostfixConfig) -> List[Reference]:
+    """smtpd_sasl_path where smtpd_sasl_type is dovecot: main.cf's, and each service's whose -o sets
+    one of the SASL parameters (a service that sets none uses main.cf's: the same reference, said once)."""
+    found = []
+    contexts = [("main.cf", postfix.main)]
+    contexts += [(f"master.cf {service}/{kind} -o", {**postfix.main, **params})
+                 for (service, kind), params in postfix.overrides.items()
+                 if any(name in params for name in (SASL_TYPE[0], SASL_PATH[0], *SASL_OPTIONS))]
+    for where, params in contexts:
+        if params.get(*SASL_TYPE) != "dovecot":
+            continue
+        path = params.get(*SASL_PATH)
+        # each holding noplaintext is fatal: the first for sessions without TLS, the other with it
+        values = [(SASL_OPTIONS[0], params.get(SASL_OPTIONS[0], SASL_DEFAULT_OPTIONS)),
+                  (SASL_OPTIONS[1], params.get(SASL_OPTIONS[1], ""))]
+        noplaintext = " and ".join(f"{name} = {value}" for name, value in values
+                                   if "noplaintext" in re.split(r"[\s,]+", value))
+        found.append(Reference(f"{where} {SASL_PATH[0]}", f"{SASL_PATH[0]} = {path}", "sasl",
+                               _policy_server(path, postfix.queue_directory), noplaintext))
     return found
 
 
@@ -208,7 +246,7 @@ def _spawned(spawned: Handler, by_name, postfix: PostfixConfig, address, config_
     if limit not in postfix.main and limit not in postfix.overrides.get((service.name, service.type), {}):
         findings.append(Finding(MISMATCH, f"{where}: runs pfrest handle {ep.name} without {limit} in main.cf: "
                                           f"spawn kills the handler after {SPAWN_DEFAULT_LIMIT} while Postfix "
-                                          f"may still use it; add {limit} = 3600s"))
+                                          f"may still use it; add {limit} = {ADVISED_LIMIT.get(ep.mode, '3600s')}"))
     if ep.mode == config.TCP and not isinstance(address, addresses.Inet):
         findings.append(Finding(MISMATCH, f"{where}: runs pfrest handle {ep.name}, a tcp-lookup endpoint, "
                                           "on a unix socket: tcp: tables reach only inet services"))

@@ -1,15 +1,17 @@
-"""``pfrest demo``: the three endpoint modes on loopback, answered by a small built-in REST backend, with
-the exact commands to try printed.  No config file, no root, nothing left behind.
+"""``pfrest demo``: the four endpoint modes on loopback, answered by a small built-in REST backend, with
+the exact commands to try printed.  No config file to write, no root, nothing left behind.
 
 The endpoints are served by the very Server of ``pfrest serve``; the backend is a minihttp app that
 follows the HTTP contract (docs/http-contract.md) (and checks the auth token, as a real one should).  Postfix's
 ``postmap`` needs a main.cf, which a fresh "No configuration" install does not have, so the demo writes
 one into a temporary directory and prints ``postmap -c DIR ...``.  It also writes the config it serves
 there, as a file any command reads (the ports those the endpoints got), prints it and the ``pfrest query``
-command that asks the backend through it.
+command that asks the backend through it; a login (dovecot-sasl) is tried with ``pfrest query`` too, the
+demo user's password on stdin (no swaks, no openssl, no Postfix needed).
 """
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -36,7 +38,10 @@ ALIASES = {"info@example.com": ["alice@example.com", "bob@example.com"],
 BLOCKED_SENDER = "spammer@bad.example"
 
 # (name, mode, port offset)
-ENDPOINTS = (("domains", config.TCP, 0), ("aliases", config.SOCKETMAP, 1), ("policy", config.POLICY, 2))
+# The one user the demo's login route knows; a demo's password, printed for anyone to try
+DEMO_USER, DEMO_PASSWORD = "demo@example.com", "demo-password"
+ENDPOINTS = (("domains", config.TCP, 0), ("aliases", config.SOCKETMAP, 1), ("policy", config.POLICY, 2),
+             ("auth", config.SASL, 3))
 
 
 def backend_app(request):
@@ -62,7 +67,23 @@ def _answer(request):
         if attrs.get(b"sender", b"").lower() == BLOCKED_SENDER.encode():
             return 200, {"Content-Type": "text/plain"}, b"REJECT Sender blocked by the pfrest demo policy"
         return 200, {"Content-Type": "text/plain"}, b"DUNNO"
+    if request.path == "/auth":
+        return _login(request)
     return 404, {}, b""
+
+
+def _login(request):
+    """The login route, as the HTTP contract says: a POSTed form; 200 with the canonical user name for
+    the demo user's password, 401 for any other (saying nothing of which part was wrong)."""
+    if request.method != "POST":
+        return 405, {"Allow": "POST"}, b""
+    form = dict(minihttp.form_bytes(request))
+    user = form.get(b"username", b"").lower()
+    # compare_digest: the time taken says nothing of how much of the password was right
+    good = hmac.compare_digest(form.get(b"password", b""), DEMO_PASSWORD.encode())
+    if user == DEMO_USER.encode() and good:
+        return _json([DEMO_USER])
+    return 401, {}, b""
 
 
 def _json(values):
@@ -88,7 +109,8 @@ def config_file(root, addresses, backend_url):
                  for name, mode, _ in ENDPOINTS]
     text = json.dumps({"user-agent": "pfrest demo", "endpoints": endpoints}, indent=2) + "\n"
     path = os.path.join(root, "pfrest.json")
-    with open(path, "w") as f:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)   # it holds the token
+    with os.fdopen(fd, "w") as f:
         f.write(text)
     return path, text
 
@@ -126,7 +148,7 @@ def postmap_command():
 
 def instructions(addresses, confdir, backend_url, config=None):
     """What to print: the config served (path, text), the commands to try and the main.cf lines."""
-    (h1, tcp), (h2, sockmap), (h3, policy) = (addresses[name] for name, _, _ in ENDPOINTS)
+    (h1, tcp), (h2, sockmap), (h3, policy), (h4, auth) = (addresses[name] for name, _, _ in ENDPOINTS)
     postmap = postmap_command()
     pm = f"{postmap or 'postmap'} -c {shlex.quote(confdir)} -q"
     # double quotes, no $ or backquote: the same in sh, bash and zsh; Python turns \n into newlines
@@ -135,7 +157,7 @@ def instructions(addresses, confdir, backend_url, config=None):
              'recipient=info@example.com\\n\\n\'); print(s.recv(4096).decode().strip())"'
              % (h3, policy, BLOCKED_SENDER))
     lines = [
-        f"pfrest demo: three endpoints on loopback, answered by a built-in REST backend at {backend_url}",
+        f"pfrest demo: four endpoints on loopback, answered by a built-in REST backend at {backend_url}",
         ""]
     if config:
         path, text = config
@@ -161,6 +183,13 @@ def instructions(addresses, confdir, backend_url, config=None):
         f"    {pfrest_command()} query -c {shlex.quote(config[0]) if config else 'FILE'} domains example.com",
         "        prints among them: result: found",
         "",
+        "Log in as the demo user (SMTP AUTH as smtpd would ask it; the password on stdin, never in argv):",
+        "",
+        f"    echo {DEMO_PASSWORD} | {pfrest_command()} query -c {shlex.quote(config[0]) if config else 'FILE'} "
+        f"auth {DEMO_USER}",
+        "        shows: result: authenticated, and what smtpd answers: 235; exits 0 (another password: "
+        "rejected, 535, exit 1)",
+        "",
         "Send the policy request that Postfix's smtpd would send for a sender the demo policy blocks:",
         "",
         f"    {probe}",
@@ -172,6 +201,9 @@ def instructions(addresses, confdir, backend_url, config=None):
         f"    virtual_alias_maps = socketmap:inet:{h2}:{sockmap}:aliases",
         "    smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination,",
         f"        check_policy_service inet:{h3}:{policy}",
+        "    smtpd_sasl_auth_enable = yes",
+        "    smtpd_sasl_type = dovecot",
+        f"    smtpd_sasl_path = inet:{h4}:{auth}",
         "",
         "Each request is logged below (on stderr). Ctrl-C stops the demo.",
     ]
@@ -200,7 +232,7 @@ async def _serve(cfg, port_base, root, backend_url, out):
         ports = ", ".join(str(port_base + offset) for _, _, offset in ENDPOINTS)
         print(f"pfrest demo: {exc}\n"
               f"pfrest demo: the demo listens on {HOST} ports {ports}; pick free ones with "
-              f"--port-base N (it uses N, N+1 and N+2), or --port-base 0 for any free ports",
+              f"--port-base N (it uses N to N+3), or --port-base 0 for any free ports",
               file=sys.stderr)
         return 1
     stop = asyncio.Event()

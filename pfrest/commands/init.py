@@ -30,13 +30,22 @@ SOCKET_DIR = "/var/spool/postfix/private"  # where chrooted Postfix daemons reac
 
 # --modes word -> (endpoint name, mode, port offset under --port-base); the names of pfrest.json.example
 MODES = {"tcp": ("domains", config.TCP, 0), "socketmap": ("aliases", config.SOCKETMAP, 1),
-         "policy": ("policy", config.POLICY, 2)}
+         "policy": ("policy", config.POLICY, 2), "auth": ("auth", config.SASL, 3)}
+DEFAULT_MODES = "tcp,socketmap,policy"   # SMTP AUTH only when asked for: it needs its own backend route
+ALIASES = {"sasl": "auth", "dovecot-sasl": "auth"}
 ALL_MODES = ",".join(MODES)
+# A spawn service's time limit: a lookup or policy connection lives as long as its Postfix process keeps
+# it (an hour is plenty); an smtpd keeps its auth connection for its whole life, and a handle killed at
+# the limit fails the next login on it.
+TIME_LIMITS = {config.SASL: "86400s"}
+DEFAULT_TIME_LIMIT = "3600s"
 
 
 def parse_modes(text):
-    """``tcp,socketmap,policy`` (full mode names too) -> the MODES words, in that order; ValueError."""
+    """``tcp,socketmap,policy,auth`` (full mode names too, ``sasl`` for ``auth``) -> the MODES words, in
+    that order; ValueError."""
     words = {w.strip().replace("-lookup", "") for w in text.split(",") if w.strip()}
+    words = {ALIASES.get(w, w) for w in words}
     unknown = words - set(MODES)
     if unknown or not words:
         raise ValueError(f"must be a comma-separated list of {ALL_MODES}")
@@ -82,7 +91,8 @@ def to_toml(doc):
 def _usage(ep):
     return {config.TCP: "a tcp: table (GET target?key=)",
             config.SOCKETMAP: "a socketmap: table (GET target?name=MAP&key=)",
-            config.POLICY: "check_policy_service (a form-encoded request body)"}[ep["mode"]]
+            config.POLICY: "check_policy_service (a form-encoded request body)",
+            config.SASL: "SMTP AUTH, smtpd_sasl_type = dovecot (a form-encoded POST per login)"}[ep["mode"]]
 
 
 def _service(ep):
@@ -104,13 +114,17 @@ def postfix_lines(doc, path):
             main.append(f"    virtual_mailbox_domains = tcp:{where[len('inet:'):]}")
         elif ep["mode"] == config.SOCKETMAP:
             main.append(f"    virtual_alias_maps = socketmap:{where}:{ep['name']}")
+        elif ep["mode"] == config.SASL:   # smtpd_sasl_path: relative to the queue directory, or inet:
+            main += ["    smtpd_sasl_auth_enable = yes", "    smtpd_sasl_type = dovecot",
+                     f"    smtpd_sasl_path = {where[len('unix:'):] if where.startswith('unix:') else where}",
+                     "    smtpd_tls_auth_only = yes"]
         else:
             main.append("    smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination,")
             main.append(f"        check_policy_service {where}")
         if service:
             master.append(f"    {service} {kind} {'n' if kind == 'inet' else '-'} n n - 0 spawn")
             master.append(f"      user={ACCOUNT} argv={program} handle -c {path} {ep['name']}")
-            limits.append(f"    {service}_time_limit = 3600s")
+            limits.append(f"    {service}_time_limit = {TIME_LIMITS.get(ep['mode'], DEFAULT_TIME_LIMIT)}")
     lines = ["main.cf (use the tables wherever Postfix takes a table; these are examples):", "", *main, "",
              f"then `pfrest check -c {path}` and `postfix reload`; run the endpoints with",
              f"`pfrest serve -c {path}` (systemd: pfrest.service), or instead let Postfix start `pfrest handle`",

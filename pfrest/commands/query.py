@@ -9,11 +9,19 @@ HTTP status or, when no answer came, what went wrong in plain words (``connectio
 not found, temporary, permanent; a policy action's class), for a malformed answer its Content-Type and
 the start of its body, the decoded value or the policy action, and the exact reply bytes, escaped.
 
+A ``dovecot-sasl`` endpoint takes one USER; the password is read from stdin when it is not a terminal,
+else asked for without echo (``read_password``), never taken from the command line, where every user's
+``ps`` would show it.  The login goes through the same decoder as Postfix's (AUTH PLAIN with its initial
+response, or LOGIN's rounds), so that what it refuses unasked (an empty password) is refused here too;
+what is printed names the fields sent, never the password, and what smtpd would answer the SMTP client.
+
 The exit status (``postmap -q`` gives 0 and 1 the same meanings; the others are sysexits.h's):
 
-    0   found; for a policy, an action that is not a deferral (REJECT too: the backend decided)
-    1   not found
-    75  EX_TEMPFAIL: a temporary failure, or a policy action that defers the mail
+    0   found; for a policy, an action that is not a deferral (REJECT too: the backend decided);
+        authenticated (dovecot-sasl)
+    1   not found; rejected (dovecot-sasl: bad credentials, smtpd answers 535)
+    75  EX_TEMPFAIL: a temporary failure, or a policy action that defers the mail; for dovecot-sasl
+        the connection closed, smtpd answers 454
     69  EX_UNAVAILABLE: a permanent failure (the backend refused the request: 4xx), for socketmap
         and policy endpoints; a tcp table has no permanent error, Postfix gets a temporary one
     78  EX_CONFIG: the config is invalid or has no such endpoint (cli.py)
@@ -21,7 +29,10 @@ The exit status (``postmap -q`` gives 0 and 1 the same meanings; the others are 
 
 import os
 import re
+import sys
 import time
+from base64 import b64encode
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from pfrest import config, tracing
@@ -31,13 +42,21 @@ from pfrest.backend.request import new_request_id, query as query_string
 from pfrest.conversation.services import Service
 from pfrest.ops.counters import reply_class
 from pfrest.log import redact
-from pfrest.protocol import verdict
+from pfrest.protocol import dovecotauth, verdict
 from pfrest.protocol.answers import printable
+from pfrest.protocol.framing import Close, Reject
 from pfrest.protocol.verdict import Failure, HttpResult
 from pfrest.system import eventloop
 
 FOUND, NOT_FOUND, TEMPORARY, PERMANENT = "found", "not found", "temporary", "permanent"
-EXIT_STATUS = {FOUND: 0, NOT_FOUND: 1, TEMPORARY: os.EX_TEMPFAIL, PERMANENT: os.EX_UNAVAILABLE}
+AUTHENTICATED, REJECTED = "authenticated", "rejected"
+EXIT_STATUS = {FOUND: 0, NOT_FOUND: 1, TEMPORARY: os.EX_TEMPFAIL, PERMANENT: os.EX_UNAVAILABLE,
+               AUTHENTICATED: 0, REJECTED: 1}
+# What smtpd answers the SMTP client for each (smtpd_sasl_glue.c; the text after 454/535 is its own).
+SMTPD_SAYS = {AUTHENTICATED: "235 2.7.0 Authentication successful",
+              REJECTED: "535 5.7.8 Error: authentication failed",
+              TEMPORARY: "454 4.7.0 Temporary authentication failure (the connection was closed: smtpd "
+                         "reconnects for the next login)"}
 # Policy actions that defer the mail (smtpd answers 4xx), besides numeric 4NN replies.
 DEFERRALS = frozenset({"DEFER", "DEFER_IF_PERMIT", "DEFER_IF_REJECT"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -92,10 +111,14 @@ def build_request(endpoint, words, mapname):
     return policy_attributes(words)
 
 
-def run(cfg, name, words, mapname=None, out=print, backend=None) -> int:
-    """words: the KEY or attr=value arguments, as bytes.  ``backend``: instead of the endpoint's HTTP
-    client (a test's).  Returns the exit status."""
+def run(cfg, name, words, mapname=None, out=print, backend=None, password=None) -> int:
+    """words: the KEY or attr=value arguments, or the USER, as bytes; ``password``: for a dovecot-sasl
+    endpoint (bytes).  ``backend``: instead of the endpoint's HTTP client (a test's).  Returns the exit
+    status."""
     endpoint = cfg.endpoint(name)
+    if endpoint.mode == config.SASL:
+        return run_login(endpoint, cfg.user_agent, words, password, out,
+                         backend or Client(endpoint, cfg.user_agent))
     request = build_request(endpoint, words, mapname)
     # the backend itself, past any cache: the answer as it is now
     bearer = None
@@ -131,6 +154,88 @@ def run(cfg, name, words, mapname=None, out=print, backend=None) -> int:
         out(f"value: {printable(v.value, len(v.value))}")
     out(f"reply: {escaped(answer.reply)}")
     return EXIT_STATUS[status]
+
+
+def run_login(endpoint, user_agent, words, password, out, backend) -> int:
+    """``pfrest query`` of a dovecot-sasl endpoint: one login, as smtpd would send it."""
+    if len(words) != 1:
+        raise ValueError("dovecot-sasl endpoints take exactly one USER; the password is read from stdin, "
+                         "or asked for on a terminal, never taken from the command line")
+    if password is None:
+        raise ValueError("no password given")
+    service = Service(endpoint, user_agent, backend=backend)
+    request = login_request(endpoint.mechanisms, words[0], password)
+    if isinstance(request, dovecotauth.Login):
+        result, answer, request_id, ms = eventloop.run(ask(service, request), fast=False)
+        fields = " ".join(f"{name.decode()}={printable(value)}" for name, value in request.form()
+                          if name != b"password")
+    else:   # refused by the decoder, as smtpd's login would be, before any backend request
+        service.close()
+        result, answer, request_id, ms = None, request, new_request_id(), 0.0
+        fields = "(none: no request made)"
+    out(f"endpoint: {endpoint.name} ({endpoint.mode}) -> POST {redact(endpoint.target)}")
+    out(f"auth-token: {'(set, redacted)' if endpoint.auth_token else '(none)'}")
+    out(f"request id: {request_id}")
+    out(f"fields: {fields}" + (" password=(not shown)" if result is not None else ""))
+    out(f"backend: {backend_words(result, endpoint)}")
+    out(f"time: {ms:.1f} ms")
+    status = login_class(answer)
+    v = answer.verdict
+    out(f"result: {status}: {v.value}" if v.is_error else
+        f"result: {status}" + (f": {answer.why}" if result is None else ""))
+    if status == AUTHENTICATED:
+        out(f"user: {printable(v.value, len(v.value))}")
+    if v.is_error and isinstance(result, HttpResult) and result.status == 200:   # not as the contract says
+        out(f"answer: {answer_words(result)}")
+    out(f"reply: {escaped(answer.reply)}" if answer.reply else "reply: (none: the connection is closed)")
+    out(f"smtpd: {SMTPD_SAYS[status]}")
+    return EXIT_STATUS[status]
+
+
+class Refused(NamedTuple):
+    """A login the decoder refused unasked (as an Answer: its reply and verdict), and why."""
+    reply: bytes
+    verdict: verdict.Verdict
+    why: str
+    close: bool = False
+
+
+def login_request(mechanisms, user: bytes, password: bytes):
+    """What smtpd's login gives pfrest's decoder: a dovecotauth.Login to ask the backend about, or a
+    Refused.  PLAIN with an initial response when the endpoint offers it (smtpd's usual), else LOGIN's
+    two rounds."""
+    decoder = dovecotauth.Decoder(mechanisms)
+    auth = b"AUTH\t1\t%s\tservice=smtp\tnologin\tlip=127.0.0.1\trip=127.0.0.1"
+    if "PLAIN" in decoder.mechanisms:
+        items = decoder.feed(b"VERSION\t1\t2\nCPID\t1\n" + auth % b"PLAIN" + b"\tresp="
+                             + b64encode(b"\0" + user + b"\0" + password) + b"\n")
+    else:
+        items = decoder.feed(b"VERSION\t1\t2\nCPID\t1\n" + auth % b"LOGIN" + b"\n")
+        for answer in (user, password):
+            items += decoder.feed(b"CONT\t1\t" + (b64encode(answer) or b"=") + b"\n")
+    for item in items:
+        if isinstance(item, dovecotauth.Login):
+            return item
+        if isinstance(item, (Reject, Close)):
+            return Refused(getattr(item, "reply", b""), verdict.Verdict(verdict.REJECTED, "refused"), item.why)
+    raise AssertionError(f"no login from the decoder: {items!r}")   # not reached: it answers every AUTH
+
+
+def login_class(answer) -> str:
+    kind = answer.verdict.kind
+    return AUTHENTICATED if kind == verdict.AUTHENTICATED else REJECTED if kind == verdict.REJECTED \
+        else TEMPORARY
+
+
+def read_password(user: str, stdin=None) -> bytes:
+    """The password for ``pfrest query`` of a dovecot-sasl endpoint: the first line of stdin when it
+    is not a terminal (``printf '%s\\n' "$PW" | pfrest query ...``), else asked for without echo."""
+    stdin = stdin or sys.stdin
+    if stdin.isatty():
+        import getpass
+        return os.fsencode(getpass.getpass(f"password for {user}: "))
+    line = stdin.buffer.readline(dovecotauth.MAX_SECRET + 2)
+    return line[:-1] if line.endswith(b"\n") else line
 
 
 def url(service, request) -> str:

@@ -21,6 +21,9 @@ from urllib.parse import parse_qsl, urlsplit
 from pfrest import addresses, config
 
 READ, SEARCH = 4, 1          # permission bits of "other"; shifted by 3 for group, 6 for owner
+# smtpd's limit on every read from its auth server (xsasl_dovecot_server.c: AUTH_TIMEOUT): a login the
+# backend answers later gets smtpd's own "454" first, and smtpd drops that connection.
+POSTFIX_AUTH_TIMEOUT_MS = 10000
 TLS_FILES = (("ca-file", "ca_file"), ("client-cert", "client_cert"), ("client-key", "client_key"))
 
 
@@ -92,6 +95,23 @@ def warnings(cfg: config.Config) -> List[str]:
             if problem:
                 found.append(f"{config.where(i, ep.name)}.cache-url: {name}: {problem}; the shared cache will be "
                              "skipped (lookups go to the backend)")
+        if ep.mode == config.SASL:
+            found += [f"{config.where(i, ep.name)}.{tail}" for tail in _login_warnings(ep)]
+    return found
+
+
+def _login_warnings(ep) -> List[str]:
+    """What a dovecot-sasl endpoint risks: an answer later than smtpd waits, passwords in clear."""
+    found = []
+    if ep.request_timeout >= POSTFIX_AUTH_TIMEOUT_MS:
+        found.append(f"request-timeout: {ep.request_timeout} ms, but smtpd waits {POSTFIX_AUTH_TIMEOUT_MS} ms "
+                     "for a login's answer: a slower backend gets smtpd's own 454 first, and the answer "
+                     f"is lost; set request-timeout below {POSTFIX_AUTH_TIMEOUT_MS} (e.g. 5000)")
+    for target in ep.targets:
+        parts = urlsplit(target)
+        if parts.scheme == "http" and not config.is_loopback(parts.hostname or ""):
+            found.append(f"target: {target} is plain http to {parts.hostname}, beyond loopback: every SMTP "
+                         "password crosses the network in clear; use https")
     return found
 
 

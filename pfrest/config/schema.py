@@ -130,6 +130,8 @@ class Endpoint:
     def __post_init__(self):
         if not self.targets:  # an Endpoint made in code with one target
             object.__setattr__(self, "targets", (self.target,))
+        if self.mode == SASL:   # as parse() does: a password goes in a POST body (an Endpoint made in code too)
+            object.__setattr__(self, "method", "POST")
 
     def secrets(self):
         """What must never show in a log line: token, password, header values."""

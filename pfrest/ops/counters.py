@@ -17,20 +17,22 @@ from collections import Counter
 from typing import NamedTuple, Optional
 
 from pfrest.protocol.actions import KNOWN_WORDS
-from pfrest.protocol.verdict import ACTION, PERM, TEMP, TIMEOUT, Failure
+from pfrest.protocol.verdict import ACTION, PERM, REJECTED, TEMP, TIMEOUT, Failure
 
 # Upper bounds of the latency buckets, milliseconds; the last bucket takes everything above.
 BUCKETS_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000,
               1500, 2000, 3000, 5000, 10000, 30000, 100000, math.inf)
 BUCKETS_S = tuple(bound / 1000 for bound in BUCKETS_MS)   # the same, for the backend's exchanges
 
-# Reply classes: the verdict kinds (FOUND, NOTFOUND, TEMP, PERM, TIMEOUT) and, for a policy action the
-# backend chose, its verb; the values a metric label can take stay bounded whatever backends send.
+# Reply classes: the verdict kinds (FOUND, NOTFOUND, TEMP, PERM, TIMEOUT; OK and FAIL for logins) and,
+# for a policy action the backend chose, its verb; the values a metric label can take stay bounded
+# whatever backends send (a login's user name is never one).
 NUMERIC_CLASSES = {"4": "4XX", "5": "5XX"}
 OTHER = "OTHER"
-# The classes worth a log line under ``log-requests: problems``: failures, and the policy refusals.
+# The classes worth a log line under ``log-requests: problems``: failures, the policy refusals, and
+# failed logins (password guessing shows there, with the user name and the client's address).
 PROBLEMS = frozenset({TEMP, TIMEOUT, PERM, "REJECT", "DEFER", "DEFER_IF_PERMIT", "DEFER_IF_REJECT",
-                      *NUMERIC_CLASSES.values()})
+                      *NUMERIC_CLASSES.values(), REJECTED})
 _ERRORS = frozenset({TEMP, TIMEOUT, PERM})
 
 

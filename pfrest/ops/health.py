@@ -11,8 +11,9 @@ service answers without sending anything:
   the cache to the endpoint's own client (its targets, token, TLS, proxy and request-timeout); any HTTP
   answer makes it ready;
 - a policy endpoint is never probed: a policy request may be counted (rate limits) or acted upon by the
-  backend.  It is not ready while its last request in the window failed, and ready otherwise (no
-  recent request says nothing against it).
+  backend; nor is a dovecot-sasl one: a probe would be a login attempt, counted against an account
+  (lockouts, failed-login alerts) or a source address.  Such an endpoint is not ready while its last
+  request in the window failed, and ready otherwise (no recent request says nothing against it).
 
 The checking is pure (``Check``); the probing runs on an event loop (``probe_all``): the process's own,
 or with ``--workers`` a worker's, which the arbiter asks over its channel.
@@ -22,13 +23,15 @@ import asyncio
 import time
 
 from pfrest.backend.request import new_request_id
-from pfrest.config import POLICY, TCP
+from pfrest.config import POLICY, SASL, TCP
 from pfrest.ops.counters import Stats
 from pfrest.protocol.verdict import Failure
 
 READY_WINDOW = 30.0    # seconds a backend's last answer vouches for it
 PROBE_KEY = b"pfrest-readiness-probe.invalid"   # .invalid: a name that never exists (RFC 2606)
 PROBE_SLACK = 1.0      # seconds a probe may take beyond the longest request-timeout (the arbiter's wait)
+# Modes whose requests the backend acts upon: never sent a probe; what they are called in /readyz.
+NEVER_PROBED = {POLICY: "policy", SASL: "login"}
 
 
 class Check:
@@ -41,14 +44,16 @@ class Check:
             stats = figures.endpoints.get(name) or Stats()
             if stats.last_ok and now - stats.last_ok <= READY_WINDOW and stats.last_ok >= stats.last_failed:
                 self.found[name] = (True, f"the backend answered {now - stats.last_ok:.1f} s ago")
-            elif stats.mode != POLICY:
+            elif stats.mode not in NEVER_PROBED:
                 self.found[name] = None
             elif stats.last_failed and now - stats.last_failed <= READY_WINDOW:
-                self.found[name] = (False, f"the last policy request ({now - stats.last_failed:.1f} s ago) "
-                                           "got no answer from the backend (policy endpoints are never probed)")
+                ago = now - stats.last_failed
+                self.found[name] = (False, f"the last {NEVER_PROBED[stats.mode]} request ({ago:.1f} "
+                                           f"s ago) got no answer from the backend ({stats.mode} endpoints are "
+                                           "never probed)")
             else:
-                self.found[name] = (True, f"no failed policy request in the last {READY_WINDOW:.0f} s "
-                                          "(policy endpoints are never probed)")
+                self.found[name] = (True, f"no failed {NEVER_PROBED[stats.mode]} request in the last "
+                                          f"{READY_WINDOW:.0f} s ({stats.mode} endpoints are never probed)")
         for index, pid, seconds in figures.silent:   # serve --workers: supervisor.SILENT_AFTER
             self.found[f"worker {index}"] = (False, f"pid {pid} silent for {seconds:.1f} s: it gets no new "
                                                     "connections, and is replaced if it stays silent")

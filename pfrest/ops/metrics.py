@@ -83,7 +83,8 @@ def families(figures: Figures):
     info = GaugeMetricFamily("pfrest_endpoint_info", "each endpoint's mode, as a label",
                              labels=["endpoint", "mode"])
     requests = CounterMetricFamily("pfrest_requests", "Postfix requests answered, by reply class "
-                                   "(found, notfound, temp, perm, timeout; for policy the action's verb)",
+                                   "(found, notfound, temp, perm, timeout; for policy the action's verb; for "
+                                   "dovecot-sasl ok, fail, temp, timeout: logins by result)",
                                    labels=["endpoint", "mode", "reply"])
     latency = _histogram("pfrest_request_duration_seconds", "time from a complete Postfix request to "
                          "its reply", ["endpoint"])
