@@ -136,7 +136,7 @@ def test_the_printed_login_works_as_printed(demo):
 
     from pfrest.commands import demo as demo_module
     proc, lines = demo
-    [command] = [line.strip() for line in lines if " query -c " in line]
+    [command] = [line.strip() for line in lines if " query -c " in line and " auth " in line]
     assert command.startswith(f"echo {demo_module.DEMO_PASSWORD} | ") and command.endswith(" auth demo@example.com")
     env = dict(pfrest_env(), LANG="C.UTF-8")
     good = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60, env=env, cwd="/")

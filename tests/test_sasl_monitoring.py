@@ -49,7 +49,10 @@ def login(address, user, password):
             data += sock.recv(4096)
         data = data.split(b"DONE\n", 1)[1]
         while not data.endswith(b"\n"):
-            chunk = sock.recv(4096)
+            try:
+                chunk = sock.recv(4096)
+            except ConnectionResetError:   # over TCP a temporary failure ends with a reset
+                break
             if not chunk:
                 break
             data += chunk
