@@ -1,8 +1,9 @@
 """The answers pfrest keeps: each process's own cache in front of the backend client (local) and the
 shared cache on Redis or Valkey behind it (shared, over one pipelined connection: redispipe, redisclient;
-when it is skipped and probed again: sharedhealth), its keys, entries and messages as bytes (sharedformat,
-pure) and its invalidation channel (invalidation).  Never a Postfix protocol and never a socket it listens
-on: it sits between a conversation and the HTTP side (pfrest/backend/)."""
+when it is skipped and probed again: sharedhealth; its primary found through Redis Sentinel: sentinel),
+its keys, entries and messages as bytes (sharedformat, pure) and its invalidation channel (invalidation).
+Never a Postfix protocol and never a socket it listens on: it sits between a conversation and the HTTP
+side (pfrest/backend/)."""
 
 from pfrest.backend.client import Client
 from pfrest.backend.observer import NOBODY

@@ -23,7 +23,9 @@ It must never make pfrest less available than it is without it:
 Batching: a call through redis-py costs some 50 us of CPU, even pipelined (measured: 19 us for the
 same bytes over a bare asyncio stream), more than a whole lookup answered from the local cache.  So
 the GETs of one turn of the event loop go out as one MGET, and the writes of WRITE_DELAY as one script
-call (WRITE_SCRIPT).  The invalidation channel (invalidation.py) runs beside it, on its own connection.
+call (sharedformat.WRITE_SCRIPT).  The invalidation channel (invalidation.py) runs beside it, on its own
+connection.  With Sentinel (sentinel.py), each probe asks the sentinels for the primary first, and a
+watch beside them probes again when they name another one.
 """
 
 import asyncio
@@ -32,10 +34,11 @@ import time
 
 from pfrest.backend.deadline import Deadlines, uncancel
 from pfrest.backend.observer import NOBODY
-from pfrest.cache import invalidation, redisclient, sharedformat
+from pfrest.cache import invalidation, redisclient, sentinel, sharedformat
 from pfrest.cache.redispipe import Lost, Pipe
 from pfrest.cache.sharedformat import Mismatch
-from pfrest.cache.sharedhealth import StoreHealth
+from pfrest.cache.sharedhealth import BACKOFF_MAX, StoreHealth
+from pfrest.config import sentinelurl
 
 log = logging.getLogger("pfrest")
 
@@ -46,20 +49,7 @@ WRITE_DELAY = 0.002
 PROBE_KEY = "probe"    # NAMESPACE:probe, never a lookup's key (those are NAMESPACE:name=...)
 PROBE_TTL_MS = 1000
 PROBE_TIMEOUT = 2.0    # seconds a probe may take: connecting over TLS, on another host of the site
-RECANCEL = 0.02        # seconds between cancellations of the invalidation channel at the end
-# The writes of one turn in one command (a pipeline of SETs would cost redis-py some 20 us of CPU each,
-# on the loop): each key with its entry and milliseconds to live, 0 to delete it
-WRITE_SCRIPT = """
-for i, key in ipairs(KEYS) do
-  local milliseconds = tonumber(ARGV[2 * i])
-  if milliseconds > 0 then
-    redis.call('SET', key, ARGV[2 * i - 1], 'PX', milliseconds)
-  else
-    redis.call('DEL', key)
-  end
-end
-return #KEYS
-"""
+RECANCEL = 0.02        # seconds between cancellations of the background tasks at the end
 
 
 class Failed(Exception):
@@ -78,6 +68,10 @@ class SharedStore:
     def __init__(self, endpoint, observer=NOBODY, clock=time.time):
         self.name, self.url = endpoint.name, endpoint.cache_url
         self.where = redisclient.where(endpoint.cache_url)
+        # with Sentinel, the server is the primary the sentinels name, asked again by each probe
+        self.locator = sentinel.Locator(self.url, self.name, self.where) if sentinelurl.is_sentinel(self.url) \
+            else None
+        self.server_url = None if self.locator else self.url   # where the connections go (a secret)
         try:
             self.namespace = sharedformat.namespace(endpoint)
         except OSError as exc:   # the client-cert (TLS to the backend fails too, unless it is a link)
@@ -87,11 +81,12 @@ class SharedStore:
         self.timeout_ms = endpoint.cache_timeout
         self.observer = observer
         self.clock = clock                  # wall clock: entries carry instants every host reads alike
-        self.health = StoreHealth(self.name, self.where)   # used or skipped, and when to probe again
+        # used or skipped, and when to probe again: with Sentinel, soon (a new primary may be named)
+        self.health = StoreHealth(self.name, self.where, sentinel.BACKOFF_MAX if self.locator else BACKOFF_MAX)
         self.ready = False                  # a probe has succeeded since the start
         self.on_invalidation = None         # f(params list, or None for all): the local cache's
         self.closed = False
-        self._loop = self._pipe = self._deadlines = self._listener = self._up = None
+        self._loop = self._pipe = self._deadlines = self._background = self._up = None
         # reads waiting for the end of this turn, writes for WRITE_DELAY: at most one per lookup in flight
         # (bounded by every endpoint's max-connections), sent MAX_BATCH a call
         self._gets, self._puts = [], []
@@ -189,13 +184,19 @@ class SharedStore:
             await asyncio.wait(self._writes)
         # cancelled again every RECANCEL seconds: a library may swallow a cancellation (async-timeout
         # 4.0.2, under redis-py 4.3's reads, does when its own timer fires in the same turn; a handle
-        # then hung at its exit).  It also ends at its next look at ``closed`` (invalidation.POLL).
+        # then hung at its exit).  They also end at their next look at ``closed`` (invalidation.POLL,
+        # sentinel.RECHECK).
         deadline = self._loop.time() + redisclient.CLOSE_TIMEOUT
-        while not self._listener.done() and self._loop.time() < deadline:
-            self._listener.cancel()
-            await asyncio.wait([self._listener], timeout=RECANCEL)
+        while not self._background.done() and self._loop.time() < deadline:
+            self._background.cancel()
+            await asyncio.wait([self._background], timeout=RECANCEL)
         if self._pipe is not None:
             await redisclient.quietly(self._pipe.close())
+
+    def reprobe(self):
+        """Probe now (sentinel.watch: the sentinels name another primary); lookups use the one they
+        used until the probe succeeds."""
+        return None if self.closed or self._loop is None else self._spawn(self._probe())
 
     # --- for the invalidation channel ---------------------------------------------------------------
 
@@ -222,10 +223,14 @@ class SharedStore:
         self._gets, self._puts, self._reads_scheduled, self._write_timer = [], [], False, None
         self.ready = False
         self._up = asyncio.Event()      # set while up
-        if self._listener is not None:
-            self._listener.cancel()
+        if self._background is not None:
+            self._background.cancel()
         if not self.closed:
-            self._listener = loop.create_task(invalidation.listen(self))
+            # the invalidation channel and, with Sentinel, a watch on the primary they name
+            self._background = asyncio.gather(invalidation.listen(self),
+                                              *([sentinel.watch(self)] if self.locator else []))
+            # (a gathering future logs its children's cancellation at close as an exception not retrieved)
+            self._background.add_done_callback(lambda future: future.cancelled() or future.exception())
             self._spawn(self._probe())
 
     def _schedule_reads(self):
@@ -297,7 +302,7 @@ class SharedStore:
             keys.append(rkey)
             args += [value or b"", milliseconds]
         try:
-            await self._call("EVAL", WRITE_SCRIPT, len(keys), *keys, *args)
+            await self._call("EVAL", sharedformat.WRITE_SCRIPT, len(keys), *keys, *args)
         except Failed as exc:
             self._failed(str(exc), exc.at_once)
         else:
@@ -306,19 +311,23 @@ class SharedStore:
     async def _probe(self):
         """A new connection (the one of before an outage may be to a server that is gone), and a write;
         then the lookups use it."""
-        pipe = None
+        pipe, url = None, self.url
         try:
-            pipe = await asyncio.wait_for(Pipe.open(self.url, self._lost), PROBE_TIMEOUT)
+            if self.locator is not None:
+                url = await asyncio.wait_for(self.locator.primary(), PROBE_TIMEOUT)
+            pipe = await asyncio.wait_for(Pipe.open(url, self._lost), PROBE_TIMEOUT)
             await asyncio.wait_for(pipe.call("SET", f"{self.namespace}:{PROBE_KEY}", b"1", "PX", PROBE_TTL_MS),
                                    PROBE_TIMEOUT)
-        except asyncio.TimeoutError:
-            self._failed(f"no reply to a probe within {PROBE_TIMEOUT:g} s", probe=True)
-        except (*redisclient.ERRORS, Lost) as exc:
-            self._failed(redisclient.describe(exc), probe=True)
+        except (asyncio.TimeoutError, *redisclient.ERRORS, Lost) as exc:
+            why = f"no reply to a probe within {PROBE_TIMEOUT:g} s" if isinstance(exc, asyncio.TimeoutError) \
+                else redisclient.describe(exc)
+            self._failed(why if self.locator is None else self.locator.primary_failed(why), probe=True)
+        except sentinel.NoPrimary as exc:
+            self._failed(str(exc), probe=True)
         else:
             if not self.closed:
-                self._drop(self._pipe)
-                self._pipe, pipe = pipe, None
+                self._drop(self._pipe, self.timeout_ms / 1000)   # a primary's before a failover, say
+                self._pipe, pipe, self.server_url = pipe, None, url
                 self._succeeded(probe=True)
         finally:
             if not self.closed:   # what waited for the first probe: sent, or given up
@@ -356,11 +365,12 @@ class SharedStore:
         if pipe is self._pipe:
             self._failed(f"connection lost: {why}", at_once=True)
 
-    def _drop(self, pipe):
+    def _drop(self, pipe, grace=0.0):
+        """Close ``pipe``, at once or after ``grace`` seconds (a pipe replaced: its calls end first)."""
         if pipe is not None:
             if pipe is self._pipe:
                 self._pipe = None
-            self._spawn(redisclient.quietly(pipe.close()))
+            self._loop.call_later(grace, lambda: self._spawn(redisclient.quietly(pipe.close())))
 
     # --- health -------------------------------------------------------------------------------------
 

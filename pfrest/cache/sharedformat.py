@@ -43,6 +43,19 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 MAX_CERT_FILE = 1 << 20   # bytes of client-cert read for the namespace (a certificate chain is far less)
 _CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----[^-]*-----END CERTIFICATE-----")
 DROP, FLUSH = b"drop", b"flush"
+# The shared store's writes of one turn in one command (a pipeline of SETs would cost redis-py some
+# 20 us of CPU each, on the loop): each key with its entry and milliseconds to live, 0 to delete it
+WRITE_SCRIPT = """
+for i, key in ipairs(KEYS) do
+  local milliseconds = tonumber(ARGV[2 * i])
+  if milliseconds > 0 then
+    redis.call('SET', key, ARGV[2 * i - 1], 'PX', milliseconds)
+  else
+    redis.call('DEL', key)
+  end
+end
+return #KEYS
+"""
 
 
 class Mismatch(Exception):

@@ -28,8 +28,8 @@ class StoreHealth(Backoff):
 
     __slots__ = ("name", "where", "failures", "failing_since", "outage")
 
-    def __init__(self, name, where):
-        super().__init__(BACKOFF_FIRST, BACKOFF_MAX)
+    def __init__(self, name, where, backoff_max=BACKOFF_MAX):
+        super().__init__(BACKOFF_FIRST, backoff_max)
         self.name, self.where = name, where   # for the log lines
         self.failures = 0                   # failed calls in a row
         self.failing_since = 0.0            # loop time of the first of them
