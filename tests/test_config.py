@@ -211,6 +211,10 @@ def test_cache_url_forms_redis_py_reads(url):
                                                  "redis+sentinel:// URL (it takes none; the database is the path's"),
     ({"cache-url": "redis+sentinel://s1/m?ssl_ca_certs=/ca.pem"}, "cache-url: 'ssl_ca_certs' is not a setting"),
     ({"cache-url": "rediss+sentinel://s1/m?ssl_ca_certs=ca.pem"}, "cache-url: ssl_ca_certs must be an absolute"),
+    ({"cache-read-url": "redis://127.0.0.1"}, "cache-read-url: needs cache-url"),
+    ({"cache-url": "redis://h", "cache-read-url": "redis+sentinel://s1/m"},
+     "cache-read-url: names the replica to read from directly"),
+    ({"cache-url": "redis://h", "cache-read-url": "http://h/"}, "cache-read-url: must be a redis://"),
     ({"cache-local-ttl": 2}, "cache-local-ttl: needs cache-url"),
     ({"cache-timeout": 5}, "cache-timeout: needs cache-url"),
     ({"cache-url": "redis://h", "cache-timeout": 0}, "cache-timeout: must be an integer 1..10000"),
@@ -229,6 +233,10 @@ def test_cache_url_is_for_lookups_and_its_password_is_a_secret():
     assert {"p%40ss", "p@ss"} <= set(ep.secrets())
     ep = config.parse({"endpoints": [dict(SHARED, **{"cache-url": "redis+sentinel://:s%40c@h:1,h:2/m"})]}).endpoints[0]
     assert {"s%40c", "s@c"} <= set(ep.secrets())
+    ep = config.parse({"endpoints": [dict(SHARED, **{"cache-url": "redis://h", "cache-read-url": "redis://:r%40d@l/0"})]
+                       }).endpoints[0]
+    assert ep.cache_read_url == "redis://:r%40d@l/0" and {"r%40d", "r@d"} <= set(ep.secrets())
+    assert "r%40d" not in repr(ep)
 
 
 def test_control_socket_is_an_absolute_path():

@@ -23,9 +23,8 @@ It must never make pfrest less available than it is without it:
 Batching: a call through redis-py costs some 50 us of CPU, even pipelined (measured: 19 us for the
 same bytes over a bare asyncio stream), more than a whole lookup answered from the local cache.  So
 the GETs of one turn of the event loop go out as one MGET, and the writes of WRITE_DELAY as one script
-call (sharedformat.WRITE_SCRIPT).  The invalidation channel (invalidation.py) runs beside it, on its own
-connection.  With Sentinel (sentinel.py), each probe asks the sentinels for the primary first, and a
-watch beside them probes again when they name another one.
+call (sharedformat.WRITE_SCRIPT).  Beside it: the invalidation channel (invalidation.py); with Sentinel,
+the primary the sentinels name (sentinel.py); with cache-read-url, a replica for the reads (replica.py).
 """
 
 import asyncio
@@ -34,10 +33,10 @@ import time
 
 from pfrest.backend.deadline import Deadlines, uncancel
 from pfrest.backend.observer import NOBODY
-from pfrest.cache import invalidation, redisclient, sentinel, sharedformat
+from pfrest.cache import invalidation, redisclient, replica, sentinel, sharedformat
 from pfrest.cache.redispipe import Lost, Pipe
 from pfrest.cache.sharedformat import Mismatch
-from pfrest.cache.sharedhealth import BACKOFF_MAX, StoreHealth
+from pfrest.cache.sharedhealth import BACKOFF_MAX, Failed, StoreHealth
 from pfrest.config import sentinelurl
 
 log = logging.getLogger("pfrest")
@@ -52,15 +51,6 @@ PROBE_TIMEOUT = 2.0    # seconds a probe may take: connecting over TLS, on anoth
 RECANCEL = 0.02        # seconds between cancellations of the background tasks at the end
 
 
-class Failed(Exception):
-    """A call to the store that gave no usable reply; the text says why, for the log.  ``at_once``: the
-    store refused (redisclient.REFUSALS) or the connection is gone, which skips it at once."""
-
-    def __init__(self, why, at_once=False):
-        super().__init__(why)
-        self.at_once = at_once
-
-
 class SharedStore:
     """The shared cache of one endpoint in one process.  ``get`` and ``put`` are for the local cache
     (cache.CachingClient), which ``start`` tells of invalidations."""
@@ -72,6 +62,7 @@ class SharedStore:
         self.locator = sentinel.Locator(self.url, self.name, self.where) if sentinelurl.is_sentinel(self.url) \
             else None
         self.server_url = None if self.locator else self.url   # where the connections go (a secret)
+        self.replica = endpoint.cache_read_url and replica.ReadReplica(self.name, endpoint.cache_read_url, observer)
         try:
             self.namespace = sharedformat.namespace(endpoint)
         except OSError as exc:   # the client-cert (TLS to the backend fails too, unless it is a link)
@@ -141,6 +132,8 @@ class SharedStore:
                 self._spawn(self._probe())
             self.observer.shared("skip")
             return None
+        if self.replica is not None and self.replica.due(loop.time()):
+            self._spawn(self.replica.probe())
         future = loop.create_future()
         self._gets.append((rkey, future))
         self._schedule_reads()
@@ -192,10 +185,11 @@ class SharedStore:
             await asyncio.wait([self._background], timeout=RECANCEL)
         if self._pipe is not None:
             await redisclient.quietly(self._pipe.close())
+        if self.replica is not None:
+            await self.replica.close()
 
     def reprobe(self):
-        """Probe now (sentinel.watch: the sentinels name another primary); lookups use the one they
-        used until the probe succeeds."""
+        """Probe now (sentinel.watch: another primary); lookups use the old one until it succeeds."""
         return None if self.closed or self._loop is None else self._spawn(self._probe())
 
     # --- for the invalidation channel ---------------------------------------------------------------
@@ -228,10 +222,13 @@ class SharedStore:
         if not self.closed:
             # the invalidation channel and, with Sentinel, a watch on the primary they name
             self._background = asyncio.gather(invalidation.listen(self),
-                                              *([sentinel.watch(self)] if self.locator else []))
+                                              *([sentinel.watch(self)] if self.locator else []),
+                                              *([replica.watch(self)] if self.replica else []))
             # (a gathering future logs its children's cancellation at close as an exception not retrieved)
             self._background.add_done_callback(lambda future: future.cancelled() or future.exception())
             self._spawn(self._probe())
+            if self.replica is not None:
+                self.replica.bind(self._spawn)
 
     def _schedule_reads(self):
         if not self._reads_scheduled:
@@ -276,21 +273,25 @@ class SharedStore:
         return task
 
     async def _read(self, batch):
+        """One MGET: on the read replica while it is used (its failures are its own), else the primary."""
         keys = [rkey for rkey, _ in batch]
         entries = [None] * len(batch)
-        pipe = self._pipe
+        replica = self.replica if self.replica is not None and self.replica.up else None
+        pipe, failed = (self._pipe, self._failed) if replica is None else (replica.pipe, replica.failed)
         try:
-            values = await self._call("MGET", *keys)
+            values = await self._call("MGET", *keys, pipe=pipe)
             if not isinstance(values, list) or len(values) != len(keys):
                 raise Mismatch(f"a reply of {type(values).__name__} to an MGET of {len(keys)} keys")
             entries = [sharedformat.decode(rkey, value) for rkey, value in zip(keys, values)]
         except Failed as exc:
-            self._failed(str(exc), exc.at_once)
+            failed(str(exc), exc.at_once)
         except Mismatch as exc:
-            self._drop(pipe)
-            self._failed(f"a reply that is not for the request: {exc}", at_once=True)
+            self._drop(pipe) if replica is None else replica.drop()
+            failed(f"a reply that is not for the request: {exc}", at_once=True)
         else:
-            self._succeeded()
+            (self.health if replica is None else replica.health).call_succeeded()
+            for _ in keys:   # metrics: reads by store
+                self.observer.shared("read-primary" if replica is None else "read-replica")
         finally:   # every lookup gets its answer, whatever happened (a cancellation at exit included)
             for (_, future), entry in zip(batch, entries):
                 if not future.done():
@@ -338,10 +339,10 @@ class SharedStore:
             if pipe is not None:
                 await redisclient.quietly(pipe.close())
 
-    async def _call(self, *args):
-        """The reply to a command on the connection, within cache-timeout; Failed when none comes in
-        time, or it is an error."""
-        pipe = self._pipe
+    async def _call(self, *args, pipe=None):
+        """The reply to a command on the connection (the primary's, unless ``pipe`` is given), within
+        cache-timeout; Failed when none comes in time, or it is an error."""
+        pipe = pipe or self._pipe
         if pipe is None:   # dropped in this turn of the loop; a probe makes a new one
             raise Failed("no connection", at_once=True)
         deadline = self._deadlines.start(self._loop, asyncio.current_task())

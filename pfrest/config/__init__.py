@@ -119,7 +119,7 @@ def _endpoint(raw, where, problems):
     if ("client-cert" in raw or "client-key" in raw) and not any(
             str(t).startswith("https:") for t in values.get("targets", ())):
         problems.append(f"{where}.client-cert: only an https target can use a client certificate")
-    for key in ("cache-local-ttl", "cache-timeout"):
+    for key in ("cache-local-ttl", "cache-timeout", "cache-read-url"):
         if key in raw and "cache-url" not in raw:
             problems.append(f"{where}.{key}: needs cache-url (it is about the shared cache)")
     if mode == SASL:

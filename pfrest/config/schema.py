@@ -93,6 +93,7 @@ class Endpoint:
     cache_local_ttl: float = DEFAULT_CACHE_LOCAL_TTL
     cache_timeout: int = DEFAULT_CACHE_TIMEOUT_MS
     require_request_id: bool = False
+    cache_read_url: Optional[str] = field(default=None, repr=False)   # a replica for reads; a password too
     mechanisms: Tuple[str, ...] = MECHANISMS
 
     def __post_init__(self):
@@ -104,7 +105,7 @@ class Endpoint:
         found = [self.auth_token, self.basic_auth, *(value for _, value in self.headers)]
         if self.basic_auth:
             found.append(self.basic_auth.split(":", 1)[1])
-        for url in (self.proxy, self.cache_url):
+        for url in (self.proxy, self.cache_url, self.cache_read_url):
             password = url and urlsplit(url).password
             if password:
                 found += [password, unquote(password)]   # as written, and as the library sends it

@@ -31,6 +31,8 @@ CACHE_EVENTS = {"hit": ("pfrest_cache_hits", "lookups answered from the answer c
                 "stale": ("pfrest_cache_stale_answers", "expired answers served because the backend failed"),
                 "eviction": ("pfrest_cache_evictions", "cache entries dropped to stay within cache-max-entries"),
                 "drop": ("pfrest_cache_drops", "cache entries dropped by pfrest cache drop or flush")}
+# the shared cache's reads, by store: events "read-primary", "read-replica" (cache-read-url)
+READ_STORES = ("primary", "replica")
 # the shared cache's events (cache-url) -> (metric, what it counts)
 SHARED_EVENTS = {"hit": ("pfrest_shared_cache_hits", "local cache misses the shared cache answered"),
                  "miss": ("pfrest_shared_cache_misses", "local cache misses the shared cache had no fresh "
@@ -104,6 +106,8 @@ def families(figures: Figures):
                                 labels=["endpoint"])
     shared = {event: CounterMetricFamily(name, text, labels=["endpoint"])
               for event, (name, text) in SHARED_EVENTS.items()}
+    reads = CounterMetricFamily("pfrest_shared_cache_reads", "keys read from the shared cache, by store: "
+                                "primary (cache-url) or replica (cache-read-url)", labels=["endpoint", "store"])
     shared_up = GaugeMetricFamily("pfrest_shared_cache_up", "1 while every process uses the shared cache, 0 "
                                   "while one skips it after it failed", labels=["endpoint"])
     open_now = GaugeMetricFamily("pfrest_open_connections", "Postfix connections open now",
@@ -139,6 +143,8 @@ def families(figures: Figures):
         if stats.shared_events or stats.shared_up is not None:
             for event, family in shared.items():
                 family.add_metric([name], stats.shared_events.get(event, 0))
+            for store in READ_STORES:
+                reads.add_metric([name, store], stats.shared_events.get(f"read-{store}", 0))
             if stats.shared_up is not None:
                 shared_up.add_metric([name], int(stats.shared_up))
         accepted.add_metric([name], stats.accepted)
@@ -147,7 +153,7 @@ def families(figures: Figures):
     for name, count in sorted(figures.connections.items()):
         open_now.add_metric([name], count)
     found = [build, info, requests, latency, exchanges, exchange_latency, errors, strays, *cache.values(),
-             entries, *shared.values(), shared_up, open_now, accepted, refused, reloads]
+             entries, *shared.values(), reads, shared_up, open_now, accepted, refused, reloads]
     if figures.workers is not None:
         workers = GaugeMetricFamily("pfrest_worker_open_connections", "Postfix connections open per worker "
                                     "process (serve --workers)", labels=["worker"])
@@ -202,6 +208,8 @@ def read(text: str) -> Figures:
                 of(labels).cache_entries = count
             elif name in shared_events:
                 of(labels).shared_events[shared_events[name]] += count
+            elif name == "pfrest_shared_cache_reads_total":
+                of(labels).shared_events[f"read-{labels['store']}"] += count
             elif name == "pfrest_shared_cache_up":
                 of(labels).shared_up = bool(value)
             elif name == "pfrest_open_connections":
