@@ -211,6 +211,8 @@ def test_cache_url_forms_redis_py_reads(url):
                                                  "redis+sentinel:// URL (it takes none; the database is the path's"),
     ({"cache-url": "redis+sentinel://s1/m?ssl_ca_certs=/ca.pem"}, "cache-url: 'ssl_ca_certs' is not a setting"),
     ({"cache-url": "rediss+sentinel://s1/m?ssl_ca_certs=ca.pem"}, "cache-url: ssl_ca_certs must be an absolute"),
+    ({"cache-stale-while-revalidate": -1}, "cache-stale-while-revalidate: must be a number of seconds, 0..604800"),
+    ({"cache-stale-while-revalidate": "60"}, "cache-stale-while-revalidate: must be a number, not the string '60'"),
     ({"cache-read-url": "redis://127.0.0.1"}, "cache-read-url: needs cache-url"),
     ({"cache-url": "redis://h", "cache-read-url": "redis+sentinel://s1/m"},
      "cache-read-url: names the replica to read from directly"),
@@ -224,6 +226,14 @@ def test_cache_url_forms_redis_py_reads(url):
 def test_cache_url_errors_name_the_field(extra, message):
     found = problems({"endpoints": [dict(SHARED, **extra)]})
     assert any(p.startswith("endpoints[0] (s)." + message) for p in found), found
+
+
+def test_stale_while_revalidate_is_seconds_for_lookups():
+    ep = config.parse({"endpoints": [dict(SHARED, **{"cache-stale-while-revalidate": 30})]}).endpoints[0]
+    assert ep.cache_stale_while_revalidate == 30.0 and isinstance(ep.cache_stale_while_revalidate, float)
+    pol = {"name": "p", "mode": "policy", "target": "http://h/", "cache-stale-while-revalidate": 30}
+    assert problems({"endpoints": [pol]}) == [
+        "endpoints[0] (p).cache-stale-while-revalidate: not used by mode policy"]
 
 
 def test_cache_url_is_for_lookups_and_its_password_is_a_secret():

@@ -101,7 +101,7 @@ def host(ep, clock=time.time, observer=None):
     store = shared_module.SharedStore(ep, observer, clock=clock)
     return CachingClient(Client(ep, "UA", observer), ep.cache_ttl, ep.cache_negative_ttl, 100,
                          stale_if_error=ep.cache_stale_if_error, observer=observer, shared=store,
-                         local_ttl=ep.cache_local_ttl)
+                         local_ttl=ep.cache_local_ttl, stale_while_revalidate=ep.cache_stale_while_revalidate)
 
 
 def params(key):

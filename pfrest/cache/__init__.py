@@ -8,6 +8,7 @@ side (pfrest/backend/)."""
 from pfrest.backend.client import Client
 from pfrest.backend.observer import NOBODY
 from pfrest.cache.local import CachingClient
+from pfrest.cache.refresh import LOCK_MARGIN_MS
 
 __all__ = ["CachingClient", "for_endpoint"]
 
@@ -24,4 +25,6 @@ def for_endpoint(endpoint, user_agent: str, observer=NOBODY):
         shared = SharedStore(endpoint, observer)
     return CachingClient(client, endpoint.cache_ttl, endpoint.cache_negative_ttl, endpoint.cache_max_entries,
                          endpoint.list_separator, stale_if_error=endpoint.cache_stale_if_error,
-                         observer=observer, shared=shared, local_ttl=endpoint.cache_local_ttl)
+                         observer=observer, shared=shared, local_ttl=endpoint.cache_local_ttl,
+                         stale_while_revalidate=endpoint.cache_stale_while_revalidate,
+                         refresh_lock_ms=endpoint.request_timeout + LOCK_MARGIN_MS)

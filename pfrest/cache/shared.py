@@ -139,19 +139,16 @@ class SharedStore:
         self._schedule_reads()
         return future
 
-    def put(self, rkey: bytes, result, fresh: float, stale: float):
-        """Keep ``result`` for ``fresh`` seconds and ``stale`` more (as a stale answer); with both 0,
-        remove what is kept for ``rkey`` (the backend's last word is not to be contradicted)."""
+    def put(self, rkey: bytes, result, fresh: float, stale: float, revalidate: float = 0.0):
+        """Keep ``result`` for ``fresh`` seconds, ``stale`` more as a stale answer, ``revalidate`` more
+        answered at once while refreshed; with all 0, remove what is kept for ``rkey`` (the backend's
+        last word is not to be contradicted)."""
         if self.closed or self._loop is None or not (self.up or self.starting):
             return
-        if fresh <= 0 and stale <= 0:
+        if fresh <= 0 and stale <= 0 and revalidate <= 0:
             self._puts.append((rkey, None, 0))
         else:
-            now = int(self.clock() * 1000)
-            fresh_until = now + int(fresh * 1000)
-            stale_until = fresh_until + int(stale * 1000)
-            self._puts.append((rkey, sharedformat.encode(rkey, result, fresh_until, stale_until),
-                               max(stale_until - now, 1)))
+            self._puts.append((rkey, *sharedformat.entry(rkey, result, self.now_ms(), fresh, stale, revalidate)))
         self._schedule_writes()
 
     def now_ms(self) -> int:
@@ -279,7 +276,7 @@ class SharedStore:
         replica = self.replica if self.replica is not None and self.replica.up else None
         pipe, failed = (self._pipe, self._failed) if replica is None else (replica.pipe, replica.failed)
         try:
-            values = await self._call("MGET", *keys, pipe=pipe)
+            values = await self.call("MGET", *keys, pipe=pipe)
             if not isinstance(values, list) or len(values) != len(keys):
                 raise Mismatch(f"a reply of {type(values).__name__} to an MGET of {len(keys)} keys")
             entries = [sharedformat.decode(rkey, value) for rkey, value in zip(keys, values)]
@@ -303,7 +300,7 @@ class SharedStore:
             keys.append(rkey)
             args += [value or b"", milliseconds]
         try:
-            await self._call("EVAL", sharedformat.WRITE_SCRIPT, len(keys), *keys, *args)
+            await self.call("EVAL", sharedformat.WRITE_SCRIPT, len(keys), *keys, *args)
         except Failed as exc:
             self._failed(str(exc), exc.at_once)
         else:
@@ -339,9 +336,9 @@ class SharedStore:
             if pipe is not None:
                 await redisclient.quietly(pipe.close())
 
-    async def _call(self, *args, pipe=None):
+    async def call(self, *args, pipe=None):
         """The reply to a command on the connection (the primary's, unless ``pipe`` is given), within
-        cache-timeout; Failed when none comes in time, or it is an error."""
+        cache-timeout; Failed when none comes in time, or it is an error.  refresh.py's lock too."""
         pipe = pipe or self._pipe
         if pipe is None:   # dropped in this turn of the loop; a probe makes a new one
             raise Failed("no connection", at_once=True)

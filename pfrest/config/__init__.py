@@ -40,7 +40,7 @@ def _convert(key, value):
     if key == "allow-from":
         return tuple(str(ipaddress.ip_network(n, strict=False)) for n in value)
     if key in ("idle-timeout", "partial-request-timeout", "cache-ttl", "cache-negative-ttl",
-               "cache-stale-if-error", "cache-local-ttl"):
+               "cache-stale-if-error", "cache-stale-while-revalidate", "cache-local-ttl"):
         return float(value)
     if key == "headers":
         return tuple(value.items())

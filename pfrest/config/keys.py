@@ -302,6 +302,7 @@ ENDPOINT_KEYS = {
     "client-cert": ("client_cert", _abspath, None),
     "client-key": ("client_key", _abspath, None),
     "cache-stale-if-error": ("cache_stale_if_error", _seconds, _LOOKUPS),
+    "cache-stale-while-revalidate": ("cache_stale_while_revalidate", _seconds, _LOOKUPS),
     "log-requests": ("log_requests", _log_requests, None),
     "cache-url": ("cache_url", _cache_url, _LOOKUPS),
     "cache-local-ttl": ("cache_local_ttl", _seconds, _LOOKUPS),

@@ -88,6 +88,7 @@ class Endpoint:
     client_cert: Optional[str] = None
     client_key: Optional[str] = None
     cache_stale_if_error: float = 0.0
+    cache_stale_while_revalidate: float = 0.0
     log_requests: Optional[str] = None  # None: the top-level log-requests
     cache_url: Optional[str] = field(default=None, repr=False)   # may hold a password
     cache_local_ttl: float = DEFAULT_CACHE_LOCAL_TTL

@@ -38,6 +38,7 @@ class HttpResult(NamedTuple):
     stale_if_error: Optional[int] = None  # Cache-Control stale-if-error (RFC 5861), None when absent
     stale: bool = False                  # a cached answer past its lifetime, served as the backend failed
     content_type: Optional[bytes] = None  # the Content-Type header, only to tell a malformed answer
+    stale_while_revalidate: Optional[int] = None   # Cache-Control stale-while-revalidate (RFC 5861), or None
 
 
 class Failure(NamedTuple):
