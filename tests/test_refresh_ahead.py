@@ -205,8 +205,25 @@ def test_a_fleet_of_four_refreshes_each_hot_key_once_per_lifetime(tmp_path, back
     assert refreshed_by == [len(after)]
 
 
-def test_the_metrics_say_every_refresh_outcome():
+def test_the_metrics_say_every_refresh_outcome_and_read_back_as_written():
+    """Each outcome as a sample of pfrest_cache_refreshes_total, read back as counted (the arbiter adds
+    up its workers' that way; pfrest stats reads them so)."""
+    from pfrest.ops.counters import Figures, Stats
     assert metrics.REFRESH_OUTCOMES == refresh.OUTCOMES
+    stats = Stats()
+    stats.mode = config.TCP
+    for n, outcome in enumerate(refresh.OUTCOMES, 1):
+        stats.cache_events[f"refresh-{outcome}"] += n
+    stats.cache_events["hit"] += 1
+    stats.shared_events.update({"read-primary": 2, "read-replica": 5})
+    text = metrics.exposition(Figures({"ep": stats}, {}, {})).decode()
+    for n, outcome in enumerate(refresh.OUTCOMES, 1):
+        assert f'pfrest_cache_refreshes_total{{endpoint="ep",outcome="{outcome}"}} {n}.0' in text, text
+    assert 'pfrest_shared_cache_reads_total{endpoint="ep",store="replica"} 5.0' in text
+    again = metrics.read(text).endpoints["ep"]
+    assert {k: v for k, v in again.cache_events.items() if v} == dict(stats.cache_events)
+    assert {k: v for k, v in again.shared_events.items() if k.startswith("read-") and v} == \
+        {"read-primary": 2, "read-replica": 5}
 
 
 def test_entries_carry_their_window_and_read_as_before_without_one():
