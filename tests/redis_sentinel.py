@@ -21,10 +21,13 @@ SETTLED_TIMEOUT = 30.0    # seconds for the sentinels to find the replica and ea
 class Sentinel:
     """One sentinel process, its config file (which it rewrites) in its own directory."""
 
-    def __init__(self, directory, binary, primary, password=None):
-        self.directory, self.binary, self.port = str(directory), binary, free_port()
+    def __init__(self, directory, binary, primary, password=None, pki=None):
+        self.directory, self.binary, self.port, self.pki = str(directory), binary, free_port(), pki
         os.makedirs(self.directory, exist_ok=True)
-        lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.directory}",
+        listen = [f"port {self.port}"] if pki is None else [
+            "port 0", f"tls-port {self.port}", f"tls-cert-file {pki['cert']}", f"tls-key-file {pki['key']}",
+            f"tls-ca-cert-file {pki['ca']}", "tls-auth-clients no", "tls-replication yes"]
+        lines = [*listen, "bind 127.0.0.1", f"dir {self.directory}",
                  f"logfile {os.path.join(self.directory, 'sentinel.log')}",
                  f"sentinel monitor {SERVICE} 127.0.0.1 {primary.port} {QUORUM}",
                  f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}",
@@ -40,7 +43,8 @@ class Sentinel:
 
     def client(self):
         import redis
-        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5)
+        tls = {} if self.pki is None else {"ssl": True, "ssl_ca_certs": self.pki["ca"]}
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True, socket_timeout=5, **tls)
 
     def master(self):
         """SENTINEL MASTER as a dict, or None while the sentinel does not answer."""
@@ -60,17 +64,18 @@ class Sentinel:
 class SentinelGroup:
     """A primary, its replica, three sentinels.  ``url`` is the cache-url that names the service."""
 
-    def __init__(self, directory, binary="redis-server", password=None):
-        self.password = password
+    def __init__(self, directory, binary="redis-server", password=None, pki=None):
+        self.password, self.pki = password, pki
         for name in ("primary", "replica"):
             (directory / name).mkdir(parents=True, exist_ok=True)
-        auth = ("--requirepass", password, "--masterauth", password) if password else ()
-        self.primary = RedisServer(directory / "primary", binary, password=password, extra=auth[2:])
-        self.replica = RedisServer(directory / "replica", binary, password=password,
-                                   extra=(*auth[2:], "--replicaof", "127.0.0.1", str(self.primary.port)))
+        auth = ("--masterauth", password) if password else ()
+        auth += ("--tls-replication", "yes") if pki else ()   # the replica follows its primary over TLS
+        self.primary = RedisServer(directory / "primary", binary, password=password, pki=pki, extra=auth)
+        self.replica = RedisServer(directory / "replica", binary, password=password, pki=pki,
+                                   extra=(*auth, "--replicaof", "127.0.0.1", str(self.primary.port)))
         self.sentinels = []
         try:
-            self.sentinels = [Sentinel(directory / f"sentinel{i}", self.primary.binary, self.primary, password)
+            self.sentinels = [Sentinel(directory / f"sentinel{i}", self.primary.binary, self.primary, password, pki)
                               for i in range(SENTINELS)]
             self.settled()
         except BaseException:
@@ -81,10 +86,13 @@ class SentinelGroup:
     def servers(self):
         return (self.primary, self.replica)
 
-    def url(self, scheme="redis+sentinel", db=0):
+    def url(self, db=0):
+        """The cache-url: rediss+sentinel:// with the CA when the group speaks TLS."""
         auth = f":{self.password}@" if self.password else ""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"{scheme}://{auth}{hosts}/{SERVICE}/{db}"
+        if self.pki:
+            return f"rediss+sentinel://{auth}{hosts}/{SERVICE}/{db}?ssl_ca_certs={self.pki['ca']}"
+        return f"redis+sentinel://{auth}{hosts}/{SERVICE}/{db}"
 
     def settled(self, timeout=SETTLED_TIMEOUT):
         """Until every sentinel knows the replica (linked to its primary) and the two other sentinels:

@@ -22,7 +22,7 @@ import pytest
 from conftest import Backend
 from postfix_instance import free_port
 from redis_sentinel import SERVICE, SentinelGroup
-from redis_server import binaries
+from redis_server import binaries, make_pki
 from test_fleet import Load, cache, until
 from test_serve import connect, served, tcp_get  # noqa: F401 (served is a fixture)
 from test_shared_cache import (ask, closed, endpoint, host, params, pfrest_log, quick_backoff,  # noqa: F401
@@ -120,6 +120,30 @@ def test_a_primary_demoted_to_a_replica_is_left_for_the_new_one(group, backend, 
     assert named_primary(pfrest_log, group.replica.port) == 1
     lines = [r.getMessage() for r in pfrest_log.records if "skipped" in r.getMessage()]
     assert all("read only replica" in line or "Connection" in line for line in lines), lines
+
+
+def test_rediss_sentinel_speaks_tls_to_the_sentinels_and_the_primary(tmp_path, backend, pfrest_log):
+    """rediss+sentinel://: the sentinels and the primary they name over TLS, each verified with the
+    URL's CA and by the address it is reached at (the sentinels name the primary by its IP address)."""
+    pki = make_pki(tmp_path)
+    tls = SentinelGroup(tmp_path / "tls", password=PASSWORD, pki=pki)
+    try:
+        async def scenario():
+            ep = endpoint(tls.url(), backend, cache_timeout=TIMEOUT_MS)
+            a, b = host(ep), host(ep)
+            await ready(a, b)
+            await ask(a, "k")
+            await asyncio.sleep(0.05)
+            result = await ask(b, "k")
+            urls = {a.shared.server_url, b.shared.server_url}
+            await closed(a, b)
+            return result, urls
+        result, urls = asyncio.run(scenario())
+    finally:
+        tls.stop()
+    assert value(result) == "val-k" and result.cached and asked(backend, "k") == 1
+    assert urls == {f"rediss://:{PASSWORD}@127.0.0.1:{tls.primary.port}/0?ssl_ca_certs={pki['ca']}"}
+    assert named_primary(pfrest_log, tls.primary.port) == 2 and PASSWORD not in pfrest_log.text
 
 
 def host_space(group, backend):
