@@ -136,6 +136,40 @@ def test_a_failed_refresh_keeps_the_old_answer_only_as_stale_if_error_allows(bac
         assert value(after) == "TEMP" and after.status == 503   # no stale answer allowed: the error
 
 
+@pytest.mark.parametrize("stale_if_error", [0.0, 100.0])
+def test_a_failed_refresh_ends_the_window_for_the_whole_fleet(tmp_path, backend, stale_if_error):
+    """Host A's refresh fails; host B, which never asked the backend for the key, reads the store's
+    entry: it gives the old answer only within stale-if-error (with none, B waits for the backend)."""
+    server = RedisServer(tmp_path)
+    backend.answers["k"] = (200, ["v"])
+    now, events = [1000.0], Events()
+    try:
+        async def scenario():
+            ep = endpoint(server.url, backend, cache_ttl=10.0, cache_stale_while_revalidate=60.0,
+                          cache_stale_if_error=stale_if_error, cache_timeout=50)
+            a, b = host(ep, clock=lambda: now[0], observer=events), host(ep, clock=lambda: now[0])
+            await ready(a, b)
+            await a.lookup(params("k"), LOOKUP_ID)
+            await asyncio.sleep(0.05)
+            backend.answers["k"] = (503, b"")
+            now[0] += 15                          # past the lifetime (on the store's clock), in the window
+            a.refresher.start(params("k"), params("k"))   # A's refresh, as a lookup in the window starts it
+            await refreshed(a)
+            await asyncio.sleep(0.05)                   # the cut entry reaches the store
+            asked = len(backend.requests)
+            on_b = await b.lookup(params("k"), LOOKUP_ID)
+            await asyncio.wait([a.close(), b.close()])
+            return asked, on_b
+        asked, on_b = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert "refresh-failed" in events.events and asked == 2
+    if stale_if_error:   # the old answer within stale-if-error, while the backend fails
+        assert value(on_b) == "v"
+    else:                # none: B waited for the backend, and got its error
+        assert value(on_b) == "TEMP" and on_b.status == 503 and len(backend.requests) == 3
+
+
 def test_at_most_a_few_refreshes_in_flight_and_lookups_answered_all_the_same(backend):
     clock, events = Clock(), Events()
     keys = [f"k{i}" for i in range(3 * refresh.MAX_REFRESHES)]

@@ -36,7 +36,8 @@ callers that waited for it but stores it nowhere (``generation``), since it may 
 The observer hears, per lookup, "hit" (answered without a backend request of its own: a fresh entry,
 or another caller's request in flight) or "miss", then "stale" for each stale answer given,
 "eviction" for each entry dropped to stay within cache-max-entries, "drop" for each one dropped
-by an invalidation and "refresh-OUTCOME" for each refresh ahead (refresh.OUTCOMES); with a shared store, per local miss, ``shared("hit")`` (a fresh entry there) or
+by an invalidation and "refresh-OUTCOME" for each refresh ahead (refresh.OUTCOMES); with a shared
+store, per local miss, ``shared("hit")`` (a fresh entry there, or one to revalidate) or
 ``shared("miss")``.
 """
 

@@ -13,8 +13,9 @@ Bounded:
   a process that finds the lock taken answers from its cache for REFRESH_HOLD more seconds, then looks
   at the store again;
 - a refresh that fails (the backend fails, or answers 5xx) keeps the old answer only as stale-if-error
-  allows: its revalidate window ends where its stale window ends, so that lookups then wait for the
-  backend and get the stale answer only within stale-if-error.  Either way the lock is given back in
+  allows: its revalidate window ends where its stale window ends, here and in the store's entry (which
+  the other processes read), so that lookups then wait for the backend and get the stale answer only
+  within stale-if-error.  Either way the lock is given back in
   the same call to the store as the refreshed entry's write (the store's writes of WRITE_DELAY): the
   next process to look finds the entry, or may try at once.
 
@@ -61,7 +62,7 @@ class Refresher:
 
     async def _refresh(self, key, params):
         cache, shared = self.cache, self.cache.shared
-        generation, rkey = cache.generation, None
+        generation, rkey, entry = cache.generation, None, None
         if shared is not None:
             rkey = shared.key(params)
             waiting = shared.get(rkey)
@@ -77,6 +78,8 @@ class Refresher:
         failed = cache.failed(result)
         if failed:
             cache.refresh_failed(key)
+            if entry is not None and generation == cache.generation:   # the fleet reads the store's entry
+                _cut(shared, rkey, entry)
         elif generation == cache.generation:   # else fetched before an invalidation: kept nowhere
             cache.store(key, result, rkey)
         if rkey is not None:   # the lock goes in the entry's write (one call): the entry is there first
@@ -86,6 +89,16 @@ class Refresher:
     def close(self):
         for task in list(self.flights.values()):
             task.cancel()
+
+
+def _cut(shared, rkey, entry):
+    """Write the store's ``entry`` again with its revalidate window ended where its stale window ends (a
+    refresh of it failed): no process answers it at once any more, but as stale-if-error allows; with no
+    stale window left, it is removed."""
+    now = shared.now_ms()
+    revalidate = max(min(entry.revalidate_until, entry.stale_until) - entry.fresh_until, 0)
+    shared.put(rkey, entry.result, (entry.fresh_until - now) / 1000,
+               max(entry.stale_until - entry.fresh_until, 0) / 1000, revalidate / 1000)
 
 
 async def _lock(shared, rkey, milliseconds) -> bool:
