@@ -10,24 +10,33 @@ Cache-Control), against a real HTTP backend and, for the fleet, a real redis-ser
   same;
 - four hosts sharing a store, a backend taking 200 ms per answer, hot keys: after warm-up no lookup asks
   the backend itself (no request carries a lookup's request id), and the backend sees about one request
-  per key per lifetime for the whole fleet (one host refreshes each key: the lock in the store).
+  per key per lifetime for the whole fleet (one host refreshes each key: the lock in the store); the
+  same with two real serve hosts, every backend request after warm-up counted as a refresh in their
+  metrics;
+- a failed refresh cuts the store's entry too, for the other hosts.
 
 Counts, not times: which requests reached the backend and which answers came from the cache.
 """
 
 import asyncio
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pfrest import config
 from pfrest.backend.client import Client
 from pfrest.cache import refresh
 from pfrest.cache.local import CachingClient
 from pfrest.ops import metrics
+from postfix_instance import free_port
 from redis_server import RedisServer
+from test_fleet import until
+from test_serve import connect, served, tcp_get  # noqa: F401 (served is a fixture)
 from test_shared_cache import Events, endpoint, host, params, ready, value
 
+NAME = "users"
 LOOKUP_ID = "lookup-id"   # the request id of the tests' lookups; refreshes make their own
 
 
@@ -271,3 +280,58 @@ def test_entries_carry_their_window_and_read_as_before_without_one():
     assert sharedformat.decode(rkey, plain).revalidate_until == 0
     assert sharedformat.decode(rkey, windowed).revalidate_until == 71000
     assert sharedformat.decode(rkey, windowed.replace(b"71000", b"71000 9")) is None   # another format
+
+
+def test_serve_hosts_answer_hot_keys_from_their_caches_while_one_refreshes(tmp_path, backend, write_config,
+                                                                          served):
+    """Two real serve hosts (one with two workers) on one store, a backend taking 200 ms, hot keys asked
+    all the time: every backend request after warm-up is a refresh (the hosts' metrics count them: the
+    sum equals the backend's count), about one per key per lifetime for the fleet, and no wrong answer."""
+    server = RedisServer(tmp_path)
+    hot, ttl = [f"hot{i}" for i in range(5)], 1
+    backend.default = lambda request: (time.sleep(0.2), (200, [f"v-{backend.key_of(request)}"]))[1]
+    try:
+        hosts = []
+        for label, workers in (("a", 1), ("b", 2)):
+            port, scrape = free_port(), free_port()
+            path = write_config([{"name": NAME, "mode": "tcp-lookup", "target": backend.url + "/lookup",
+                                  "bind-port": port, "cache-ttl": ttl, "cache-url": server.url,
+                                  "cache-local-ttl": 0.3, "cache-timeout": 50, "cache-stale-while-revalidate": 60}],
+                                name=f"{label}.json", **{"control-socket": str(tmp_path / f"{label}.sock"),
+                                                         "metrics-address": f"127.0.0.1:{scrape}"})
+            hosts.append((port, scrape, served("-c", path, "--workers", str(workers))))
+        for _, _, proc in hosts:
+            proc.wait_for(r"ready: serving 1 endpoint")
+        socks = [connect(("127.0.0.1", port)) for port, _, _ in hosts for _ in range(2)]
+        try:
+            for key in hot:                                   # warm-up: A fetches, B reads the store
+                assert tcp_get(socks[0], key.encode()) == f"200 v-{key}\n".encode()
+            time.sleep(0.05)
+            for sock in socks[2:]:
+                for key in hot:
+                    assert tcp_get(sock, key.encode()) == f"200 v-{key}\n".encode()
+            warm, started, wrong, count = len(backend.requests), time.monotonic(), 0, 0
+            while time.monotonic() - started < 4:
+                for sock in socks:
+                    for key in hot:
+                        count += 1
+                        wrong += tcp_get(sock, key.encode()) != f"200 v-{key}\n".encode()
+        finally:
+            for sock in socks:
+                sock.close()
+        after = len(backend.requests) - warm
+        # B's arbiter adds up what its workers report every second
+        until(lambda: sum(refreshes(scrape) for _, scrape, _ in hosts) == after,
+              lambda: f"refreshes {[refreshes(scrape) for _, scrape, _ in hosts]}, backend {after}", 5)
+    finally:
+        server.stop()
+    assert wrong == 0 and count > 500
+    assert 2 * len(hot) <= after <= len(hot) * (4 / ttl + 1), after   # about one per key per lifetime
+
+
+def refreshes(port):
+    """pfrest_cache_refreshes_total{outcome="refreshed"} of a host, from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "pfrest_cache_refreshes_total" and s.labels.get("outcome") == "refreshed")
