@@ -101,18 +101,18 @@ class SentinelGroup:
         while True:
             masters = [s.master() for s in self.sentinels]
             if all(m and int(m.get("num-slaves", 0)) >= 1 and int(m.get("num-other-sentinels", 0)) >= SENTINELS - 1
-                   and "down" not in m.get("flags", "") for m in masters):
+                   and "down" not in m.get("flags", "") for m in masters) and self.linked():
                 return
             assert time.monotonic() < deadline, f"the sentinels did not settle: {masters}"
             time.sleep(0.1)
 
-    def primary_port(self):
-        """The primary's port as the sentinels name it (the first that answers)."""
-        for sentinel in self.sentinels:
-            m = sentinel.master()
-            if m:
-                return int(m["port"])
-        return None
+    def linked(self):
+        """Whether the replica follows its primary now (the sentinels' view of it lags by seconds)."""
+        import redis
+        try:
+            return self.replica.client().role()[3] == b"connected"
+        except (redis.RedisError, OSError, IndexError):   # not answering yet, or not a replica's reply
+            return False
 
     def promoted(self, timeout=READY_TIMEOUT * 3):
         """Until every sentinel names the replica as the primary; the seconds that took."""

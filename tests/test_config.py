@@ -214,8 +214,6 @@ def test_cache_url_forms_redis_py_reads(url):
     ({"cache-stale-while-revalidate": -1}, "cache-stale-while-revalidate: must be a number of seconds, 0..604800"),
     ({"cache-stale-while-revalidate": "60"}, "cache-stale-while-revalidate: must be a number, not the string '60'"),
     ({"cache-read-url": "redis://127.0.0.1"}, "cache-read-url: needs cache-url"),
-    ({"cache-url": "redis://h", "cache-read-url": "redis+sentinel://s1/m"},
-     "cache-read-url: names the replica to read from directly"),
     ({"cache-url": "redis://h", "cache-read-url": "http://h/"}, "cache-read-url: must be a redis://"),
     ({"cache-local-ttl": 2}, "cache-local-ttl: needs cache-url"),
     ({"cache-timeout": 5}, "cache-timeout: needs cache-url"),

@@ -56,6 +56,15 @@ def pair(request, tmp_path):
     servers.stop()
 
 
+async def replicas_read(*clients):
+    """Until each client's read replica has been probed and is read from (on the event loop: the probes
+    run there)."""
+    deadline = time.monotonic() + 10
+    while not all(client.shared.replica.up for client in clients):
+        assert time.monotonic() < deadline, "the replica is not read"
+        await asyncio.sleep(0.01)
+
+
 def reading(pair, backend, **extra):
     return endpoint(pair.primary.url, backend, cache_read_url=pair.replica.url, **extra)
 
@@ -65,7 +74,7 @@ def test_reads_hit_the_replica_and_writes_the_primary(pair, backend):
         ep = reading(pair, backend)
         a, b = host(ep, observer=Events()), host(ep, observer=Events())
         await ready(a, b)
-        until(lambda: a.shared.replica.up and b.shared.replica.up, "the replica is read")
+        await replicas_read(a, b)
         await ask(a, "k")
         await asyncio.sleep(0.1)                      # written to the primary, copied to the replica
         result = await ask(b, "k")
@@ -86,7 +95,7 @@ def test_a_stopped_replica_costs_nothing_but_its_skip(pair, backend, pfrest_log,
         ep = reading(pair, backend)
         a, b = host(ep, observer=Events()), host(ep, observer=Events())
         await ready(a, b)
-        until(lambda: a.shared.replica.up and b.shared.replica.up, "the replica is read")
+        await replicas_read(a, b)
         pair.replica.kill()
         answers = []
         for i in range(20):                           # a's answers, then b's from the primary

@@ -264,3 +264,27 @@ def test_pfrest_cache_says_when_no_sentinel_names_a_primary(backend, write_confi
            f"now: no sentinel names a primary of {SERVICE} (127.0.0.1:{port}: ConnectionError" in done.stderr, \
         done.stderr
     assert PASSWORD not in done.stderr + done.stdout
+
+
+def test_a_read_url_in_sentinels_form_reads_from_a_replica_they_list(group, backend):
+    """cache-read-url redis+sentinel://: the probe asks the sentinels for the service's replicas and reads
+    from one that is up and linked (this host's: all are, on loopback); writes go to the primary."""
+    from test_read_replica import Pair, replicas_read
+    calls = Pair.calls
+
+    async def scenario():
+        ep = endpoint(group.url(), backend, cache_timeout=TIMEOUT_MS, cache_read_url=group.url())
+        a, b = host(ep), host(ep)
+        await ready(a, b)
+        await replicas_read(a, b)
+        await ask(a, "k")
+        await asyncio.sleep(0.1)
+        result = await ask(b, "k")
+        urls = {a.shared.replica.server_url, b.shared.replica.server_url}
+        await closed(a, b)
+        return result, urls
+    mget = calls(None, group.replica, "mget"), calls(None, group.primary, "mget")
+    result, urls = asyncio.run(scenario())
+    assert value(result) == "val-k" and result.cached and asked(backend, "k") == 1
+    assert urls == {f"redis://:{PASSWORD}@127.0.0.1:{group.replica.port}/0"}
+    assert calls(None, group.replica, "mget") == mget[0] + 2 and calls(None, group.primary, "mget") == mget[1]

@@ -1,5 +1,6 @@
 """A read replica of the shared cache (``cache-read-url``): usually a replica of the primary on the same
-host, read in well under a millisecond.  The lookups' reads (MGET) go there; writes, probes,
+host, read in well under a millisecond; or, in Sentinel's form, one the sentinels list as up and linked,
+this host's first (sentinel.Locator.replica), asked again at each probe.  The lookups' reads (MGET) go there; writes, probes,
 invalidations and ``pfrest cache`` go to the primary (``cache-url``), as without it.
 
 It is used as the primary is (shared.py), with a health of its own (sharedhealth.StoreHealth, one log
@@ -17,9 +18,10 @@ another key's (an entry names its key), and never past its own lifetime (it carr
 
 import asyncio
 
-from pfrest.cache import redisclient
+from pfrest.cache import redisclient, sentinel
 from pfrest.cache.redispipe import Lost, Pipe
 from pfrest.cache.sharedhealth import StoreHealth
+from pfrest.config import sentinelurl
 
 PROBE_TIMEOUT = 2.0   # seconds a probe may take (as the primary's: shared.PROBE_TIMEOUT)
 RECHECK = 1.0         # seconds between the watch's ROLE calls while the replica is used
@@ -37,6 +39,9 @@ class ReadReplica:
         self.url, self.where, self.observer = url, redisclient.where(url), observer
         self.health = StoreHealth(name, f"{self.where} (reads)", instead="reads go to the primary")
         self.pipe, self.ready = None, False
+        # with Sentinel's form: a replica the sentinels list, this host's first, asked at each probe
+        self.locator = sentinel.Locator(url) if sentinelurl.is_sentinel(url) else None
+        self.server_url = None if self.locator else url   # the one read from (a secret: a password)
 
     @property
     def up(self) -> bool:
@@ -53,14 +58,16 @@ class ReadReplica:
         return bool(self.health.down_until) and self.health.usable(now)
 
     async def probe(self):
-        pipe = None
+        pipe, url = None, self.url
         try:
-            pipe = await asyncio.wait_for(Pipe.open(self.url, self._lost), PROBE_TIMEOUT)
+            if self.locator is not None:
+                url = await asyncio.wait_for(self.locator.replica(), PROBE_TIMEOUT)
+            pipe = await asyncio.wait_for(Pipe.open(url, self._lost), PROBE_TIMEOUT)
             usable(await asyncio.wait_for(pipe.call("ROLE"), PROBE_TIMEOUT))
-        except (asyncio.TimeoutError, *redisclient.ERRORS, Lost, Lagging) as exc:
+        except (asyncio.TimeoutError, *redisclient.ERRORS, Lost, Lagging, sentinel.NoPrimary) as exc:
             self.failed(_why(exc), probe=True)
         else:
-            old, self.pipe, pipe, self.ready = self.pipe, pipe, None, True
+            old, self.pipe, pipe, self.ready, self.server_url = self.pipe, pipe, None, True, url
             self.health.call_succeeded(probe=True)
             if old is not None:
                 await redisclient.quietly(old.close())
@@ -119,4 +126,4 @@ def usable(role):
 def _why(exc):
     if isinstance(exc, asyncio.TimeoutError):
         return f"no reply to a probe within {PROBE_TIMEOUT:g} s"
-    return str(exc) if isinstance(exc, (Lost, Lagging)) else redisclient.describe(exc)
+    return str(exc) if isinstance(exc, (Lost, Lagging, sentinel.NoPrimary)) else redisclient.describe(exc)

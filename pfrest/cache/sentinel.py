@@ -19,7 +19,9 @@ primary's address is logged (one line), never the URL's password.
 """
 
 import asyncio
+import ipaddress
 import logging
+import socket
 
 from pfrest.cache import redisclient
 from pfrest.cache.redispipe import Lost, Pipe
@@ -38,7 +40,8 @@ RECHECK = 1.0
 
 
 class NoPrimary(Exception):
-    """No sentinel named a primary; the text says what each said, for the log."""
+    """No sentinel named a primary (or a replica to read from); the text says what each said, for the
+    log."""
 
 
 class Locator:
@@ -53,10 +56,25 @@ class Locator:
     async def primary(self) -> str:
         """The URL of the service's primary (with the cache-url's password and database), as the first
         sentinel that answers names it; NoPrimary when none does."""
+        address = await self._first("primary", "get-master-addr-by-name", _address)
+        if address != self.address and self.name:
+            log.info("endpoint=%s shared cache %s: the sentinels name %s as the primary", self.name,
+                     self.where_service, _where(address))
+        self.address = address
+        return sentinelurl.server_url(self.service, *address)
+
+    async def replica(self) -> str:
+        """The URL of a replica of the service to read from (cache-read-url): one the first sentinel
+        that answers lists as up, this host's first (_replica); NoPrimary when none is."""
+        return sentinelurl.server_url(self.service, *await self._first("replica", "replicas", _replica))
+
+    async def _first(self, what, question, answer):
+        """``answer(reply, service)`` of the first sentinel that gives a usable reply to ``SENTINEL
+        question SERVICE``, which is asked first from then on."""
         said = []
         for sentinel in list(self.order):
             try:
-                address = await asyncio.wait_for(self._ask(*sentinel), ASK_TIMEOUT)
+                found = await asyncio.wait_for(self._ask(*sentinel, question, answer), ASK_TIMEOUT)
             except asyncio.TimeoutError:
                 said.append(f"{_where(sentinel)}: no answer within {ASK_TIMEOUT:g} s")
                 continue
@@ -66,12 +84,8 @@ class Locator:
                 continue
             self.order.remove(sentinel)
             self.order.insert(0, sentinel)
-            if address != self.address and self.name:
-                log.info("endpoint=%s shared cache %s: the sentinels name %s as the primary", self.name,
-                         self.where_service, _where(address))
-            self.address = address
-            return sentinelurl.server_url(self.service, *address)
-        raise NoPrimary(f"no sentinel names a primary of {self.service.name} (" + "; ".join(said) + ")")
+            return found
+        raise NoPrimary(f"no sentinel names a {what} of {self.service.name} (" + "; ".join(said) + ")")
 
     def primary_failed(self, why: str) -> str:
         """The primary the first sentinel named fails (``why``): ask the others first next time (that
@@ -84,13 +98,13 @@ class Locator:
         """The primary named last, for the log: host and port only."""
         return _where(self.address) if self.address else "none"
 
-    async def _ask(self, host, port):
+    async def _ask(self, host, port, question, answer):
         pipe = await Pipe.open(sentinelurl.sentinel_url(self.service, host, port), _ignore)
         try:
-            reply = await pipe.call("SENTINEL", "get-master-addr-by-name", self.service.name)
+            reply = await pipe.call("SENTINEL", question, self.service.name)
         finally:
             await redisclient.quietly(pipe.close())
-        return _address(reply, self.service.name)
+        return answer(reply, self.service.name)
 
 
 async def watch(store):
@@ -122,6 +136,43 @@ def _address(reply, name):
             or any(c in host for c in "/@?#[] "):
         raise ValueError("a reply that is no address")
     return host, int(port)
+
+
+def _replica(reply, name):
+    """(host, port) of a replica to read from, in a SENTINEL REPLICAS reply: one that is up (no s_down,
+    o_down or disconnected flag); this host's first (its address can be bound here: a replica next to
+    the MTA is read in well under a millisecond), then one the sentinel saw linked to its primary (its
+    view is up to 10 s old: the probe asks the replica itself, ROLE)."""
+    usable = []
+    for fields in reply if isinstance(reply, list) else ():
+        info = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
+        info = {_text(k): _text(v) for k, v in info.items()} if isinstance(info, dict) else {}
+        if set(info.get("flags", "").split(",")) & {"s_down", "o_down", "disconnected"}:
+            continue
+        try:
+            address = _address([info["ip"].encode("ascii"), info["port"].encode("ascii")], name)
+        except (KeyError, ValueError, UnicodeEncodeError):
+            continue
+        usable.append((not _here(address[0]), info.get("master-link-status") != "ok", len(usable), address))
+    if not usable:
+        raise ValueError(f"lists no replica of {name} that is up")
+    return min(usable)[3]
+
+
+def _here(host) -> bool:
+    """Whether ``host`` is an address of this host (it can be bound; a name is not looked up: no wait
+    for DNS on the event loop)."""
+    try:
+        ipaddress.ip_address(host)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, 0))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _where(address):

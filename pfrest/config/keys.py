@@ -194,14 +194,6 @@ def _cache_url(v):
     return None
 
 
-def _cache_read_url(v):
-    """A server to read from, in the forms of cache-url but Sentinel's: a replica is named directly."""
-    if sentinelurl.is_sentinel(v):
-        return ("names the replica to read from directly (usually this host's: redis://127.0.0.1:6379/0 or "
-                "unix:///run/redis/redis.sock), not through sentinels")
-    return _cache_url(v)
-
-
 def _port(v):
     return None if _is_int(v) and 1 <= v <= 65535 else "must be 1..65535"
 
@@ -307,7 +299,7 @@ ENDPOINT_KEYS = {
     "cache-url": ("cache_url", _cache_url, _LOOKUPS),
     "cache-local-ttl": ("cache_local_ttl", _seconds, _LOOKUPS),
     "cache-timeout": ("cache_timeout", _cache_timeout_ms, _LOOKUPS),
-    "cache-read-url": ("cache_read_url", _cache_read_url, _LOOKUPS),
+    "cache-read-url": ("cache_read_url", _cache_url, _LOOKUPS),
     "require-request-id": ("require_request_id", _boolean, None),
     "mechanisms": ("mechanisms", _mechanisms, (SASL,)),
 }
