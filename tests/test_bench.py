@@ -33,7 +33,7 @@ def test_bench_fleet_mode_prints_figures():
     out = subprocess.run([sys.executable, f"{ROOT}/bin/pfrest-bench", "--fleet", "2", "--backend", "python",
                           "--clients", "4", "--client-processes", "1", "--duration", "0.3", "--runs", "1",
                           "--cache-warmup", "0.2"],
-                         capture_output=True, text=True, timeout=120, env=pfrest_env(), cwd=ROOT)
+                         capture_output=True, text=True, timeout=240, env=pfrest_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout.split("medians of 1 run(s)")[1]
     number = r"\s+(-|\d+(\.\d+)?)"
@@ -44,6 +44,13 @@ def test_bench_fleet_mode_prints_figures():
     assert re.search(r"backend requests per distinct key of the fleet: separate caches \d+\.\d\d, shared cache "
                      r"\d+\.\d\d", text), text
     assert re.search(r"CPU of a lookup answered from the store: \d+\.\d us, from the local cache \d+\.\d us", text)
+    # the failover under Sentinel and refresh ahead: figures, and never a wrong or unanswered lookup
+    assert re.search(r"failover \(2 hosts, .*: the replica promoted \d+\.\d s after the primary's SIGKILL, the hosts "
+                     r"sharing again after \d+\.\d s; .* wrong 0, unanswered 0 \(of \d+\)", text), text
+    for label in ("no refresh ahead", "stale-while-revalidate 60 s"):
+        assert re.search(rf"refresh ahead, {label}: .* \d+ waited for the backend; backend requests per key per "
+                         r"lifetime for the fleet \d+\.\d\d; wrong 0, unanswered 0", text), text
+    assert "Traceback" not in out.stderr, out.stderr
 
 
 def test_bench_measures_logins():

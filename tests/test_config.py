@@ -182,7 +182,10 @@ SHARED = {"name": "s", "mode": "socketmap-lookup", "target": "http://h/", "cache
 @pytest.mark.parametrize("url", [
     "redis://127.0.0.1", "redis://:pw@cache.example:6380/2", "redis://pfrest:p%40ss@[::1]:6379/0",
     "rediss://cache.example/0?ssl_ca_certs=/etc/ssl/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/k.pem",
-    "unix:///run/redis/redis.sock", "unix://:pw@/run/redis/redis.sock?db=3"])
+    "unix:///run/redis/redis.sock", "unix://:pw@/run/redis/redis.sock?db=3",
+    "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,10.0.0.3/mymaster",
+    "redis+sentinel://pfrest:pw@s1.example:26379,[::1]:26380/mymaster/2",
+    "rediss+sentinel://:pw@s1.example:26379/cache?ssl_ca_certs=/etc/ssl/ca.pem"])
 def test_cache_url_forms_redis_py_reads(url):
     ep = config.parse({"endpoints": [dict(SHARED, **{"cache-url": url})]}).endpoints[0]
     assert ep.cache_url == url and ep.cache_local_ttl == 5.0 and ep.cache_timeout == 5
@@ -190,15 +193,28 @@ def test_cache_url_forms_redis_py_reads(url):
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"cache-url": "http://cache/"}, "cache-url: must be a redis://, rediss:// or unix:// URL"),
+    ({"cache-url": "http://cache/"}, "cache-url: must be a redis://, rediss://, unix:// or redis+sentinel:// URL"),
     ({"cache-url": "redis://"}, "cache-url: a redis:// URL names a host"),
-    ({"cache-url": "redis://h:99999"}, "cache-url: must be a redis://, rediss:// or unix:// URL"),
+    ({"cache-url": "redis://h:99999"}, "cache-url: must be a redis://, rediss://, unix:// or redis+sentinel:// URL"),
     ({"cache-url": "redis://h/cache"}, "cache-url: the path of a redis:// URL is the database number"),
     ({"cache-url": "unix://relative.sock"}, "cache-url: a unix:// URL names an absolute socket path"),
     ({"cache-url": "unix:///r.sock?db=x"}, "cache-url: db must be a database number"),
     ({"cache-url": "redis://h/0?ssl_ca_certs=/ca.pem"}, "cache-url: 'ssl_ca_certs' is not a setting"),
     ({"cache-url": "rediss://h/0?ssl_ca_certs=ca.pem"}, "cache-url: ssl_ca_certs must be an absolute path"),
     ({"cache-url": "redis://h/0?socket_timeout=9"}, "cache-url: 'socket_timeout' is not a setting"),
+    ({"cache-url": "redis+sentinel://s1:26379"}, "cache-url: the path is the service the sentinels watch"),
+    ({"cache-url": "redis+sentinel://s1:26379/m/x"}, "cache-url: the path is the service the sentinels watch"),
+    ({"cache-url": "redis+sentinel://s1:26379,/m"}, "cache-url: '' is not a sentinel's HOST:PORT"),
+    ({"cache-url": "redis+sentinel://s1:99999/m"}, "cache-url: 's1:99999': the port must be 1..65535"),
+    ({"cache-url": "redis+sentinel://s1,s1/m"}, "cache-url: names a sentinel twice"),
+    ({"cache-url": "redis+sentinel://s1/m?db=2"}, "cache-url: 'db' is not a setting pfrest takes in a "
+                                                 "redis+sentinel:// URL (it takes none; the database is the path's"),
+    ({"cache-url": "redis+sentinel://s1/m?ssl_ca_certs=/ca.pem"}, "cache-url: 'ssl_ca_certs' is not a setting"),
+    ({"cache-url": "rediss+sentinel://s1/m?ssl_ca_certs=ca.pem"}, "cache-url: ssl_ca_certs must be an absolute"),
+    ({"cache-stale-while-revalidate": -1}, "cache-stale-while-revalidate: must be a number of seconds, 0..604800"),
+    ({"cache-stale-while-revalidate": "60"}, "cache-stale-while-revalidate: must be a number, not the string '60'"),
+    ({"cache-read-url": "redis://127.0.0.1"}, "cache-read-url: needs cache-url"),
+    ({"cache-url": "redis://h", "cache-read-url": "http://h/"}, "cache-read-url: must be a redis://"),
     ({"cache-local-ttl": 2}, "cache-local-ttl: needs cache-url"),
     ({"cache-timeout": 5}, "cache-timeout: needs cache-url"),
     ({"cache-url": "redis://h", "cache-timeout": 0}, "cache-timeout: must be an integer 1..10000"),
@@ -210,11 +226,25 @@ def test_cache_url_errors_name_the_field(extra, message):
     assert any(p.startswith("endpoints[0] (s)." + message) for p in found), found
 
 
+def test_stale_while_revalidate_is_seconds_for_lookups():
+    ep = config.parse({"endpoints": [dict(SHARED, **{"cache-stale-while-revalidate": 30})]}).endpoints[0]
+    assert ep.cache_stale_while_revalidate == 30.0 and isinstance(ep.cache_stale_while_revalidate, float)
+    pol = {"name": "p", "mode": "policy", "target": "http://h/", "cache-stale-while-revalidate": 30}
+    assert problems({"endpoints": [pol]}) == [
+        "endpoints[0] (p).cache-stale-while-revalidate: not used by mode policy"]
+
+
 def test_cache_url_is_for_lookups_and_its_password_is_a_secret():
     pol = {"name": "p", "mode": "policy", "target": "http://h/", "cache-url": "redis://h"}
     assert any(p.startswith("endpoints[0] (p).cache-url:") for p in problems({"endpoints": [pol]}))
     ep = config.parse({"endpoints": [dict(SHARED, **{"cache-url": "redis://u:p%40ss@h/0"})]}).endpoints[0]
     assert {"p%40ss", "p@ss"} <= set(ep.secrets())
+    ep = config.parse({"endpoints": [dict(SHARED, **{"cache-url": "redis+sentinel://:s%40c@h:1,h:2/m"})]}).endpoints[0]
+    assert {"s%40c", "s@c"} <= set(ep.secrets())
+    ep = config.parse({"endpoints": [dict(SHARED, **{"cache-url": "redis://h", "cache-read-url": "redis://:r%40d@l/0"})]
+                       }).endpoints[0]
+    assert ep.cache_read_url == "redis://:r%40d@l/0" and {"r%40d", "r@d"} <= set(ep.secrets())
+    assert "r%40d" not in repr(ep)
 
 
 def test_control_socket_is_an_absolute_path():

@@ -73,7 +73,7 @@ def subscribers(redis):
 def until(predicate, what, timeout=10):
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, what
+        assert time.monotonic() < deadline, what() if callable(what) else what
         time.sleep(0.02)
 
 

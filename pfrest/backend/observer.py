@@ -19,7 +19,7 @@ class Observer:
     def shared(self, event: str):
         """``event``: "hit" (a local miss the shared store answered), "miss" (it had no fresh entry),
         "error" (a call to it that failed or timed out), "skip" (a local miss that did not ask it:
-        it was skipped after failing)."""
+        it was skipped after failing); per key read, "read-primary" or "read-replica" (cache-read-url)."""
 
     def stray(self, target: str):
         """``target`` sent an answer that was not its request's, and the connection was closed: one

@@ -36,6 +36,7 @@ _KEPT = frozenset((b"content-length", b"transfer-encoding", b"content-encoding",
                    b"location", b"x-request-id", b"content-type", b"www-authenticate"))
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)", re.I)
 _STALE_IF_ERROR = re.compile(r"(?:^|,)\s*stale-if-error\s*=\s*\"?(\d+)", re.I)
+_STALE_WHILE_REVALIDATE = re.compile(r"(?:^|,)\s*stale-while-revalidate\s*=\s*\"?(\d+)", re.I)
 _NO_STORE = re.compile(r"(?:^|,)\s*(?:no-store|no-cache|private)\b", re.I)
 
 
@@ -56,6 +57,12 @@ def stale_if_error(cache_control):
     """Seconds from Cache-Control stale-if-error (RFC 5861), None when absent.  no-store/no-cache
     forbid keeping the answer at all, and so this too (max_age says -1)."""
     return _seconds(_STALE_IF_ERROR, cache_control)
+
+
+def stale_while_revalidate(cache_control):
+    """Seconds from Cache-Control stale-while-revalidate (RFC 5861), None when absent (no-store and
+    no-cache forbid it as they forbid stale-if-error)."""
+    return _seconds(_STALE_WHILE_REVALIDATE, cache_control)
 
 
 def _seconds(directive, cache_control):
@@ -265,5 +272,6 @@ class ResponseReader:
             text = cache_control.decode("latin-1") if cache_control is not None else None
             self.result = HttpResult(self._status, body, location, max_age(text),
                                      stale_if_error=stale_if_error(text) if text else None, content_type=kind,
-                                     bearer_challenge=self._challenge)
+                                     bearer_challenge=self._challenge,
+                                     stale_while_revalidate=stale_while_revalidate(text) if text else None)
         self.done, self.keep_alive = True, keep_alive and not self._until_eof

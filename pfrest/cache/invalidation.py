@@ -11,7 +11,8 @@ connection and the next subscription, the local copies live ``cache-local-ttl`` 
 without any invalidation.  While the store is skipped (shared.py), the channel waits for it to answer
 again.  A subscription that fails twice in a row while the store is not skipped (the first failure
 may be the store's own outage, which the store logs) is logged once, then retried with a growing
-pause.
+pause.  With Sentinel, the subscription follows the primary: it starts again on the one each probe
+finds (shared.py), after a failover too.
 """
 
 import asyncio
@@ -37,7 +38,8 @@ async def listen(store):
         await store.until_up()
         if store.closed:
             break
-        client = redisclient.connect(store.url)
+        url = store.server_url   # the primary's, with Sentinel: the one the last probe found
+        client = redisclient.connect(url)
         try:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             await asyncio.wait_for(pubsub.subscribe(store.namespace), SUBSCRIBE_TIMEOUT)
@@ -47,7 +49,9 @@ async def listen(store):
             if failures >= FAILURES_TO_LOG:
                 log.info("endpoint=%s shared cache %s: invalidations heard again", store.name, store.where)
             pause, failures = RETRY_FIRST, 0
-            while store.up and not store.closed:
+            # until the store is skipped, or (Sentinel) a probe found another primary: subscribed there,
+            # this process hears what `pfrest cache` publishes on the new primary
+            while store.up and not store.closed and store.server_url == url:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL)
                 if message is not None and message.get("type") == "message":
                     _deliver(store, message["data"])

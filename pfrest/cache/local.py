@@ -11,6 +11,10 @@ most backend requests.  Rules:
   no-cache forbid it, as they forbid keeping the answer at all).  In that window it is no hit: the
   backend is asked, and only when it fails temporarily (any Failure, or a 5xx) is the entry the answer,
   marked ``stale``.  Any other answer replaces the entry, or removes it when it is not to be kept;
+- refresh ahead (RFC 5861 stale-while-revalidate): an entry is also kept ``cache-stale-while-revalidate``
+  seconds past its lifetime (the backend's ``Cache-Control: stale-while-revalidate=N`` overrides that per
+  answer); in that window it is answered at once, as a hit, and refreshed in the background
+  (refresh.py: bounded, one per key for the fleet with a shared store);
 - at most ``cache-max-entries`` entries, stale ones included, least recently used evicted first;
 - identical lookups in flight at the same time share one backend request: the first miss starts it as
   a task of its own and every caller awaits it shielded, so a caller that gives up (its Postfix client
@@ -31,8 +35,9 @@ callers that waited for it but stores it nowhere (``generation``), since it may 
 
 The observer hears, per lookup, "hit" (answered without a backend request of its own: a fresh entry,
 or another caller's request in flight) or "miss", then "stale" for each stale answer given,
-"eviction" for each entry dropped to stay within cache-max-entries and "drop" for each one dropped
-by an invalidation; with a shared store, per local miss, ``shared("hit")`` (a fresh entry there) or
+"eviction" for each entry dropped to stay within cache-max-entries, "drop" for each one dropped
+by an invalidation and "refresh-OUTCOME" for each refresh ahead (refresh.OUTCOMES); with a shared
+store, per local miss, ``shared("hit")`` (a fresh entry there, or one to revalidate) or
 ``shared("miss")``.
 """
 
@@ -41,6 +46,7 @@ import time
 from collections import OrderedDict
 
 from pfrest.backend.observer import NOBODY
+from pfrest.cache.refresh import LOCK_MS, Refresher
 from pfrest.protocol import verdict
 
 SERVER_ERRORS = range(500, 600)   # with any Failure: the backend failed temporarily
@@ -51,14 +57,17 @@ class CachingClient:
 
     def __init__(self, client, ttl: float, negative_ttl: float, max_entries: int, separator=",",
                  clock=time.monotonic, stale_if_error: float = 0.0, observer=NOBODY, shared=None,
-                 local_ttl: float = 0.0):
+                 local_ttl: float = 0.0, stale_while_revalidate: float = 0.0, refresh_lock_ms: int = LOCK_MS):
         self.client = client
         self.ttl, self.negative_ttl, self.max_entries = ttl, negative_ttl, max_entries
-        self.stale_if_error = stale_if_error
+        self.stale_if_error, self.stale_while_revalidate = stale_if_error, stale_while_revalidate
+        self.refresher = Refresher(self, refresh_lock_ms)   # refresh ahead (stale-while-revalidate)
         self.separator = separator
         self.clock = clock
         self.observer = observer
-        self._entries = OrderedDict()   # key -> (fresh until, usable stale until, result)
+        # key -> (fresh until, usable stale until, result, its lifetime's end, revalidated until or 0); the
+        # first is the lifetime's end too, but with a shared store (cache-local-ttl at most)
+        self._entries = OrderedDict()
         self._flights = {}              # key -> the task asking the backend
         self.shared = shared            # the shared store behind (shared.SharedStore), or None
         self.local_ttl = local_ttl      # with it: the most seconds an answer is kept here
@@ -73,6 +82,7 @@ class CachingClient:
         """The client's ``close``; with a shared store, the task closing its connections (to await
         at exit, so that they close before the event loop does)."""
         self.client.close()
+        self.refresher.close()
         return None if self.shared is None else self.shared.close()
 
     @property
@@ -100,11 +110,13 @@ class CachingClient:
         if entry is None:
             return None
         now = self.clock()
-        if entry[0] > now:
+        if entry[0] > now or entry[3] <= now < entry[4]:   # fresh, or past its life but to be revalidated
+            if entry[0] <= now:
+                self.refresher.start(key, params)   # in the background: this answer now
             self._entries.move_to_end(key)
             self.observer.cache("hit")
             return entry[2]
-        if entry[1] <= now:
+        if entry[1] <= now and entry[4] <= now:
             del self._entries[key]
         return None
 
@@ -120,12 +132,10 @@ class CachingClient:
         key, generation, found = tuple(params), self.generation, waiting.get_loop().create_future()
 
         def read(waiting):
-            entry, now = waiting.result(), shared.now_ms()
-            if entry is not None and entry.fresh_until > now:
+            entry = waiting.result()
+            if self._answers(key, params, entry, generation):
                 self.observer.cache("miss")     # a local miss, answered without a backend request
                 self.observer.shared("hit")
-                if generation == self.generation:
-                    self._keep(key, entry, now)
                 answer = (entry.result, None)
             else:
                 self.observer.shared("miss")
@@ -165,21 +175,31 @@ class CachingClient:
                 entry = None if stored is None else stored[1]
                 if waiting is not None:
                     entry = await waiting
-                    now = shared.now_ms()
-                    if entry is not None and entry.fresh_until > now:
+                    if self._answers(key, params, entry, generation):
                         self.observer.shared("hit")
-                        if generation == self.generation:
-                            self._keep(key, entry, now)
                         return entry.result
                     self.observer.shared("miss")
             result = await self.client.lookup(params, request_id)
-            if _failed(result):
+            if self.failed(result):
                 return self._stale(key) or self._stale_shared(entry) or result
             if generation == self.generation:
-                self._store(key, result, rkey)
+                self.store(key, result, rkey)
             return result
         finally:
             del self._flights[key]
+
+    def _answers(self, key, params, entry, generation) -> bool:
+        """Whether the shared store's ``entry`` is the answer: fresh, or past its lifetime but within its
+        revalidate window (then refreshed in the background); kept here too, unless an invalidation came
+        since ``generation``."""
+        now = self.shared.now_ms()
+        if entry is None or not (entry.fresh_until > now or entry.revalidate_until > now):
+            return False
+        if generation == self.generation:
+            self.keep_shared(key, entry, now)
+        if entry.fresh_until <= now:
+            self.refresher.start(key, params)
+        return True
 
     def _stale(self, key):
         """The entry for ``key`` marked stale, if it is still within its stale window; else None."""
@@ -198,40 +218,65 @@ class CachingClient:
         return entry.result._replace(stale=True)
 
     def _lifetimes(self, result):
-        """(fresh, stale) seconds to keep ``result``: (0, 0) for what is never kept."""
+        """(fresh, stale, revalidate) seconds to keep ``result``: all 0 for what is never kept."""
         if not isinstance(result, verdict.HttpResult) or result.max_age == -1:
-            return 0, 0
+            return 0, 0, 0
         kind = verdict.lookup(result, self.separator).kind
         ttl = self.ttl if kind == verdict.FOUND else self.negative_ttl if kind == verdict.NOTFOUND else 0
         if ttl <= 0:
-            return 0, 0
+            return 0, 0, 0
         if result.max_age is not None:
             ttl = min(ttl, result.max_age)
-        return ttl, self.stale_if_error if result.stale_if_error is None else result.stale_if_error
+        return (ttl, self.stale_if_error if result.stale_if_error is None else result.stale_if_error,
+                self.stale_while_revalidate if result.stale_while_revalidate is None
+                else result.stale_while_revalidate)
 
-    def _store(self, key, result, rkey=None):
+    def store(self, key, result, rkey=None):
         """Keep ``result`` for its lifetimes (here at most cache-local-ttl with a shared store, and there
         too, as ``rkey``), or forget what was kept for ``key``: the backend's last word is never to be
         contradicted by an older stale answer."""
-        ttl, stale = self._lifetimes(result)
+        ttl, stale, revalidate = self._lifetimes(result)
         if rkey is not None:
-            self.shared.put(rkey, result, ttl, stale)
-        if ttl <= 0 and stale <= 0:
+            self.shared.put(rkey, result, ttl, stale, revalidate)
+        if ttl <= 0:
             self._entries.pop(key, None)
             return
         now = self.clock()
         expires = now + ttl
         fresh_until = expires if rkey is None else now + min(ttl, self.local_ttl)
-        self._put(key, fresh_until, expires + stale, result._replace(cached=True))
+        self._put(key, fresh_until, expires + stale, result._replace(cached=True), expires,
+                  expires + revalidate if revalidate > 0 else 0)
 
-    def _keep(self, key, entry, now_ms):
-        """Keep an entry of the shared store here too, cache-local-ttl at most."""
-        now = self.clock()
-        fresh = min(self.local_ttl, (entry.fresh_until - now_ms) / 1000)
-        self._put(key, now + fresh, now + (entry.stale_until - now_ms) / 1000, entry.result)
+    def keep_shared(self, key, entry, now_ms=None):
+        """Keep an entry of the shared store here too, fresh cache-local-ttl at most."""
+        now, now_ms = self.clock(), self.shared.now_ms() if now_ms is None else now_ms
 
-    def _put(self, key, fresh_until, stale_until, result):
-        self._entries[key] = (fresh_until, stale_until, result)
+        def at(ms):
+            return now + (ms - now_ms) / 1000
+        self._put(key, min(now + self.local_ttl, at(entry.fresh_until)), at(entry.stale_until), entry.result,
+                  at(entry.fresh_until), at(entry.revalidate_until) if entry.revalidate_until else 0)
+
+    def hold(self, key, seconds):
+        """Answer ``key`` from here ``seconds`` more, within its revalidate window (refresh.py: another
+        process refreshes it)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries[key] = (max(entry[0], min(self.clock() + seconds, entry[4])), *entry[1:])
+
+    def refresh_failed(self, key):
+        """A refresh of ``key`` failed: its revalidate window ends where its stale-if-error window ends."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries[key] = (*entry[:4], min(entry[4], entry[1]))
+
+    @staticmethod
+    def failed(result) -> bool:
+        """The backend failed temporarily: the case for a stale answer."""
+        return not isinstance(result, verdict.HttpResult) or result.status in SERVER_ERRORS
+
+    def _put(self, key, fresh_until, stale_until, result, expires=None, revalidate_until=0):
+        self._entries[key] = (fresh_until, stale_until, result, fresh_until if expires is None else expires,
+                              revalidate_until)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -240,7 +285,3 @@ class CachingClient:
     def __len__(self):
         return len(self._entries)
 
-
-def _failed(result) -> bool:
-    """The backend failed temporarily: the case for a stale answer."""
-    return not isinstance(result, verdict.HttpResult) or result.status in SERVER_ERRORS

@@ -62,6 +62,8 @@ def describe(exc) -> str:
 def where(url: str) -> str:
     """The store a URL names, for messages: never its password."""
     parts = urlsplit(url)
+    if parts.scheme.endswith("+sentinel"):   # the sentinels and the service (config/sentinelurl.py)
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
     if parts.scheme == "unix":
         return f"unix:{parts.path}"
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname

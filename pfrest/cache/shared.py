@@ -23,7 +23,8 @@ It must never make pfrest less available than it is without it:
 Batching: a call through redis-py costs some 50 us of CPU, even pipelined (measured: 19 us for the
 same bytes over a bare asyncio stream), more than a whole lookup answered from the local cache.  So
 the GETs of one turn of the event loop go out as one MGET, and the writes of WRITE_DELAY as one script
-call (WRITE_SCRIPT).  The invalidation channel (invalidation.py) runs beside it, on its own connection.
+call (sharedformat.WRITE_SCRIPT).  Beside it: the invalidation channel (invalidation.py); with Sentinel,
+the primary the sentinels name (sentinel.py); with cache-read-url, a replica for the reads (replica.py).
 """
 
 import asyncio
@@ -32,10 +33,11 @@ import time
 
 from pfrest.backend.deadline import Deadlines, uncancel
 from pfrest.backend.observer import NOBODY
-from pfrest.cache import invalidation, redisclient, sharedformat
+from pfrest.cache import invalidation, redisclient, replica, sentinel, sharedformat
 from pfrest.cache.redispipe import Lost, Pipe
 from pfrest.cache.sharedformat import Mismatch
-from pfrest.cache.sharedhealth import StoreHealth
+from pfrest.cache.sharedhealth import BACKOFF_MAX, Failed, StoreHealth
+from pfrest.config import sentinelurl
 
 log = logging.getLogger("pfrest")
 
@@ -46,29 +48,7 @@ WRITE_DELAY = 0.002
 PROBE_KEY = "probe"    # NAMESPACE:probe, never a lookup's key (those are NAMESPACE:name=...)
 PROBE_TTL_MS = 1000
 PROBE_TIMEOUT = 2.0    # seconds a probe may take: connecting over TLS, on another host of the site
-RECANCEL = 0.02        # seconds between cancellations of the invalidation channel at the end
-# The writes of one turn in one command (a pipeline of SETs would cost redis-py some 20 us of CPU each,
-# on the loop): each key with its entry and milliseconds to live, 0 to delete it
-WRITE_SCRIPT = """
-for i, key in ipairs(KEYS) do
-  local milliseconds = tonumber(ARGV[2 * i])
-  if milliseconds > 0 then
-    redis.call('SET', key, ARGV[2 * i - 1], 'PX', milliseconds)
-  else
-    redis.call('DEL', key)
-  end
-end
-return #KEYS
-"""
-
-
-class Failed(Exception):
-    """A call to the store that gave no usable reply; the text says why, for the log.  ``at_once``: the
-    store refused (redisclient.REFUSALS) or the connection is gone, which skips it at once."""
-
-    def __init__(self, why, at_once=False):
-        super().__init__(why)
-        self.at_once = at_once
+RECANCEL = 0.02        # seconds between cancellations of the background tasks at the end
 
 
 class SharedStore:
@@ -78,6 +58,11 @@ class SharedStore:
     def __init__(self, endpoint, observer=NOBODY, clock=time.time):
         self.name, self.url = endpoint.name, endpoint.cache_url
         self.where = redisclient.where(endpoint.cache_url)
+        # with Sentinel, the server is the primary the sentinels name, asked again by each probe
+        self.locator = sentinel.Locator(self.url, self.name, self.where) if sentinelurl.is_sentinel(self.url) \
+            else None
+        self.server_url = None if self.locator else self.url   # where the connections go (a secret)
+        self.replica = endpoint.cache_read_url and replica.ReadReplica(self.name, endpoint.cache_read_url, observer)
         try:
             self.namespace = sharedformat.namespace(endpoint)
         except OSError as exc:   # the client-cert (TLS to the backend fails too, unless it is a link)
@@ -87,11 +72,12 @@ class SharedStore:
         self.timeout_ms = endpoint.cache_timeout
         self.observer = observer
         self.clock = clock                  # wall clock: entries carry instants every host reads alike
-        self.health = StoreHealth(self.name, self.where)   # used or skipped, and when to probe again
+        # used or skipped, and when to probe again: with Sentinel, soon (a new primary may be named)
+        self.health = StoreHealth(self.name, self.where, sentinel.BACKOFF_MAX if self.locator else BACKOFF_MAX)
         self.ready = False                  # a probe has succeeded since the start
         self.on_invalidation = None         # f(params list, or None for all): the local cache's
         self.closed = False
-        self._loop = self._pipe = self._deadlines = self._listener = self._up = None
+        self._loop = self._pipe = self._deadlines = self._background = self._up = None
         # reads waiting for the end of this turn, writes for WRITE_DELAY: at most one per lookup in flight
         # (bounded by every endpoint's max-connections), sent MAX_BATCH a call
         self._gets, self._puts = [], []
@@ -146,24 +132,23 @@ class SharedStore:
                 self._spawn(self._probe())
             self.observer.shared("skip")
             return None
+        if self.replica is not None and self.replica.due(loop.time()):
+            self._spawn(self.replica.probe())
         future = loop.create_future()
         self._gets.append((rkey, future))
         self._schedule_reads()
         return future
 
-    def put(self, rkey: bytes, result, fresh: float, stale: float):
-        """Keep ``result`` for ``fresh`` seconds and ``stale`` more (as a stale answer); with both 0,
-        remove what is kept for ``rkey`` (the backend's last word is not to be contradicted)."""
+    def put(self, rkey: bytes, result, fresh: float, stale: float, revalidate: float = 0.0):
+        """Keep ``result`` for ``fresh`` seconds, ``stale`` more as a stale answer, ``revalidate`` more
+        answered at once while refreshed; with all 0, remove what is kept for ``rkey`` (the backend's
+        last word is not to be contradicted)."""
         if self.closed or self._loop is None or not (self.up or self.starting):
             return
-        if fresh <= 0 and stale <= 0:
+        if fresh <= 0 and stale <= 0 and revalidate <= 0:
             self._puts.append((rkey, None, 0))
         else:
-            now = int(self.clock() * 1000)
-            fresh_until = now + int(fresh * 1000)
-            stale_until = fresh_until + int(stale * 1000)
-            self._puts.append((rkey, sharedformat.encode(rkey, result, fresh_until, stale_until),
-                               max(stale_until - now, 1)))
+            self._puts.append((rkey, *sharedformat.entry(rkey, result, self.now_ms(), fresh, stale, revalidate)))
         self._schedule_writes()
 
     def now_ms(self) -> int:
@@ -189,13 +174,20 @@ class SharedStore:
             await asyncio.wait(self._writes)
         # cancelled again every RECANCEL seconds: a library may swallow a cancellation (async-timeout
         # 4.0.2, under redis-py 4.3's reads, does when its own timer fires in the same turn; a handle
-        # then hung at its exit).  It also ends at its next look at ``closed`` (invalidation.POLL).
+        # then hung at its exit).  They also end at their next look at ``closed`` (invalidation.POLL,
+        # sentinel.RECHECK).
         deadline = self._loop.time() + redisclient.CLOSE_TIMEOUT
-        while not self._listener.done() and self._loop.time() < deadline:
-            self._listener.cancel()
-            await asyncio.wait([self._listener], timeout=RECANCEL)
+        while not self._background.done() and self._loop.time() < deadline:
+            self._background.cancel()
+            await asyncio.wait([self._background], timeout=RECANCEL)
         if self._pipe is not None:
             await redisclient.quietly(self._pipe.close())
+        if self.replica is not None:
+            await self.replica.close()
+
+    def reprobe(self):
+        """Probe now (sentinel.watch: another primary); lookups use the old one until it succeeds."""
+        return None if self.closed or self._loop is None else self._spawn(self._probe())
 
     # --- for the invalidation channel ---------------------------------------------------------------
 
@@ -222,11 +214,18 @@ class SharedStore:
         self._gets, self._puts, self._reads_scheduled, self._write_timer = [], [], False, None
         self.ready = False
         self._up = asyncio.Event()      # set while up
-        if self._listener is not None:
-            self._listener.cancel()
+        if self._background is not None:
+            self._background.cancel()
         if not self.closed:
-            self._listener = loop.create_task(invalidation.listen(self))
+            # the invalidation channel and, with Sentinel, a watch on the primary they name
+            self._background = asyncio.gather(invalidation.listen(self),
+                                              *([sentinel.watch(self)] if self.locator else []),
+                                              *([replica.watch(self)] if self.replica else []))
+            # (a gathering future logs its children's cancellation at close as an exception not retrieved)
+            self._background.add_done_callback(lambda future: future.cancelled() or future.exception())
             self._spawn(self._probe())
+            if self.replica is not None:
+                self.replica.bind(self._spawn)
 
     def _schedule_reads(self):
         if not self._reads_scheduled:
@@ -271,21 +270,25 @@ class SharedStore:
         return task
 
     async def _read(self, batch):
+        """One MGET: on the read replica while it is used (its failures are its own), else the primary."""
         keys = [rkey for rkey, _ in batch]
         entries = [None] * len(batch)
-        pipe = self._pipe
+        replica = self.replica if self.replica is not None and self.replica.up else None
+        pipe, failed = (self._pipe, self._failed) if replica is None else (replica.pipe, replica.failed)
         try:
-            values = await self._call("MGET", *keys)
+            values = await self.call("MGET", *keys, pipe=pipe)
             if not isinstance(values, list) or len(values) != len(keys):
                 raise Mismatch(f"a reply of {type(values).__name__} to an MGET of {len(keys)} keys")
             entries = [sharedformat.decode(rkey, value) for rkey, value in zip(keys, values)]
         except Failed as exc:
-            self._failed(str(exc), exc.at_once)
+            failed(str(exc), exc.at_once)
         except Mismatch as exc:
-            self._drop(pipe)
-            self._failed(f"a reply that is not for the request: {exc}", at_once=True)
+            self._drop(pipe) if replica is None else replica.drop()
+            failed(f"a reply that is not for the request: {exc}", at_once=True)
         else:
-            self._succeeded()
+            (self.health if replica is None else replica.health).call_succeeded()
+            for _ in keys:   # metrics: reads by store
+                self.observer.shared("read-primary" if replica is None else "read-replica")
         finally:   # every lookup gets its answer, whatever happened (a cancellation at exit included)
             for (_, future), entry in zip(batch, entries):
                 if not future.done():
@@ -297,7 +300,7 @@ class SharedStore:
             keys.append(rkey)
             args += [value or b"", milliseconds]
         try:
-            await self._call("EVAL", WRITE_SCRIPT, len(keys), *keys, *args)
+            await self.call("EVAL", sharedformat.WRITE_SCRIPT, len(keys), *keys, *args)
         except Failed as exc:
             self._failed(str(exc), exc.at_once)
         else:
@@ -306,19 +309,23 @@ class SharedStore:
     async def _probe(self):
         """A new connection (the one of before an outage may be to a server that is gone), and a write;
         then the lookups use it."""
-        pipe = None
+        pipe, url = None, self.url
         try:
-            pipe = await asyncio.wait_for(Pipe.open(self.url, self._lost), PROBE_TIMEOUT)
+            if self.locator is not None:
+                url = await asyncio.wait_for(self.locator.primary(), PROBE_TIMEOUT)
+            pipe = await asyncio.wait_for(Pipe.open(url, self._lost), PROBE_TIMEOUT)
             await asyncio.wait_for(pipe.call("SET", f"{self.namespace}:{PROBE_KEY}", b"1", "PX", PROBE_TTL_MS),
                                    PROBE_TIMEOUT)
-        except asyncio.TimeoutError:
-            self._failed(f"no reply to a probe within {PROBE_TIMEOUT:g} s", probe=True)
-        except (*redisclient.ERRORS, Lost) as exc:
-            self._failed(redisclient.describe(exc), probe=True)
+        except (asyncio.TimeoutError, *redisclient.ERRORS, Lost) as exc:
+            why = f"no reply to a probe within {PROBE_TIMEOUT:g} s" if isinstance(exc, asyncio.TimeoutError) \
+                else redisclient.describe(exc)
+            self._failed(why if self.locator is None else self.locator.primary_failed(why), probe=True)
+        except sentinel.NoPrimary as exc:
+            self._failed(str(exc), probe=True)
         else:
             if not self.closed:
-                self._drop(self._pipe)
-                self._pipe, pipe = pipe, None
+                self._drop(self._pipe, self.timeout_ms / 1000)   # a primary's before a failover, say
+                self._pipe, pipe, self.server_url = pipe, None, url
                 self._succeeded(probe=True)
         finally:
             if not self.closed:   # what waited for the first probe: sent, or given up
@@ -329,10 +336,10 @@ class SharedStore:
             if pipe is not None:
                 await redisclient.quietly(pipe.close())
 
-    async def _call(self, *args):
-        """The reply to a command on the connection, within cache-timeout; Failed when none comes in
-        time, or it is an error."""
-        pipe = self._pipe
+    async def call(self, *args, pipe=None):
+        """The reply to a command on the connection (the primary's, unless ``pipe`` is given), within
+        cache-timeout; Failed when none comes in time, or it is an error.  refresh.py's lock too."""
+        pipe = pipe or self._pipe
         if pipe is None:   # dropped in this turn of the loop; a probe makes a new one
             raise Failed("no connection", at_once=True)
         deadline = self._deadlines.start(self._loop, asyncio.current_task())
@@ -356,11 +363,12 @@ class SharedStore:
         if pipe is self._pipe:
             self._failed(f"connection lost: {why}", at_once=True)
 
-    def _drop(self, pipe):
+    def _drop(self, pipe, grace=0.0):
+        """Close ``pipe``, at once or after ``grace`` seconds (a pipe replaced: its calls end first)."""
         if pipe is not None:
             if pipe is self._pipe:
                 self._pipe = None
-            self._spawn(redisclient.quietly(pipe.close()))
+            self._loop.call_later(grace, lambda: self._spawn(redisclient.quietly(pipe.close())))
 
     # --- health -------------------------------------------------------------------------------------
 

@@ -15,12 +15,15 @@ query string as the backend gets it (``pfrest:domains:5f0c...:key=example.com``,
 ``...:name=aliases&key=a%40b.example``), readable with redis-cli.  Invalidations go out on a channel
 named after the namespace.
 
-Entries.  ``pfrest/1 KEY\\nSTATUS FRESH-UNTIL STALE-UNTIL\\nBODY``: the answer (HTTP status and body),
-until when it is fresh and until when it may serve as a stale answer (RFC 5861 stale-if-error), in
+Entries.  ``pfrest/1 KEY\\nSTATUS FRESH-UNTIL STALE-UNTIL[ REVALIDATE-UNTIL]\\nBODY``: the answer (HTTP
+status and body), until when it is fresh, until when it may serve as a stale answer (RFC 5861
+stale-if-error) and, with stale-while-revalidate, until when it is answered at once while refreshed, in
 milliseconds since the epoch: every host reads the same instants whatever its uptime (NTP keeps their
-clocks within far less than any cache-ttl).  Redis drops the entry at STALE-UNTIL itself (SET PX).
-The entry names its own key, so that a reply that is not for the request that got it (a connection out
-of step after a cancelled call, as in redis-py before 4.5.4) can never become an answer.
+clocks within far less than any cache-ttl).  Redis drops the entry at the later of STALE-UNTIL and
+REVALIDATE-UNTIL itself (SET PX); REVALIDATE-UNTIL is written only when there is one, so that entries
+without it read as before.  The entry names its own key, so that a reply that is not for the request
+that got it (a connection out of step after a cancelled call, as in redis-py before 4.5.4) can never
+become an answer.
 
 Invalidations.  ``drop\\nQUERY\\nQUERY...`` (those lookups) or ``flush`` (all of the namespace): on the
 channel, and in a ``pfrest cache`` request to a serve's control socket (controlsocket.py) alike.
@@ -43,6 +46,19 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 MAX_CERT_FILE = 1 << 20   # bytes of client-cert read for the namespace (a certificate chain is far less)
 _CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----[^-]*-----END CERTIFICATE-----")
 DROP, FLUSH = b"drop", b"flush"
+# The shared store's writes of one turn in one command (a pipeline of SETs would cost redis-py some
+# 20 us of CPU each, on the loop): each key with its entry and milliseconds to live, 0 to delete it
+WRITE_SCRIPT = """
+for i, key in ipairs(KEYS) do
+  local milliseconds = tonumber(ARGV[2 * i])
+  if milliseconds > 0 then
+    redis.call('SET', key, ARGV[2 * i - 1], 'PX', milliseconds)
+  else
+    redis.call('DEL', key)
+  end
+end
+return #KEYS
+"""
 
 
 class Mismatch(Exception):
@@ -52,7 +68,8 @@ class Mismatch(Exception):
 class Entry(NamedTuple):
     result: HttpResult    # marked cached
     fresh_until: int      # ms since the epoch
-    stale_until: int      # ms since the epoch; Redis drops the entry then
+    stale_until: int      # ms since the epoch: a stale answer while the backend fails until then
+    revalidate_until: int = 0   # ms since the epoch: answered at once and refreshed until then (0: never)
 
 
 def namespace(endpoint) -> str:
@@ -112,8 +129,26 @@ def params_of(text: str):
     return tuple(pairs)
 
 
-def encode(rkey: bytes, result: HttpResult, fresh_until: int, stale_until: int) -> bytes:
-    return b"%s %s\n%d %d %d\n%s" % (VERSION, rkey, result.status, fresh_until, stale_until, result.body)
+def encode(rkey: bytes, result: HttpResult, fresh_until: int, stale_until: int, revalidate_until: int = 0
+           ) -> bytes:
+    revalidate = b" %d" % revalidate_until if revalidate_until > fresh_until else b""
+    return b"%s %s\n%d %d %d%s\n%s" % (VERSION, rkey, result.status, fresh_until, stale_until, revalidate,
+                                       result.body)
+
+
+def entry(rkey: bytes, result: HttpResult, now: int, fresh: float, stale: float, revalidate: float = 0.0):
+    """(the value, its milliseconds to live) of an entry kept ``fresh`` seconds from ``now`` (ms), a
+    stale answer ``stale`` more, answered at once while refreshed ``revalidate`` more."""
+    fresh_until = now + int(fresh * 1000)
+    stale_until, revalidate_until = fresh_until + int(stale * 1000), fresh_until + int(revalidate * 1000)
+    return (encode(rkey, result, fresh_until, stale_until, revalidate_until),
+            max(max(stale_until, revalidate_until) - now, 1))
+
+
+def lock_key(space: str, rkey: bytes) -> bytes:
+    """The key of the lock of one refresh of ``rkey`` (refresh.py): ``NAMESPACE:lock:QUERY``, never a
+    lookup's key (those are ``NAMESPACE:name=...``)."""
+    return b"%s:lock:%s" % (space.encode("ascii"), rkey[len(space) + 1:])
 
 
 def decode(rkey: bytes, value) -> Optional[Entry]:
@@ -131,10 +166,12 @@ def decode(rkey: bytes, value) -> Optional[Entry]:
         raise Mismatch("the entry of another key")
     times, _, body = rest.partition(b"\n")
     try:
-        status, fresh_until, stale_until = map(int, times.split(b" "))
+        status, fresh_until, stale_until, *revalidate = map(int, times.split(b" "))
     except ValueError:
         return None
-    return Entry(HttpResult(status, body, cached=True), fresh_until, stale_until)
+    if len(revalidate) > 1:
+        return None
+    return Entry(HttpResult(status, body, cached=True), fresh_until, stale_until, *revalidate)
 
 
 def drop_message(queries) -> bytes:

@@ -22,15 +22,24 @@ BACKOFF_FIRST = 1.0    # seconds the store is skipped, then probed
 BACKOFF_MAX = 10.0     # the wait doubles while probes fail, up to this
 
 
+class Failed(Exception):
+    """A call to the store that gave no usable reply; the text says why, for the log.  ``at_once``: the
+    store refused (redisclient.REFUSALS) or the connection is gone, which skips it at once."""
+
+    def __init__(self, why, at_once=False):
+        super().__init__(why)
+        self.at_once = at_once
+
+
 class StoreHealth(Backoff):
     """The health of one endpoint's shared store in one process: up, or skipped (down) until
     ``down_until`` (Backoff), with the failed calls in a row that lead there."""
 
-    __slots__ = ("name", "where", "failures", "failing_since", "outage")
+    __slots__ = ("name", "where", "instead", "failures", "failing_since", "outage")
 
-    def __init__(self, name, where):
-        super().__init__(BACKOFF_FIRST, BACKOFF_MAX)
-        self.name, self.where = name, where   # for the log lines
+    def __init__(self, name, where, backoff_max=BACKOFF_MAX, instead="lookups go to the backend"):
+        super().__init__(BACKOFF_FIRST, backoff_max)
+        self.name, self.where, self.instead = name, where, instead   # for the log lines
         self.failures = 0                   # failed calls in a row
         self.failing_since = 0.0            # loop time of the first of them
         self.outage = False                 # a skip has been logged, and not its end yet
@@ -58,7 +67,6 @@ class StoreHealth(Backoff):
         self.failed(now)
         if not self.outage:
             self.outage = True
-            log.warning("endpoint=%s shared cache %s skipped: %s; lookups go to the backend meanwhile "
-                        "(tried again in %g s, then less often while it fails)", self.name, self.where,
-                        why, self.backoff)
+            log.warning("endpoint=%s shared cache %s skipped: %s; %s meanwhile (tried again in %g s, then "
+                        "less often while it fails)", self.name, self.where, why, self.instead, self.backoff)
         return True

@@ -25,7 +25,7 @@ from pfrest.backend.request import query
 from pfrest.cache import sharedformat
 from pfrest.commands import localhttp
 from pfrest.commands.query import build_request
-from pfrest.config import POLICY, SASL, SOCKETMAP
+from pfrest.config import POLICY, SASL, SOCKETMAP, sentinelurl
 from pfrest.ops import controlsocket
 from pfrest.protocol.answers import mode_for
 from pfrest.system import eventloop
@@ -75,7 +75,7 @@ def _usage(text) -> int:
 
 
 def _shared(endpoint, queries, out) -> int:
-    from pfrest.cache import redisclient   # redis-py: only for a shared cache
+    from pfrest.cache import redisclient, sentinel   # redis-py: only for a shared cache
     where = redisclient.where(endpoint.cache_url)
     try:
         space = sharedformat.namespace(endpoint)
@@ -87,7 +87,7 @@ def _shared(endpoint, queries, out) -> int:
     try:
         removed, heard = eventloop.run(asyncio.wait_for(_invalidate(endpoint, space, queries), TIMEOUT),
                                        fast=False)
-    except (*redisclient.ERRORS, asyncio.TimeoutError) as exc:
+    except (*redisclient.ERRORS, asyncio.TimeoutError, sentinel.NoPrimary) as exc:
         # it may have failed after removing the entries, before telling the processes (PUBLISH)
         print(f"pfrest cache: the shared cache {where} of endpoint {endpoint.name} {_failure(exc)}; the answers "
               "may still be kept, in the store or by the pfrest processes using it: run it again once the "
@@ -105,6 +105,8 @@ def _failure(exc) -> str:
     from pfrest.cache import redisclient
     if isinstance(exc, asyncio.TimeoutError):
         return f"did not answer within {TIMEOUT:g} s"
+    if not isinstance(exc, redisclient.ERRORS):   # sentinel.NoPrimary: what each sentinel said
+        return f"has no primary now: {exc}"
     under = exc if isinstance(exc, OSError) else (exc.__cause__ or exc.__context__)
     if isinstance(under, OSError) and under.errno:
         return (f"cannot be reached: {os.strerror(under.errno).lower()} (is the store running there, and "
@@ -114,8 +116,11 @@ def _failure(exc) -> str:
 
 async def _invalidate(endpoint, space, queries):
     """(entries removed from the store of namespace ``space``, processes that heard the invalidation)."""
-    from pfrest.cache import redisclient
-    client = redisclient.connect(endpoint.cache_url)
+    from pfrest.cache import redisclient, sentinel
+    url = endpoint.cache_url
+    if sentinelurl.is_sentinel(url):   # the primary: where every process of the fleet is subscribed
+        url = await sentinel.Locator(url).primary()
+    client = redisclient.connect(url)
     try:
         if queries is None:
             removed, found = 0, []

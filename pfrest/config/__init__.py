@@ -40,7 +40,7 @@ def _convert(key, value):
     if key == "allow-from":
         return tuple(str(ipaddress.ip_network(n, strict=False)) for n in value)
     if key in ("idle-timeout", "partial-request-timeout", "cache-ttl", "cache-negative-ttl",
-               "cache-stale-if-error", "cache-local-ttl"):
+               "cache-stale-if-error", "cache-stale-while-revalidate", "cache-local-ttl"):
         return float(value)
     if key == "headers":
         return tuple(value.items())
@@ -125,7 +125,7 @@ def _endpoint(raw, where, problems):
     if ("client-cert" in raw or "client-key" in raw) and not any(
             str(t).startswith("https:") for t in values.get("targets", ())):
         problems.append(f"{where}.client-cert: only an https target can use a client certificate")
-    for key in ("cache-local-ttl", "cache-timeout"):
+    for key in ("cache-local-ttl", "cache-timeout", "cache-read-url"):
         if key in raw and "cache-url" not in raw:
             problems.append(f"{where}.{key}: needs cache-url (it is about the shared cache)")
     if mode == SASL:

@@ -90,11 +90,12 @@ def warnings(cfg: config.Config) -> List[str]:
         if problem:
             found.append(f"{config.where(i, ep.name)}.oauth2.client-secret-file: {problem}; no token can be "
                          "fetched, Postfix gets temporary answers")
-        for name, path in parse_qsl(urlsplit(ep.cache_url or "").query):
-            problem = name in config.CACHE_URL_FILES and _unreadable(path, user)
-            if problem:
-                found.append(f"{config.where(i, ep.name)}.cache-url: {name}: {problem}; the shared cache will be "
-                             "skipped (lookups go to the backend)")
+        for key, url in (("cache-url", ep.cache_url), ("cache-read-url", ep.cache_read_url)):
+            for name, path in parse_qsl(urlsplit(url or "").query):
+                problem = name in config.CACHE_URL_FILES and _unreadable(path, user)
+                if problem:
+                    found.append(f"{config.where(i, ep.name)}.{key}: {name}: {problem}; the shared cache will be "
+                                 "skipped (lookups go to the backend)")
         if ep.mode == config.SASL:
             found += [f"{config.where(i, ep.name)}.{tail}" for tail in _login_warnings(ep)]
     return found

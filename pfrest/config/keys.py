@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, urlsplit
 from pfrest.protocol import actions
 from pfrest.protocol.dovecotauth import MECHANISMS
 from pfrest.protocol.modes import LOOKUPS, MODES, POLICY, SASL
+from pfrest.config import sentinelurl
 from pfrest.config.schema import AUTH_METHODS, CACHE_SCHEMES, CACHE_URL_FILES, LOG_REQUESTS, RESERVED_HEADERS, _NAME_RE
 
 
@@ -154,10 +155,17 @@ def _address(v):
 def _cache_url(v):
     """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` the same over TLS, or
     ``unix://[[user]:password@]/path/to.sock[?db=N]``; the query may name the database (``db``) and, for
-    rediss://, the TLS files (CACHE_URL_FILES, absolute paths)."""
-    usage = "must be a redis://, rediss:// or unix:// URL"
+    rediss://, the TLS files (CACHE_URL_FILES, absolute paths); or the sentinels of a service
+    (sentinelurl.py: ``redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]``)."""
+    usage = "must be a redis://, rediss://, unix:// or redis+sentinel:// URL"
     if not isinstance(v, str) or _text(v) or " " in v:
         return usage
+    if sentinelurl.is_sentinel(v):
+        try:
+            sentinelurl.parse(v)
+        except ValueError as exc:
+            return str(exc)
+        return None
     try:
         parts = urlsplit(v)
         parts.port  # noqa: B018 - raises ValueError on a bad port
@@ -336,10 +344,12 @@ ENDPOINT_KEYS = {
     "client-cert": ("client_cert", _abspath, None),
     "client-key": ("client_key", _abspath, None),
     "cache-stale-if-error": ("cache_stale_if_error", _seconds, _LOOKUPS),
+    "cache-stale-while-revalidate": ("cache_stale_while_revalidate", _seconds, _LOOKUPS),
     "log-requests": ("log_requests", _log_requests, None),
     "cache-url": ("cache_url", _cache_url, _LOOKUPS),
     "cache-local-ttl": ("cache_local_ttl", _seconds, _LOOKUPS),
     "cache-timeout": ("cache_timeout", _cache_timeout_ms, _LOOKUPS),
+    "cache-read-url": ("cache_read_url", _cache_url, _LOOKUPS),
     "require-request-id": ("require_request_id", _boolean, None),
     "mechanisms": ("mechanisms", _mechanisms, (SASL,)),
     "oauth2": ("oauth2", _oauth2, None),

@@ -119,11 +119,13 @@ class Endpoint:
     client_cert: Optional[str] = None
     client_key: Optional[str] = None
     cache_stale_if_error: float = 0.0
+    cache_stale_while_revalidate: float = 0.0
     log_requests: Optional[str] = None  # None: the top-level log-requests
     cache_url: Optional[str] = field(default=None, repr=False)   # may hold a password
     cache_local_ttl: float = DEFAULT_CACHE_LOCAL_TTL
     cache_timeout: int = DEFAULT_CACHE_TIMEOUT_MS
     require_request_id: bool = False
+    cache_read_url: Optional[str] = field(default=None, repr=False)   # a replica for reads; a password too
     mechanisms: Tuple[str, ...] = MECHANISMS
     oauth2: Optional[OAuth2] = field(default=None, repr=False)
 
@@ -140,7 +142,7 @@ class Endpoint:
             found.append(self.oauth2.client_secret)
         if self.basic_auth:
             found.append(self.basic_auth.split(":", 1)[1])
-        for url in (self.proxy, self.cache_url):
+        for url in (self.proxy, self.cache_url, self.cache_read_url):
             password = url and urlsplit(url).password
             if password:
                 found += [password, unquote(password)]   # as written, and as the library sends it

@@ -89,9 +89,9 @@ class Stats:
         self.exchanges = Counter()       # (target URL, outcome) -> HTTP exchanges
         self.exchange_latency = [0] * len(BUCKETS_S)
         self.exchange_seconds = 0.0
-        self.cache_events = Counter()    # hit, miss, stale, eviction -> count
+        self.cache_events = Counter()    # hit, miss, stale, eviction, drop, refresh-OUTCOME -> count
         self.cache_entries = 0           # a gauge: entries now (Services.measure sets it)
-        self.shared_events = Counter()   # the shared cache's: hit, miss, error, skip -> count
+        self.shared_events = Counter()   # the shared cache's: hit, miss, error, skip, read-STORE -> count
         self.shared_up = None            # a gauge: the shared cache used now (None: there is none)
         self.strays = 0                  # backend answers refused as not their request's
         self.last_ok = 0.0               # time.monotonic() of the last fresh HTTP answer (0: none yet)

@@ -31,6 +31,11 @@ CACHE_EVENTS = {"hit": ("pfrest_cache_hits", "lookups answered from the answer c
                 "stale": ("pfrest_cache_stale_answers", "expired answers served because the backend failed"),
                 "eviction": ("pfrest_cache_evictions", "cache entries dropped to stay within cache-max-entries"),
                 "drop": ("pfrest_cache_drops", "cache entries dropped by pfrest cache drop or flush")}
+# refreshes ahead by outcome: events "refresh-OUTCOME" (cache/refresh.py's OUTCOMES, said again here:
+# ops never imports the cache, which would bring the HTTP side into pfrest stats)
+REFRESH_OUTCOMES = ("refreshed", "failed", "elsewhere", "busy")
+# the shared cache's reads, by store: events "read-primary", "read-replica" (cache-read-url)
+READ_STORES = ("primary", "replica")
 # the shared cache's events (cache-url) -> (metric, what it counts)
 SHARED_EVENTS = {"hit": ("pfrest_shared_cache_hits", "local cache misses the shared cache answered"),
                  "miss": ("pfrest_shared_cache_misses", "local cache misses the shared cache had no fresh "
@@ -105,6 +110,11 @@ def families(figures: Figures):
                                 labels=["endpoint"])
     shared = {event: CounterMetricFamily(name, text, labels=["endpoint"])
               for event, (name, text) in SHARED_EVENTS.items()}
+    refreshes = CounterMetricFamily("pfrest_cache_refreshes", "refreshes ahead (stale-while-revalidate), by "
+                                    "outcome: refreshed, failed, elsewhere (another process did), busy (not "
+                                    "started: the most were in flight)", labels=["endpoint", "outcome"])
+    reads = CounterMetricFamily("pfrest_shared_cache_reads", "keys read from the shared cache, by store: "
+                                "primary (cache-url) or replica (cache-read-url)", labels=["endpoint", "store"])
     shared_up = GaugeMetricFamily("pfrest_shared_cache_up", "1 while every process uses the shared cache, 0 "
                                   "while one skips it after it failed", labels=["endpoint"])
     open_now = GaugeMetricFamily("pfrest_open_connections", "Postfix connections open now",
@@ -137,9 +147,13 @@ def families(figures: Figures):
             for event, family in cache.items():
                 family.add_metric([name], stats.cache_events.get(event, 0))
             entries.add_metric([name], stats.cache_entries)
+            for outcome in REFRESH_OUTCOMES:
+                refreshes.add_metric([name, outcome], stats.cache_events.get(f"refresh-{outcome}", 0))
         if stats.shared_events or stats.shared_up is not None:
             for event, family in shared.items():
                 family.add_metric([name], stats.shared_events.get(event, 0))
+            for store in READ_STORES:
+                reads.add_metric([name, store], stats.shared_events.get(f"read-{store}", 0))
             if stats.shared_up is not None:
                 shared_up.add_metric([name], int(stats.shared_up))
         accepted.add_metric([name], stats.accepted)
@@ -148,7 +162,7 @@ def families(figures: Figures):
     for name, count in sorted(figures.connections.items()):
         open_now.add_metric([name], count)
     found = [build, info, requests, latency, exchanges, exchange_latency, errors, strays, *cache.values(),
-             entries, *shared.values(), shared_up, open_now, accepted, refused, reloads]
+             entries, refreshes, *shared.values(), reads, shared_up, open_now, accepted, refused, reloads]
     if figures.workers is not None:
         workers = GaugeMetricFamily("pfrest_worker_open_connections", "Postfix connections open per worker "
                                     "process (serve --workers)", labels=["worker"])
@@ -203,6 +217,10 @@ def read(text: str) -> Figures:
                 of(labels).cache_entries = count
             elif name in shared_events:
                 of(labels).shared_events[shared_events[name]] += count
+            elif name == "pfrest_cache_refreshes_total":
+                of(labels).cache_events[f"refresh-{labels['outcome']}"] += count
+            elif name == "pfrest_shared_cache_reads_total":
+                of(labels).shared_events[f"read-{labels['store']}"] += count
             elif name == "pfrest_shared_cache_up":
                 of(labels).shared_up = bool(value)
             elif name == "pfrest_open_connections":

@@ -39,6 +39,7 @@ class HttpResult(NamedTuple):
     stale: bool = False                  # a cached answer past its lifetime, served as the backend failed
     content_type: Optional[bytes] = None  # the Content-Type header, only to tell a malformed answer
     bearer_challenge: bool = False       # a WWW-Authenticate naming Bearer came with it (RFC 6750 3)
+    stale_while_revalidate: Optional[int] = None   # Cache-Control stale-while-revalidate (RFC 5861), or None
 
 
 class Failure(NamedTuple):
