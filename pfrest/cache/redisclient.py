@@ -21,6 +21,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
+from pfrest.config import sentinelurl
+
 CLIENT_NAME = "pfrest"
 CLOSE_TIMEOUT = 1.0              # seconds to close a connection that is no longer used
 ERRORS = (RedisError, OSError)   # what a call may raise, besides a cancellation
@@ -61,9 +63,10 @@ def describe(exc) -> str:
 
 def where(url: str) -> str:
     """The store a URL names, for messages: never its password."""
-    parts = urlsplit(url)
-    if parts.scheme.endswith("+sentinel"):   # the sentinels and the service (config/sentinelurl.py)
+    if sentinelurl.is_sentinel(url):   # the sentinels and the service, split as urlsplit may not
+        parts = sentinelurl.split(url)
         return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    parts = urlsplit(url)
     if parts.scheme == "unix":
         return f"unix:{parts.path}"
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname

@@ -91,7 +91,8 @@ def warnings(cfg: config.Config) -> List[str]:
             found.append(f"{config.where(i, ep.name)}.oauth2.client-secret-file: {problem}; no token can be "
                          "fetched, Postfix gets temporary answers")
         for key, url in (("cache-url", ep.cache_url), ("cache-read-url", ep.cache_read_url)):
-            for name, path in parse_qsl(urlsplit(url or "").query):
+            # the query by hand: urlsplit may refuse a Sentinel URL's list of hosts (sentinelurl.split)
+            for name, path in parse_qsl((url or "").partition("?")[2].partition("#")[0]):
                 problem = name in config.CACHE_URL_FILES and _unreadable(path, user)
                 if problem:
                     found.append(f"{config.where(i, ep.name)}.{key}: {name}: {problem}; the shared cache will be "

@@ -80,6 +80,15 @@ class Tracing(NamedTuple):
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+def _password(url: str):
+    """The password in a URL as written, or None.  A Sentinel cache-url's netloc is a list of hosts,
+    which urlsplit may refuse (sentinelurl.split): its user information is taken by hand."""
+    if "+sentinel://" in url:
+        userinfo = url.partition("://")[2].partition("/")[0].partition("?")[0].rpartition("@")[0]
+        return userinfo.partition(":")[2] or None
+    return urlsplit(url).password
+
+
 class ConfigError(Exception):
     """One or more problems in a configuration; ``problems`` holds ``path: message`` strings."""
 
@@ -143,7 +152,7 @@ class Endpoint:
         if self.basic_auth:
             found.append(self.basic_auth.split(":", 1)[1])
         for url in (self.proxy, self.cache_url, self.cache_read_url):
-            password = url and urlsplit(url).password
+            password = url and _password(url)
             if password:
                 found += [password, unquote(password)]   # as written, and as the library sends it
         return [s for s in found if s]

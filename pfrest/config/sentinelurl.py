@@ -12,7 +12,7 @@ sentinels and servers alike.
 
 import re
 from typing import NamedTuple, Tuple
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 from pfrest.config.schema import CACHE_URL_FILES
 
@@ -36,10 +36,31 @@ def is_sentinel(url) -> bool:
     return isinstance(url, str) and url.partition("://")[0] in SCHEMES
 
 
+class Parts(NamedTuple):
+    scheme: str
+    netloc: str
+    path: str
+    query: str
+    fragment: str
+
+
+def split(url: str) -> Parts:
+    """A URL's parts, split by hand: urllib's urlsplit takes a netloc for one host, and some of its
+    versions (Debian 12's 3.11.2, with its security fixes) refuse a list of hosts holding ``[v6]:port``
+    ("Invalid IPv6 URL"), which a sentinel list may be."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(USAGE)
+    rest, _, fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    return Parts(scheme.lower(), netloc, slash + path, query, fragment)
+
+
 def parse(url: str) -> Service:
     """The parts of a Sentinel cache-url; ValueError saying what is wrong and how it is written."""
     try:
-        parts = urlsplit(url)
+        parts = split(url)
         query = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
         raise ValueError(USAGE) from None
