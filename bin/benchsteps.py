@@ -7,8 +7,11 @@ request id, building the backend request's bytes, reading the backend's answer (
 verdict, the answer (verdict and reply bytes), stats.record, the log line (formatted and handed to
 the line handler, whose stream is a null one), and then the whole conversation in memory (a
 Conversation on a transport that only records its writes, a backend that answers at once, uvloop's
-loop as under ``serve``): what it costs beyond the steps it runs is its own overhead.  Last, the two
-ways a request can wait for its backend: an asyncio task per request against a future and a callback.
+loop as under ``serve``): what it costs beyond the steps it runs is its own overhead.  Then the backend
+client's whole call, its connection's transport in memory answering in the next turn of the loop
+(echoing the X-Request-Id, as the pool then reuses the connection): its own overhead is what it costs
+beyond building the request and reading the answer.  Last, the two ways a request can wait for its
+backend: an asyncio task per request against a future and a callback.
 
 Figures in ns per request; they move with the machine, not with its load as much as throughput does.
 """
@@ -16,11 +19,14 @@ Figures in ns per request; they move with the machine, not with its load as much
 import asyncio
 import gc
 import logging
+import socket
 import time
 
 from pfrest import config
 from pfrest import log as logs
+from pfrest.backend import client as clients
 from pfrest.backend import route as routes
+from pfrest.backend.connection import Connection
 from pfrest.backend.request import Template, new_request_id
 from pfrest.backend.response import ResponseReader
 from pfrest.conversation import requestlog
@@ -60,7 +66,8 @@ CASES = (   # name, endpoint mode, a request as Postfix sends it, the backend's 
     ("policy", "policy", POLICY_REQUEST, POLICY_ANSWER),
 )
 STEPS = ("decode", "request id", "backend request", "backend answer", "verdict", "answer (verdict+reply)",
-         "stats.record", "log line", "sum of the steps", "conversation, in memory", "its own overhead")
+         "stats.record", "log line", "sum of the steps", "conversation, in memory", "its own overhead",
+         "backend client, in memory", "client's own overhead")
 TASK_ROWS = ("asyncio task per request", "future + callback")
 
 
@@ -88,6 +95,21 @@ def best_ns(call, iterations, rounds):
     finally:
         if gc_was:
             gc.enable()
+    return best
+
+
+async def best_async_ns(run, iterations, rounds):
+    """best_ns for a coroutine function ``run(iterations)``, on the running loop."""
+    best = None
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            start = time.perf_counter_ns()
+            await run(iterations)
+            took = (time.perf_counter_ns() - start) / iterations
+            best = took if best is None or took < best else best
+    finally:
+        gc.enable()
     return best
 
 
@@ -188,6 +210,9 @@ def measure_case(mode_name, request, answer, iterations, rounds):
     # the conversation runs decode, request id, answer, stats and log line, not the backend's steps
     figures["its own overhead"] = figures["conversation, in memory"] - sum(
         figures[step] for step in ("decode", "request id", "answer (verdict+reply)", "stats.record", "log line"))
+    figures["backend client, in memory"] = client_ns(ep, call.params, answer, iterations, rounds)
+    figures["client's own overhead"] = figures["backend client, in memory"] - figures["backend request"] \
+        - figures["backend answer"]
     return figures
 
 
@@ -211,20 +236,81 @@ async def _conversation(ep, request, result, iterations, rounds):
     transport = CountingTransport()
     conversation.connection_made(transport)
     loop = asyncio.get_running_loop()
-    best = None
-    gc.disable()
+
+    async def run(iterations):
+        for _ in range(iterations):
+            transport.waiter = loop.create_future()
+            conversation.data_received(request)
+            await transport.waiter
+
+    return await best_async_ns(run, iterations, rounds)
+
+
+class AnsweringTransport(asyncio.Transport):
+    """A backend connection's transport that answers each request in the next turn of the loop, with
+    the request's own X-Request-Id echoed (so that the pool reuses the connection as it would a real
+    backend's), and a socket with nothing to read for the pool's look before a policy request."""
+
+    def __init__(self, loop, answer, sock):
+        super().__init__()
+        self.loop, self.answer, self.sock, self.protocol = loop, answer, sock, None
+
+    def write(self, data):
+        start = data.index(b"X-Request-Id: ") + len(b"X-Request-Id: ")
+        head, _, body = self.answer.partition(b"\r\n\r\n")
+        echoed = b"%s\r\nX-Request-Id: %s\r\n\r\n%s" % (head, data[start:data.index(b"\r\n", start)], body)
+        self.loop.call_soon(self.protocol.data_received, echoed)
+
+    def get_extra_info(self, name, default=None):
+        return self.sock if name == "socket" else default
+
+    def is_closing(self):
+        return False
+
+    def abort(self):
+        pass
+
+    close = abort
+
+
+def client_ns(ep, params, answer, iterations, rounds):
+    """Per request: the backend client's whole call (request bytes, pool, exchange, reading the
+    answer, deadline, observer), its connection's transport answering in the next turn of the loop."""
+    loop = new_loop()
+    asyncio.set_event_loop(loop)
+    quiet, other = socket.socketpair()   # nothing is ever written to it: the look finds it quiet
+    real = clients.open_connection
+
+    async def connected(loop, route, files, user_agent):
+        conn = Connection(loop)
+        transport = AnsweringTransport(loop, answer, quiet)
+        transport.protocol = conn
+        conn.connection_made(transport)
+        return conn
+
+    clients.open_connection = connected   # the one seam without a socket: a connection made in memory
     try:
-        for _ in range(rounds):
-            start = time.perf_counter_ns()
-            for _ in range(iterations):
-                transport.waiter = loop.create_future()
-                conversation.data_received(request)
-                await transport.waiter
-            took = (time.perf_counter_ns() - start) / iterations
-            best = took if best is None or took < best else best
+        client = clients.Client(ep, USER_AGENT, observer=Stats(ep.mode))
+        ask = client.lookup if ep.mode != "policy" else client.policy
+        return loop.run_until_complete(_client(ask, params, iterations, rounds))
     finally:
-        gc.enable()
-    return best
+        clients.open_connection = real
+        quiet.close()
+        other.close()
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+async def _client(ask, params, iterations, rounds):
+    request_id = new_request_id()
+    result = await ask(params, request_id)
+    assert result.__class__ is HttpResult and result.status == 200, result
+
+    async def run(iterations):
+        for _ in range(iterations):
+            await ask(params, request_id)
+
+    return await best_async_ns(run, iterations, rounds)
 
 
 def task_vs_callback(iterations, rounds):
@@ -262,16 +348,8 @@ async def _task_vs_callback(iterations, rounds):
             loop.call_soon(asked.set_result, None)
             await waiter
 
-    figures = {}
-    for row, driver in zip(TASK_ROWS, (by_task, by_callback)):
-        best = None
-        for _ in range(rounds):
-            start = time.perf_counter_ns()
-            await driver(iterations)
-            took = (time.perf_counter_ns() - start) / iterations
-            best = took if best is None or took < best else best
-        figures[row] = best
-    return figures
+    return {row: await best_async_ns(driver, iterations, rounds)
+            for row, driver in zip(TASK_ROWS, (by_task, by_callback))}
 
 
 def partial_set(future):

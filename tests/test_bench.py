@@ -74,7 +74,8 @@ def test_bench_steps_prints_a_figure_per_step():
     assert re.search(r"step +tcp +socketmap +policy\n", text), text
     number = r" +-?\d+"
     for step in ("decode", "request id", "backend request", "backend answer", "verdict", "answer (verdict+reply)",
-                 "stats.record", "log line", "sum of the steps", "conversation, in memory", "its own overhead"):
+                 "stats.record", "log line", "sum of the steps", "conversation, in memory", "its own overhead",
+                 "backend client, in memory", "client's own overhead"):
         assert re.search(r"\n" + re.escape(step) + number * 3 + r"\n", text), text
     for row in ("asyncio task per request", "future + callback"):
         assert re.search(re.escape(row) + number + r"\n", text), text
