@@ -69,3 +69,20 @@ def test_bench_measures_logins():
     assert re.search(r"direct HTTP auth" + number * 5, text), text
     assert re.search(r"auth +through pfrest: +\d+/s, .* straight to the backend: +\d+/s", text), text
     assert "serve auth skewed" not in text   # logins are never cached
+
+
+def test_bench_steps_prints_a_figure_per_step():
+    """--steps: the per-step CPU table, a figure for every step of each kind of request (none asserted)."""
+    out = subprocess.run([sys.executable, f"{ROOT}/bin/pfrest-bench", "--steps", "--steps-iterations", "50",
+                          "--steps-rounds", "1"],
+                         capture_output=True, text=True, timeout=120, env=pfrest_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert re.search(r"step +tcp +socketmap +policy\n", text), text
+    number = r" +-?\d+"
+    for step in ("decode", "request id", "backend request", "backend answer", "verdict", "answer (verdict+reply)",
+                 "stats.record", "log line", "sum of the steps", "conversation, in memory", "its own overhead",
+                 "backend client, in memory", "client's own overhead"):
+        assert re.search(r"\n" + re.escape(step) + number * 3 + r"\n", text), text
+    for row in ("asyncio task per request", "future + callback"):
+        assert re.search(re.escape(row) + number + r"\n", text), text

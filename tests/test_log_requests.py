@@ -98,3 +98,4 @@ def test_handle_does_not_load_prometheus_client(backend, write_config, tmp_path)
     assert proc.returncode == 0 and proc.stdout == b"200 v\n", proc
     modules = report.read_text().split()
     assert "pfrest.ops.counters" in modules and not [m for m in modules if m.startswith("prometheus_client")]
+    assert "difflib" not in modules   # only a config with a typo needs "did you mean"

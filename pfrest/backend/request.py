@@ -9,7 +9,6 @@ for one write.  The CONNECT request to a proxy is
 built apart (``connect_request``) and carries none of the endpoint's headers.
 """
 
-import re
 from random import getrandbits as _random_bits
 
 from pfrest.backend.route import basic
@@ -20,12 +19,10 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 # same, but a space is "+"); as urllib.parse.quote / quote_plus with safe="", at a third of the cost
 _QUERY = [chr(b) if b in _UNRESERVED else "%%%02X" % b for b in range(256)]
 _FORM = _QUERY[:32] + ["+"] + _QUERY[33:]
-_FORM_UNSAFE = re.compile(rb"[^A-Za-z0-9._~\x00\n-]")
-_FORM_ESCAPES = {bytes([b]): _FORM[b].encode("ascii") for b in range(256)}
-
-
-def _form_escape(match) -> bytes:
-    return _FORM_ESCAPES[match.group()]
+# what a form body keeps as it is: the unreserved bytes, and NUL and LF, which stand for "=" and "&"
+_FORM_KEPT = bytes(sorted(_UNRESERVED | {0, ord("\n")}))
+_FORM_ESCAPES = {b: _FORM[b].encode("ascii") for b in range(256)}
+_PERCENT, _SPACE = ord("%"), ord(" ")
 
 
 def new_request_id() -> str:
@@ -44,12 +41,27 @@ def form(pairs) -> bytes:
 
     Policy attributes hold neither NUL nor LF (the policy decoder sees to it), so the pairs are joined
     with those, escaped in one pass over the whole body, and only then turned into ``=`` and ``&``: a
-    policy request's thirty-odd attributes cost one regex pass instead of sixty translations."""
+    policy request's thirty-odd attributes cost one pass instead of sixty translations.  That pass
+    finds which bytes need escaping (a request has a few distinct ones: "@", ":", " "), each then
+    replaced in a pass of its own: all in C, where a regex's callback per byte costs a Python call
+    each (a third of the time to build a policy request, measured)."""
     joined = b"\n".join(map(b"\0".join, pairs))
     if joined.count(b"\0") != len(pairs) or joined.count(b"\n") != max(len(pairs) - 1, 0):
         return "&".join(f"{n.decode('latin-1').translate(_FORM)}={v.decode('latin-1').translate(_FORM)}"
                         for n, v in pairs).encode("ascii")
-    return _FORM_UNSAFE.sub(_form_escape, joined).replace(b"\0", b"=").replace(b"\n", b"&")
+    unsafe = joined.translate(None, _FORM_KEPT)
+    if unsafe:
+        escaped = set(unsafe)
+        if _PERCENT in escaped:   # first: every other escape holds a "%" that must stay one
+            escaped.discard(_PERCENT)
+            joined = joined.replace(b"%", b"%25")
+        space = _SPACE in escaped
+        escaped.discard(_SPACE)
+        for byte in escaped:   # escapes are "%" and hex digits: none is escaped again by a later pass
+            joined = joined.replace(bytes((byte,)), _FORM_ESCAPES[byte])
+        if space:   # last: a "+" in the text was escaped before spaces became "+"
+            joined = joined.replace(b" ", b"+")
+    return joined.replace(b"\0", b"=").replace(b"\n", b"&")
 
 
 def _line(name: str, value: str) -> bytes:

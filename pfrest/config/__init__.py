@@ -14,7 +14,6 @@ Every problem is reported with the path of the offending field (``endpoints[1] (
 ``pfrest check`` and ``pfrest --help`` stay cheap.
 """
 
-import difflib
 import ipaddress
 import os
 import re
@@ -72,6 +71,7 @@ def _judge(check, value):
 
 def _unknown(key, known):
     """The error for an unknown key, with the known one it is probably a typo of."""
+    import difflib   # here, not at the top: only a config with a typo needs it (7 ms of a handle's start)
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=CLOSE_ENOUGH)
     return f"unknown key; did you mean {close[0]}?" if close else "unknown key"
 

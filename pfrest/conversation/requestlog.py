@@ -8,10 +8,12 @@ stale cached answer served in its place) is a WARNING (``warns``): ``journalctl 
 mail log filtered by priority show what went wrong, not only the requests that went well.
 """
 
+from pfrest.protocol import verdict
 from pfrest.protocol.answers import printable
-from pfrest.protocol.verdict import Failure
+from pfrest.protocol.verdict import Failure, HttpResult
 
 MAX_DETAIL = 300  # characters of an error's or a Location's text
+_PLAIN = frozenset((verdict.FOUND, verdict.NOTFOUND))   # replies whose line shows no value or reason
 
 
 def warns(result, answer) -> bool:
@@ -20,6 +22,11 @@ def warns(result, answer) -> bool:
 
 
 def line(endpoint_name, request_id, subject, result, answer, ms) -> str:
+    v = answer.verdict
+    if result.__class__ is HttpResult and v.kind in _PLAIN and answer.action is None and result.status \
+            and not (result.cached or result.stale or result.location):   # most lines: the same text
+        return f"endpoint={endpoint_name} id={request_id} {subject} status={result.status} reply={v.kind} " \
+               f"ms={ms:.1f}"
     status = getattr(result, "status", None) or "-"
     extra = ""
     if isinstance(result, Failure):
@@ -30,7 +37,6 @@ def line(endpoint_name, request_id, subject, result, answer, ms) -> str:
         extra = " cache=hit"
     elif getattr(result, "location", None) and 300 <= result.status < 400:
         extra = f" location={printable(result.location.encode(), MAX_DETAIL)}"
-    v = answer.verdict
     if answer.action is not None:
         outcome = f"action={printable(answer.action.encode())}"
     else:

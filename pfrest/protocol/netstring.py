@@ -63,12 +63,32 @@ class Decoder:
         return bool(self._digits) or self._length is not None
 
     def feed(self, data: bytes) -> list:
+        if self._length is None and not self._digits and data.__class__ is bytes:
+            whole = self._whole(data)
+            if whole is not None:
+                return [whole]
         items = []
         try:
             self._feed(data, items)
         except NetstringError as exc:
             items.append(exc)
         return items
+
+    def _whole(self, data: bytes):
+        """The payload when ``data`` is exactly one valid netstring within the soft limit (a Postfix
+        client writes a request at once and waits for its reply), else None: the general path then
+        takes it, its errors and limits included."""
+        colon = data.find(b":", 0, MAX_DIGITS + 1)
+        if colon < 1:
+            return None
+        head = data[:colon]
+        if not head.isdigit() or (colon > 1 and head[:1] == b"0"):
+            return None
+        length = int(head)
+        end = colon + 1 + length
+        if length > self.soft_limit or length > self.hard_limit or len(data) != end + 1 or data[end] != 0x2C:
+            return None   # a payload to skip, an error, a part of one or more than one: the general path
+        return data[colon + 1:end]
 
     def _feed(self, data, items):
         view = memoryview(data)

@@ -18,6 +18,7 @@ Nothing that goes wrong may turn into "found", "not found" or a permanent error 
 """
 
 import json
+import re
 from typing import NamedTuple, Optional, Union
 
 from pfrest.protocol import actions
@@ -84,6 +85,10 @@ def _status(status: int) -> Verdict:
 
 
 _json = json.JSONDecoder()
+# The answer most lookups get, ["value"]: one string without escapes, which means its text as it is
+# (JSON's whitespace around; no backslash, quote or control character inside, which the strict
+# decoder refuses or reads otherwise).  Anything else goes through the JSON decoder.
+_ONE_PLAIN_STRING = re.compile(r'[ \t\n\r]*\[[ \t\n\r]*"([^"\\\x00-\x1f]*)"[ \t\n\r]*\][ \t\n\r]*')
 
 
 def values(body: bytes):
@@ -93,6 +98,10 @@ def values(body: bytes):
             text = body.decode("utf-8")
         except UnicodeDecodeError:  # JSON in UTF-16 or UTF-32 (RFC 4627), which json.loads detects
             text = body.decode(json.detect_encoding(body), "surrogatepass")
+        else:
+            one = _ONE_PLAIN_STRING.fullmatch(text)
+            if one is not None:   # half the cost of the decoder's
+                return [one.group(1)]
         data = _json.decode(text)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
