@@ -284,3 +284,25 @@ def test_the_backend_gets_exactly_the_documented_fields():
     assert backend.calls == [{b"mechanism": b"PLAIN", b"username": b"alice", b"authzid": b"boss",
                               b"password": b"good", b"service": b"smtp", b"client_address": b"198.51.100.7",
                               b"server_address": b"192.0.2.25", b"secured": b"yes"}]
+
+
+def test_a_login_refused_before_the_backend_is_counted_as_a_failed_login():
+    """Bad base64 or an empty password never reach the backend, but the metrics' failed logins include
+    them (a guesser sending empty passwords shows on the dashboard too); a good login counts as OK."""
+    async def run():
+        from pfrest.conversation.conversation import Conversation
+        from pfrest.conversation.services import Origin, Services
+        backend = Auth(ANSWERS)
+        services = Services(backend_for=lambda _: backend)
+        services.apply([endpoint("dovecot-sasl")], "test")
+        ended = asyncio.get_running_loop().create_future()
+        conv = Conversation(services, Origin("ep"), "test", on_end=lambda c: ended.set_result(None))
+        transport = MemoryTransport(conv)
+        conv.connection_made(transport)
+        conv.data_received(HELLO + auth(1, resp=b"*not base64*") + auth(2, resp=plain(b"a", b""))
+                           + auth(3, resp=plain(b"a", b"good")))
+        conv.eof_received()
+        await asyncio.wait_for(ended, 10)
+        return services.stats["ep"], backend.calls
+    stats, calls = asyncio.run(run())
+    assert stats.replies == {"FAIL": 2, "OK": 1} and len(calls) == 1

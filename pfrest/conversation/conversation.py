@@ -161,6 +161,9 @@ class Conversation(asyncio.Protocol):
                 continue
             if isinstance(item, Reject):
                 log.warning("endpoint=%s peer=%s bad request: %s", self.origin.endpoint, self.peer, item.why)
+                refusal = self.service.mode.refusal if self.service is not None else None
+                if refusal is not None:
+                    self.service.stats.record(refusal, 0.0, None, now=time.monotonic())
                 self._write(item.reply)
                 continue
             service = self._service()

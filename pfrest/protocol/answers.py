@@ -69,7 +69,9 @@ INTERNAL_ERROR = Verdict(verdict.TEMP, "internal error")
 
 class Mode:
     """What every mode has: no greeting (the client speaks first), and an internal error (a bug in
-    pfrest) answered as the mode's temporary error."""
+    pfrest) answered as the mode's temporary error.  ``refusal``: the verdict a protocol-level refusal
+    (framing.Reject) is counted as, or None when it is not a request's answer (a malformed lookup)."""
+    refusal = None
 
     @staticmethod
     def greeting() -> bytes:
@@ -193,6 +195,9 @@ class DovecotSasl(Mode):
     temporary failure closes the connection, the one way to have Postfix answer ``454`` (try later)
     rather than ``535`` (wrong password), and to have it reconnect for the next login."""
     name = SASL
+    # a login refused before the backend (bad base64, an empty password, a name Postfix would misread)
+    # is a failed login all the same: the metrics count it with the backend's
+    refusal = Verdict(verdict.REJECTED, "refused by pfrest")
 
     def __init__(self, endpoint):
         self.mechanisms = endpoint.mechanisms
