@@ -161,7 +161,8 @@ def test_pfrest_json_5_has_the_http_contract(pages):
     contract = words(sections(pages["pfrest.json.5"])["HTTP CONTRACT"])
     for fact in ("GET {target}?key={key}", "X-Request-Id", "other 4xx (misconfiguration)",
                  "tcp-lookup: 500: not found", "socketmap-lookup: NOTFOUND: not found",
-                 "policy: permanent-error-action", "Several targets:"):
+                 "policy: permanent-error-action", "Several targets:", "dovecot-sasl", "Invalid credentials",
+                 "the connection is closed"):
         assert fact in contract, fact
 
 
