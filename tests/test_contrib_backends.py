@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import IN_CI, ROOT, pfrest_cmd, pfrest_env, postmap
+from hostile import SocketPeer, read_to_close
 from test_serve import Served
 
 if sys.version_info >= (3, 11):
@@ -181,16 +182,14 @@ def test_the_stdlib_backend_refuses_a_body_it_cannot_read_and_closes():
     """A body without a Content-Length it can read would stay in the connection as the next request."""
     backend = Backend("stdlib_backend.py", "t")
     try:
-        with socket.create_connection(("127.0.0.1", int(backend.url.rsplit(":", 1)[1])), timeout=5) as s:
-            s.sendall(b"POST /policy HTTP/1.1\r\nHost: x\r\nX-Auth-Token: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        peer = SocketPeer(("127.0.0.1", int(backend.url.rsplit(":", 1)[1])), timeout=5)
+        try:
+            peer.send(b"POST /policy HTTP/1.1\r\nHost: x\r\nX-Auth-Token: t\r\nTransfer-Encoding: chunked\r\n\r\n"
                       b"5\r\nsende\r\n0\r\n\r\n")
-            reply = b""
-            while True:
-                data = s.recv(4096)
-                if not data:
-                    break
-                reply += data
-        assert reply.startswith(b"HTTP/1.1 400 ") and reply.endswith(b"a body needs a Content-Length up to 1 MiB")
+            reply, closed = read_to_close(peer, 5)
+        finally:
+            peer.close()
+        assert closed and reply.startswith(b"HTTP/1.1 400 ") and reply.endswith(b"a body needs a Content-Length up to 1 MiB")
     finally:
         backend.stop()
 

@@ -4,7 +4,6 @@ Postfix's smtpd does.  The password must show nowhere: log, metrics, process lis
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -13,6 +12,7 @@ from base64 import b64encode
 import pytest
 
 from conftest import Backend
+from hostile import SocketPeer, read_to_close
 from pfrest.commands import minihttp
 from postfix_instance import free_port
 from test_serve import connect, endpoint, served, unix_endpoint  # noqa: F401 (served: a fixture)
@@ -160,15 +160,13 @@ def test_garbage_closes_that_connection_only(users, write_config, served):
     good = Client(("127.0.0.1", port))
     for junk in (b"GET / HTTP/1.0\r\n\r\n", b"VERSION\t9\t0\n", HELLO + b"CONT\t5\tAAAA\n",
                  HELLO + b"X" * 20000):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(junk)
-            data = b""
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            assert data.endswith(b"DONE\n")   # the greeting, then nothing but the close
+        peer = SocketPeer(("127.0.0.1", port))
+        try:
+            peer.send(junk)
+            data, closed = read_to_close(peer, 10)
+        finally:
+            peer.close()
+        assert closed and data.endswith(b"DONE\n")   # the greeting, then nothing but the close
     assert good.login("alice", PASSWORD).startswith(b"OK\t1\t")
     proc.wait_for(r"protocol error, closing: not a Dovecot auth client")
     proc.wait_for(r"protocol error, closing: CONT for no authentication in progress")

@@ -106,7 +106,10 @@ def _make(sock, parent, name, path, mode, owner):
             raise OSError(f"{path} appeared meanwhile; not replacing it") from None
         if owner is not None:
             # after the link: linking a file another account owns takes CAP_FOWNER (protected_hardlinks),
-            # which pfrest.service does not grant; the private name is the same file, out of reach
+            # which pfrest.service does not grant; the private name is the same file, out of reach.
+            # fchownat(AT_SYMLINK_NOFOLLOW) by the private name, in the 0700 directory only root enters: no
+            # link is followed and no other account can put one there.  fchown(sock) would not do: on a
+            # socket's descriptor it changes the socket's own inode, not the file bind made.
             try:
                 os.chown(BOUND_NAME, *owner, dir_fd=fd, follow_symlinks=False)
             except OSError:
