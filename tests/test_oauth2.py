@@ -316,6 +316,7 @@ def test_a_token_file_that_is_a_link_or_not_private_is_never_used(idp, private_r
     [token_file] = [p for p in private_runtime.iterdir() if p.suffix == ".json"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.write_text(token_file.read_text())
+    elsewhere.chmod(0o600)   # private as a token file is: only the link can keep it unread
     token_file.unlink()
     token_file.symlink_to(elsewhere)
     store = client.bearer._store
@@ -409,3 +410,30 @@ def test_check_warns_of_a_client_secret_file_it_cannot_read(write_config, tmp_pa
                           env=pfrest_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "oauth2.client-secret-file:" in proc.stderr and "no token can be fetched" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("document", [
+    {"access_token": "abc\n"},                      # a line end would end the Authorization header early
+    {"access_token": "abc\r\nX-Evil: 1"}, {"access_token": "a b"}, {"access_token": ""},
+    {"access_token": 7}, {"access_token": "x" * 100000},
+    {"access_token": "abc", "token_type": "mac"},
+    {"access_token": "abc", "expires_in": "soon"}, {"access_token": "abc", "expires_in": True},
+    {"access_token": "abc", "expires_in": 0}])
+def test_a_token_answer_that_cannot_be_sent_as_it_is_is_refused(document):
+    from pfrest.identity import grant
+    got = grant.token(HttpResult(200, json.dumps(document).encode()), "idp")
+    assert got.__class__ is Failure and got.kind == "token", got
+    assert grant.token(HttpResult(200, b'{"access_token": "abc", "expires_in": "60"}'), "idp").value == "abc"
+
+
+def test_another_scope_or_audience_is_another_token_file(private_runtime):
+    """OAuth2's repr names only the URL and the client: the file's name must come from every field that
+    makes another token, or two scopes would take each other's tokens from one file."""
+    from pfrest.identity import bearer_for
+    doc = {"token-url": "https://idp.example/token", "client-id": "c", "client-secret": SECRET}
+    paths = set()
+    for extra in ({}, {"scope": "a"}, {"scope": "b"}, {"audience": "x"}, {"auth-method": "client_secret_post"}):
+        ep = config.parse({"endpoints": [{"name": "ep", "mode": "tcp-lookup", "target": "https://api.example/l",
+                                          "oauth2": dict(doc, **extra)}]}).endpoints[0]
+        paths.add(bearer_for(ep, UA)._store.path)
+    assert len(paths) == 5

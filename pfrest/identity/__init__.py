@@ -22,7 +22,7 @@ __all__ = ["TokenSource", "bearer_for"]
 
 log = logging.getLogger("pfrest")
 _sources = weakref.WeakValueDictionary()   # credentials -> TokenSource, while a client holds it
-_unshared = set()                          # directories already said to be unusable
+_unshared = False                          # said once that no private directory can be had
 
 
 def bearer_for(endpoint, user_agent: str):
@@ -34,10 +34,14 @@ def bearer_for(endpoint, user_agent: str):
     source = _sources.get(key)
     if source is None:
         folder = tokenfile.directory()
+        global _unshared
         if folder is None and not _unshared:
-            _unshared.add(None)
+            _unshared = True
             log.warning("endpoint=%s no private runtime directory (%s, %s): each process fetches its own "
                         "oauth2 token", endpoint.name, tokenfile.SYSTEM_RUNTIME, tokenfile.FALLBACK_RUNTIME % os.geteuid())
-        store = tokenfile.TokenFile(folder, key) if folder is not None else None
+        # the file's name from every field that makes another token (OAuth2's repr shows only a few, and
+        # never the secret, which stays out of the name too): another scope or audience, another file
+        named = (tuple(endpoint.oauth2._replace(client_secret=None)), *key[1:])
+        store = tokenfile.TokenFile(folder, named) if folder is not None else None
         source = _sources[key] = TokenSource(endpoint, user_agent, store)
     return source

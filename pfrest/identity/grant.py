@@ -23,8 +23,8 @@ DEFAULT_LIFETIME = 300.0    # seconds, for an answer without expires_in (RFC 674
 MAX_LIFETIME = 86400.0 * 7  # a longer expires_in is taken as this: renewal still happens now and then
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 GRANT = ((b"grant_type", b"client_credentials"),)
-_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")   # RFC 6749 5.2's codes: said in the log, the body never
-_TOKEN_CHARS = re.compile(r"^[A-Za-z0-9._~+/=-]+$")   # RFC 6750 2.1's b64token: safe in a header
+_ERROR_CODE = re.compile(r"[a-z_]{1,64}")   # RFC 6749 5.2's codes: said in the log, the body never
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~+/=-]+")   # RFC 6750 2.1's b64token: safe in a header
 
 
 class Token(NamedTuple):
@@ -68,7 +68,7 @@ def token(result, where: str):
     if document.__class__ is Failure:
         return document
     value, kind = document.get("access_token"), document.get("token_type", "Bearer")
-    if not isinstance(value, str) or not value or len(value) > MAX_TOKEN or not _TOKEN_CHARS.match(value):
+    if not isinstance(value, str) or not value or len(value) > MAX_TOKEN or not _TOKEN_CHARS.fullmatch(value):
         return Failure("token", f"{where}: the answer has no usable access_token")
     if not isinstance(kind, str) or kind.lower() != "bearer":
         return Failure("token", f"{where}: the token is not a Bearer token")
@@ -117,4 +117,4 @@ def _error_code(body: bytes) -> str:
         code = json.loads(body[:MAX_ANSWER]).get("error") if len(body) <= MAX_ANSWER else None
     except (ValueError, AttributeError):
         return ""
-    return f" ({code})" if isinstance(code, str) and _ERROR_CODE.match(code) else ""
+    return f" ({code})" if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else ""

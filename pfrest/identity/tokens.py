@@ -207,7 +207,7 @@ class TokenSource:
         if path is None:
             return self._oauth.client_secret
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)   # as root too
             try:
                 data = os.read(fd, MAX_SECRET_FILE + 1)
             finally:
@@ -226,9 +226,8 @@ class TokenSource:
         if value != self._value:
             forget_secret(self._value)
             add_secret(value)
-            self._value, self._line = value, b"Authorization: Bearer " + value.encode("ascii") + b"\r\n"
-        elif self._line is None:   # the same token again (another process had not renewed it)
-            self._line = b"Authorization: Bearer " + value.encode("ascii") + b"\r\n"
+            self._value = value
+        self._line = b"Authorization: Bearer " + value.encode("ascii") + b"\r\n"
         self._expires = now + left
         self._usable_until = now + left - min(EXPIRY_MARGIN, lifetime * MARGIN_SHARE)
         self._renew_at = now + left - lifetime * (1 - RENEW_SHARE)
