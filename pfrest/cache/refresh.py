@@ -62,7 +62,7 @@ class Refresher:
 
     async def _refresh(self, key, params):
         cache, shared = self.cache, self.cache.shared
-        generation, rkey, entry = cache.generation, None, None
+        generation, rkey, entry, locked = cache.generation, None, None, None
         if shared is not None:
             rkey = shared.key(params)
             waiting = shared.get(rkey)
@@ -71,7 +71,8 @@ class Refresher:
                 if generation == cache.generation:
                     cache.keep_shared(key, entry)
                 return cache.observer.cache("refresh-elsewhere")
-            if shared.up and not await _lock(shared, rkey, self.lock_ms):
+            locked = await _lock(shared, rkey, self.lock_ms) if shared.up else None
+            if locked is False:
                 cache.hold(key, REFRESH_HOLD)
                 return cache.observer.cache("refresh-elsewhere")
         result = await cache.client.lookup(params, new_request_id())
@@ -82,7 +83,7 @@ class Refresher:
                 _cut(shared, rkey, entry)
         elif generation == cache.generation:   # else fetched before an invalidation: kept nowhere
             cache.store(key, result, rkey)
-        if rkey is not None:   # the lock goes in the entry's write (one call): the entry is there first
+        if locked:   # ours to release (never another host's): in the entry's write, the entry there first
             shared.put(sharedformat.lock_key(shared.namespace, rkey), None, 0, 0)
         cache.observer.cache("refresh-failed" if failed else "refresh-refreshed")
 
@@ -101,11 +102,12 @@ def _cut(shared, rkey, entry):
                max(entry.stale_until - entry.fresh_until, 0) / 1000, revalidate / 1000)
 
 
-async def _lock(shared, rkey, milliseconds) -> bool:
-    """Whether this process may refresh ``rkey``: the lock taken for ``milliseconds``, or the store failing
-    (then any process may: at worst a few ask the backend)."""
+async def _lock(shared, rkey, milliseconds):
+    """Whether this process may refresh ``rkey``: True when it took the lock for ``milliseconds``, False
+    when another holds it, None when the store failed (then any process may: at worst a few ask the
+    backend; and there is no lock of ours to release)."""
     try:
         return await shared.call("SET", sharedformat.lock_key(shared.namespace, rkey), b"1", "NX", "PX",
                                  milliseconds) is not None
     except Failed:
-        return True
+        return None

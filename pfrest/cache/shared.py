@@ -192,8 +192,7 @@ class SharedStore:
     # --- for the invalidation channel ---------------------------------------------------------------
 
     def invalidated(self, lookups):
-        """An invalidation heard (a list of params tuples, or None: every answer).  Writes not sent yet
-        are of answers fetched before it: they go too."""
+        """An invalidation heard (params tuples, or None: every answer); writes not sent yet go too."""
         if lookups is None:
             self._puts.clear()
         elif self._puts:
@@ -205,8 +204,7 @@ class SharedStore:
     # --- the calls ----------------------------------------------------------------------------------
 
     def _bind(self, loop):
-        """Work on ``loop`` (connections made on another one, a parent's before a fork say, are left
-        alone: they belong to that loop)."""
+        """Work on ``loop``; connections made on another one (a parent's, before a fork) are left to it."""
         self._loop, self._pipe = loop, None
         self._deadlines = Deadlines(self.timeout_ms / 1000)
         if self._write_timer is not None:
@@ -221,8 +219,7 @@ class SharedStore:
             self._background = asyncio.gather(invalidation.listen(self),
                                               *([sentinel.watch(self)] if self.locator else []),
                                               *([replica.watch(self)] if self.replica else []))
-            # (a gathering future logs its children's cancellation at close as an exception not retrieved)
-            self._background.add_done_callback(lambda future: future.cancelled() or future.exception())
+            self._background.add_done_callback(_background_ended)
             self._spawn(self._probe())
             if self.replica is not None:
                 self.replica.bind(self._spawn)
@@ -394,3 +391,9 @@ def _give_up(future):
     skipped): the lookup goes to the backend."""
     if not future.done():
         future.set_result(None)
+
+
+def _background_ended(future):
+    """A crash of the listener or a watch is said (invalidations or failovers go unheard); a close is not."""
+    if not future.cancelled() and future.exception() is not None:
+        log.error("shared cache: a background task crashed", exc_info=future.exception())
