@@ -270,3 +270,25 @@ def test_require_request_id_is_a_boolean_of_every_mode(mode, write_config):
     proc = subprocess.run(pfrest_cmd("check", "-c", write_config([dict(base, **{"require-request-id": "yes"})])),
                           capture_output=True, text=True, timeout=30, env=pfrest_env(), cwd=ROOT)
     assert proc.returncode == 78 and "endpoints[0] (r).require-request-id: must be true or false" in proc.stderr
+
+
+SASL = {"name": "auth", "mode": "dovecot-sasl", "target": "https://api.example/auth"}
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"mechanisms": []}, "mechanisms: must be a non-empty list of mechanisms"),
+    ({"mechanisms": ["PLAIN", "CRAM-MD5"]}, "mechanisms: 'CRAM-MD5' is not one of PLAIN, LOGIN"),
+    ({"mechanisms": ["PLAIN", "plain"]}, "mechanisms: names a mechanism twice"),
+    ({"target": "http://api.example/auth", "proxy": "http://proxy.example:3128"},
+     "proxy: a dovecot-sasl endpoint sends passwords: through a proxy only to https targets"),
+    ({"method": "GET"}, "method: not used by mode dovecot-sasl"),
+    ({"cache-ttl": 60}, "cache-ttl: not used by mode dovecot-sasl")])
+def test_a_login_endpoint_is_refused_what_would_expose_or_cache_a_password(extra, message):
+    assert any(message in p for p in problems({"endpoints": [dict(SASL, **extra)]})), problems(
+        {"endpoints": [dict(SASL, **extra)]})
+
+
+def test_a_login_endpoint_posts_offers_its_mechanisms_and_keeps_idle_connections_a_day():
+    ep = config.parse({"endpoints": [dict(SASL, mechanisms=["login"], proxy="http://proxy.example:3128")]}).endpoints[0]
+    assert (ep.method, ep.mechanisms, ep.idle_limit, ep.caches) == ("POST", ("LOGIN",), 86400.0, False)
+    assert config.parse({"endpoints": [SASL]}).endpoints[0].mechanisms == ("PLAIN", "LOGIN")

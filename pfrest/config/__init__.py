@@ -128,8 +128,7 @@ def _endpoint(raw, where, problems):
     for key in ("cache-local-ttl", "cache-timeout", "cache-read-url"):
         if key in raw and "cache-url" not in raw:
             problems.append(f"{where}.{key}: needs cache-url (it is about the shared cache)")
-    if mode == SASL:
-        values["method"] = "POST"   # a password goes in a body, never in a URL
+    if mode == SASL:   # (its method is POST: Endpoint sees to it)
         if "proxy" in values and any(not str(t).startswith("https:") for t in values.get("targets", ())):
             problems.append(f"{where}.proxy: a dovecot-sasl endpoint sends passwords: through a proxy only to "
                             "https targets (tunnelled end to end, the proxy sees nothing); make the target "

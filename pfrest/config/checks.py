@@ -19,6 +19,7 @@ from typing import List, NamedTuple, Optional
 from urllib.parse import parse_qsl, urlsplit
 
 from pfrest import addresses, config
+from pfrest.config import sentinelurl
 
 READ, SEARCH = 4, 1          # permission bits of "other"; shifted by 3 for group, 6 for owner
 # smtpd's limit on every read from its auth server (xsasl_dovecot_server.c: AUTH_TIMEOUT): a login the
@@ -53,7 +54,7 @@ def refusals(cfg: config.Config) -> List[str]:
     if cfg.user and account(cfg.user) is None:
         problems.append(f"user: no such user {cfg.user!r}")
     shared = [(i, ep.name) for i, ep in enumerate(cfg.endpoints) if ep.cache_url]
-    if shared and importlib.util.find_spec("redis") is None:
+    if shared and not _installed("redis"):
         problems.append(f"{config.where(*shared[0])}.cache-url: needs the Python package redis (Debian: "
                         "python3-redis), which is not installed")
     return problems
@@ -61,7 +62,6 @@ def refusals(cfg: config.Config) -> List[str]:
 
 def _installed(module: str) -> bool:
     """Whether ``module`` can be imported, without importing it (only its parent packages)."""
-    import importlib.util
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
@@ -91,8 +91,8 @@ def warnings(cfg: config.Config) -> List[str]:
             found.append(f"{config.where(i, ep.name)}.oauth2.client-secret-file: {problem}; no token can be "
                          "fetched, Postfix gets temporary answers")
         for key, url in (("cache-url", ep.cache_url), ("cache-read-url", ep.cache_read_url)):
-            # the query by hand: urlsplit may refuse a Sentinel URL's list of hosts (sentinelurl.split)
-            for name, path in parse_qsl((url or "").partition("?")[2].partition("#")[0]):
+            # sentinelurl.split: urlsplit may refuse a Sentinel URL's list of hosts
+            for name, path in parse_qsl(sentinelurl.split(url).query if url else ""):
                 problem = name in config.CACHE_URL_FILES and _unreadable(path, user)
                 if problem:
                     found.append(f"{config.where(i, ep.name)}.{key}: {name}: {problem}; the shared cache will be "

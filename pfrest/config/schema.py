@@ -141,7 +141,7 @@ class Endpoint:
     def __post_init__(self):
         if not self.targets:  # an Endpoint made in code with one target
             object.__setattr__(self, "targets", (self.target,))
-        if self.mode == SASL:   # as parse() does: a password goes in a POST body (an Endpoint made in code too)
+        if self.mode == SASL:   # a password goes in a POST body, never in a URL
             object.__setattr__(self, "method", "POST")
 
     def secrets(self):

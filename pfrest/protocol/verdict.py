@@ -21,12 +21,11 @@ import json
 import re
 from typing import NamedTuple, Optional, Union
 
-from pfrest.protocol import actions
+from pfrest.protocol import actions, dovecotauth
 
 FOUND, NOTFOUND, ACTION = "FOUND", "NOTFOUND", "ACTION"
 AUTHENTICATED, REJECTED = "OK", "FAIL"     # dovecot-sasl: named as the protocol's replies
 BAD_CREDENTIALS = (401, 403, 404)
-MAX_USER = 512     # bytes of a user name the backend gives (dovecotauth.MAX_NAME)
 TEMP, TIMEOUT, PERM = "TEMP", "TIMEOUT", "PERM"
 
 
@@ -200,7 +199,7 @@ def login(result, given: bytes) -> Verdict:
         name = items[0].encode("utf-8")
     except UnicodeEncodeError:   # lone surrogates from \ud800 escapes
         name = b""
-    if not 0 < len(name) <= MAX_USER or any(c in name for c in (b"\t", b"\n", b"\r", b"\0")):
+    if not dovecotauth.safe_name(name):
         return Verdict(TEMP, "invalid backend data: the user name is empty, too long, not UTF-8, or holds "
                              "TAB, CR, LF or NUL", 200)
     return Verdict(AUTHENTICATED, name, 200)
