@@ -437,3 +437,15 @@ def test_another_scope_or_audience_is_another_token_file(private_runtime):
                                           "oauth2": dict(doc, **extra)}]}).endpoints[0]
         paths.add(bearer_for(ep, UA)._store.path)
     assert len(paths) == 5
+
+
+def test_query_of_a_login_endpoint_sends_the_token_as_serve_does(idp, write_config, private_runtime):
+    """`pfrest query` of a dovecot-sasl endpoint behind the provider: the login goes with the bearer token
+    (without it the resource server's 401 would read as a wrong password), and the token step is shown."""
+    path = write_config([endpoint_doc(idp, mode="dovecot-sasl", path="/login")])
+    env = dict(pfrest_env(), RUNTIME_DIRECTORY=str(private_runtime))
+    proc = subprocess.run(pfrest_cmd("query", "-c", path, "ep", "alice"), input="good\n", capture_output=True,
+                          text=True, timeout=60, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(rf"^token: fetched from {re.escape(idp.url)}/token", proc.stdout, re.M), proc.stdout
+    assert "good" not in proc.stdout.replace("password=(not shown)", "")

@@ -46,7 +46,9 @@ def login(address, user, password):
         sock.sendall(HELLO + auth(1, user, password))
         data = b""
         while b"DONE\n" not in data:
-            data += sock.recv(4096)
+            chunk = sock.recv(4096)
+            assert chunk, data   # closed before its greeting ended
+            data += chunk
         data = data.split(b"DONE\n", 1)[1]
         while not data.endswith(b"\n"):
             try:

@@ -27,6 +27,7 @@ The exit status (``postmap -q`` gives 0 and 1 the same meanings; the others are 
     78  EX_CONFIG: the config is invalid or has no such endpoint (cli.py)
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -116,21 +117,15 @@ def run(cfg, name, words, mapname=None, out=print, backend=None, password=None) 
     endpoint (bytes).  ``backend``: instead of the endpoint's HTTP client (a test's).  Returns the exit
     status."""
     endpoint = cfg.endpoint(name)
+    backend = backend or http_client(endpoint, cfg.user_agent)
+    bearer = getattr(backend, "bearer", None)
     if endpoint.mode == config.SASL:
-        return run_login(endpoint, cfg.user_agent, words, password, out,
-                         backend or Client(endpoint, cfg.user_agent))
+        with traced(cfg):
+            return run_login(endpoint, cfg.user_agent, words, password, out, backend, bearer)
     request = build_request(endpoint, words, mapname)
-    # the backend itself, past any cache: the answer as it is now
-    bearer = None
-    if backend is None and endpoint.oauth2 is not None:
-        from pfrest.identity import bearer_for   # only for an endpoint with oauth2
-        bearer = bearer_for(endpoint, cfg.user_agent)
-    service = Service(endpoint, cfg.user_agent, backend=backend or Client(endpoint, cfg.user_agent, bearer=bearer))
-    tracing.configure(cfg.tracing)
-    try:
+    service = Service(endpoint, cfg.user_agent, backend=backend)
+    with traced(cfg):
         result, answer, request_id, ms = eventloop.run(ask(service, request), fast=False)
-    finally:
-        tracing.shutdown()   # the query's spans go out
     status = status_class(endpoint, answer)
     method = endpoint.method if endpoint.mode == config.POLICY else "GET"
     out(f"endpoint: {endpoint.name} ({endpoint.mode}) -> {method} {redact(url(service, request))}")
@@ -156,7 +151,27 @@ def run(cfg, name, words, mapname=None, out=print, backend=None, password=None) 
     return EXIT_STATUS[status]
 
 
-def run_login(endpoint, user_agent, words, password, out, backend) -> int:
+def http_client(endpoint, user_agent):
+    """The backend itself, past any cache (the answer as it is now), with the endpoint's oauth2 token as
+    serve sends it."""
+    bearer = None
+    if endpoint.oauth2 is not None:
+        from pfrest.identity import bearer_for   # only for an endpoint with oauth2
+        bearer = bearer_for(endpoint, user_agent)
+    return Client(endpoint, user_agent, bearer=bearer)
+
+
+@contextlib.contextmanager
+def traced(cfg):
+    """The query's spans, with ``tracing``: sent when it ends."""
+    tracing.configure(cfg.tracing)
+    try:
+        yield
+    finally:
+        tracing.shutdown()
+
+
+def run_login(endpoint, user_agent, words, password, out, backend, bearer=None) -> int:
     """``pfrest query`` of a dovecot-sasl endpoint: one login, as smtpd would send it."""
     if len(words) != 1:
         raise ValueError("dovecot-sasl endpoints take exactly one USER; the password is read from stdin, "
@@ -175,6 +190,8 @@ def run_login(endpoint, user_agent, words, password, out, backend) -> int:
         fields = "(none: no request made)"
     out(f"endpoint: {endpoint.name} ({endpoint.mode}) -> POST {redact(endpoint.target)}")
     out(f"auth-token: {'(set, redacted)' if endpoint.auth_token else '(none)'}")
+    if bearer is not None:
+        out(f"token: {token_words(bearer, result)}")
     out(f"request id: {request_id}")
     out(f"fields: {fields}" + (" password=(not shown)" if result is not None else ""))
     out(f"backend: {backend_words(result, endpoint)}")

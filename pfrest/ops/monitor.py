@@ -78,7 +78,7 @@ class Monitor:
 
     def _probed(self, probed):
         waiting, self.waiting = self.waiting, None
-        for check, respond in waiting:
+        for check, respond in waiting or ():   # a probe given up for lost may still call back, after its successor
             if probed.keys() >= set(check.to_probe):
                 _answer(respond, check, probed)
             else:   # it needs an endpoint this probe did not cover: the next one
