@@ -1060,3 +1060,45 @@ def test_a_finished_response_reader_leaves_no_cycle_behind():
         gc.enable()
     answered.feed(b"HTTP/1.1 200 OK\r\n")   # fed once more after it was done: a stray answer
     assert answered.result.kind == "stray"
+
+
+def test_a_tls_backend_closing_an_idle_connection_is_no_stray_answer(run, certificate):
+    """Over TLS the bytes waiting on an idle connection may be the backend's close_notify (TLS 1.3
+    encrypts it: it cannot be told from data unread): the connection is not taken, and no stray answer
+    is reported for it; over plain TCP, bytes there are one (the socketpair test above)."""
+    import socket
+    import threading
+    cert, key = certificate
+    listener = socket.create_server(("127.0.0.1", 0))
+    port, go = listener.getsockname()[1], threading.Event()
+
+    def backend():   # the handshake; when told, the end of the connection: close_notify, then FIN
+        conn, _ = listener.accept()
+        with server_context(cert, key).wrap_socket(conn, server_side=True) as tls:
+            go.wait(10)
+            tls.settimeout(0.2)   # unwrap sends close_notify, then waits for the client's, which never comes
+            try:
+                tls.unwrap()
+            except (OSError, ssl.SSLError):
+                pass
+    thread = threading.Thread(target=backend, daemon=True)
+    thread.start()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        ctx = ssl.create_default_context(cafile=cert)
+        _, conn = await loop.create_connection(lambda: Connection(loop), "127.0.0.1", port, ssl=ctx)
+        strays = []
+        conn.echoes, conn.on_stray = False, lambda: strays.append(True)
+        await asyncio.sleep(0.2)   # the handshake's last bytes out, its session tickets read
+        idle = pool.Pool()
+        idle.put(conn, loop.time())
+        go.set()
+        thread.join(10)   # blocking: no turn of the loop, so the close_notify waits unread for the take
+        taken = idle.take(loop.time(), look=True) is conn
+        conn.abort()
+        return taken, strays
+    try:
+        assert run(scenario()) == (False, [])
+    finally:
+        listener.close()

@@ -53,7 +53,11 @@ class Connection(asyncio.Protocol):
             unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
         except (OSError, ValueError):
             return False
-        if unread:
+        # Over TLS the bytes may be the backend's close_notify before its FIN (TLS 1.3 encrypts alerts:
+        # they cannot be told from data without reading them): the connection is dropped all the same,
+        # and only a plain connection tells its idle bytes as stray.  The X-Request-Id check still
+        # catches, over TLS too, a copy that comes after the next request went out.
+        if unread and self.transport.get_extra_info("ssl_object") is None:
             self._stray()
         return False
 
