@@ -219,7 +219,8 @@ class SharedStore:
             self._background = asyncio.gather(invalidation.listen(self),
                                               *([sentinel.watch(self)] if self.locator else []),
                                               *([replica.watch(self)] if self.replica else []))
-            self._background.add_done_callback(_background_ended)
+            # (a gathering future logs its children's cancellation at close as an exception not retrieved)
+            self._background.add_done_callback(lambda future: future.cancelled() or future.exception())
             self._spawn(self._probe())
             if self.replica is not None:
                 self.replica.bind(self._spawn)
@@ -391,9 +392,3 @@ def _give_up(future):
     skipped): the lookup goes to the backend."""
     if not future.done():
         future.set_result(None)
-
-
-def _background_ended(future):
-    """A crash of the listener or a watch is said (invalidations or failovers go unheard); a close is not."""
-    if not future.cancelled() and future.exception() is not None:
-        log.error("shared cache: a background task crashed", exc_info=future.exception())
