@@ -1,0 +1,237 @@
+"""Backend pipelining (the endpoint key `pipelining`) is safe: a real `pfrest serve` with pipelining on
+its tcp and socketmap endpoints, 32 Postfix-style clients asking distinct keys at once, and a policy
+endpoint beside them, against the backends people run (nginx, Go's net/http, uvicorn, gunicorn's sync
+worker that does not pipeline, the project's test server; each also without the X-Request-Id echo) and
+against hostile ones (tests/hostile_backends.py: answers out of order, a close mid-pipeline, a slow first
+key, 1xx interim answers, a copy of an answer, a server that reads only the first request of a read,
+no echo, an echo on the first answer only).
+
+Every reply is judged for its own key: its value, its not-found, or a temporary error; never another
+key's value (0 wrong answers), every request exactly one reply, no policy request sent twice, and a
+temporary error only where the design gives one (a request whose own answer the backend spoilt).
+Nothing of a lookup reaches the backend after Postfix got its temporary reply.
+"""
+
+import re
+import subprocess
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+
+import pytest
+
+from conftest import need_binary, pfrest_cmd, pfrest_env, ROOT
+from hostile import ServeProcess
+from hostile_backends import (CLOSE_MID, COPY, ECHO_ONCE, FIRST_OF_READ, HONEST, INTERIM, NO_ECHO, OUT_OF_ORDER,
+                              SLOW, HostileBackend)
+from pipeline_backends import (POLICY, SOCKETMAP, TCP, Client, GoServer, Gunicorn, Nginx, ProjectBackend, Uvicorn,
+                               build_go, judge, serve_config, traffic)
+
+CLIENTS = 32          # lookup clients at once, tcp and socketmap in turn
+REQUESTS = 20         # lookups (or policy requests) each client asks, one after another
+POLICY_CLIENTS = 4
+OFF_LINE = r"endpoint=(tcp|socketmap) backend 127\.0\.0\.1:{port}: pipelining off for 60 s \(([^\n]*)\)"
+
+
+@pytest.fixture(scope="session")
+def go_binary(tmp_path_factory):
+    """tests/backends/lookup.go, built once per session."""
+    need_binary("go")
+    return build_go(tmp_path_factory.mktemp("go"))
+
+
+@contextmanager
+def started(backend):
+    try:
+        yield backend
+    finally:
+        backend.stop()
+
+
+@contextmanager
+def serving(tmp_path, url, **options):
+    """`pfrest serve` with pipelining on its lookup endpoints, toward ``url``; (process, {mode: port})."""
+    config, ports = serve_config(tmp_path / "pfrest.json", url, **options)
+    serve = ServeProcess(config, str(tmp_path / "serve.log"))
+    try:
+        yield serve, ports
+    finally:
+        serve.stop()
+
+
+def check_replies(replies, extras, policy_ids=None, clients=CLIENTS, requests=REQUESTS,
+                  policy_clients=POLICY_CLIENTS):
+    """0 wrong answers, every request exactly one reply, no policy request sent twice; the Counter of
+    outcomes."""
+    wrong = [r for r in replies if r.outcome == "WRONG"]
+    assert not wrong, f"{len(wrong)} wrong answers, e.g. {wrong[:5]}"
+    assert not extras, f"replies beyond those asked for: {extras[:3]}"
+    asked = Counter((r.mode, r.key) for r in replies)
+    assert len(asked) == len(replies) == (clients + policy_clients) * requests, \
+        f"{len(replies)} replies to {(clients + policy_clients) * requests} requests"
+    if policy_ids is not None:
+        twice = {i: n for i, n in policy_ids.items() if n > 1}
+        assert not twice, f"policy requests sent more than once: {twice}"
+        answered = sum(1 for r in replies if r.mode == POLICY and r.outcome == "value")
+        assert sum(policy_ids.values()) >= answered
+    return Counter(r.outcome for r in replies)
+
+
+def off_lines(serve, port):
+    return re.findall(OFF_LINE.format(port=port), serve.log())
+
+
+# --- the backends people run ----------------------------------------------------------------------------
+
+REAL = {
+    "nginx": lambda tmp, go: Nginx(tmp / "nginx"),
+    "nginx-no-echo": lambda tmp, go: Nginx(tmp / "nginx", echo=False),
+    "go": lambda tmp, go: GoServer(go()),
+    "go-no-echo": lambda tmp, go: GoServer(go(), echo=False),
+    "uvicorn": lambda tmp, go: Uvicorn(),
+    "uvicorn-no-echo": lambda tmp, go: Uvicorn(echo=False),
+    "gunicorn-sync": lambda tmp, go: Gunicorn(),
+    "test-backend": lambda tmp, go: ProjectBackend(),
+    "test-backend-no-echo": lambda tmp, go: ProjectBackend(echo=False),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_the_backends_people_run_give_every_lookup_its_own_answer(name, tmp_path, request):
+    make = REAL[name]
+    with started(make(tmp_path, lambda: request.getfixturevalue("go_binary"))) as backend:
+        with serving(tmp_path, backend.url) as (serve, ports):
+            replies, extras = traffic(ports, CLIENTS, REQUESTS, POLICY_CLIENTS, backend.expected_policy)
+            log = serve.log()
+        outcomes = check_replies(replies, extras, backend.policy_ids())
+        # an honest backend: no temporary error at all, and pipelining never turned off
+        assert outcomes["temporary"] == 0, (outcomes, [r for r in replies if r.outcome == "temporary"][:5])
+        assert "pipelining off" not in log, log[-3000:]
+        assert outcomes["notfound"] == (CLIENTS * REQUESTS) // 10
+        pipelined = backend.pipelined()
+    if name == "nginx":
+        assert pipelined > 0, "nginx's access log has no pipelined request ($pipe p)"
+    elif name == "nginx-no-echo":
+        assert pipelined == 0, "pfrest pipelined to a backend that does not echo X-Request-Id"
+
+
+# --- hostile backends -----------------------------------------------------------------------------------
+
+# behaviour: (pipelining must turn off for it, pfrest must have pipelined to it: True, never: False, or
+# None for a backend that spoils the first answer on a proven connection, pipelined or not)
+HOSTILE = {
+    HONEST: (False, True),
+    INTERIM: (False, True),
+    OUT_OF_ORDER: (True, True),
+    CLOSE_MID: (True, True),
+    COPY: (True, True),
+    FIRST_OF_READ: (True, True),
+    ECHO_ONCE: (True, None),
+    NO_ECHO: (False, False),
+}
+
+
+@pytest.mark.parametrize("behaviour", list(HOSTILE))
+def test_a_hostile_backend_never_makes_a_wrong_answer(behaviour, tmp_path):
+    turns_off, pipelines = HOSTILE[behaviour]
+    with started(HostileBackend(behaviour)) as backend:
+        with serving(tmp_path, backend.url) as (serve, ports):
+            replies, extras = traffic(ports, CLIENTS, REQUESTS, POLICY_CLIENTS)
+            lines = off_lines(serve, backend.url.rsplit(":", 1)[1])
+    outcomes = check_replies(replies, extras, backend.policy_ids())
+    assert not backend.policy_pipelined(), "a policy request shared its connection with another in flight"
+    temporary = [r for r in replies if r.outcome == "temporary"]
+    assert {r.key for r in temporary} <= backend.victims, \
+        f"temporary errors for keys the backend answered right: {temporary[:5]} ({outcomes})"
+    assert_nothing_sent_after_the_reply(backend, temporary)
+    if pipelines:
+        assert backend.batches() > 0, "pfrest never pipelined to it: the test proves nothing"
+    elif pipelines is False:
+        assert backend.batches() == 0, "pfrest pipelined to a backend that does not echo X-Request-Id"
+    else:   # the answer without the echo on a proven connection was caught (a temporary error)
+        assert temporary, outcomes
+    if turns_off:   # (which also says that the backend's hostility came into play)
+        assert lines, f"pipelining did not turn off: {outcomes}"
+    else:
+        assert not lines, lines
+
+
+def assert_nothing_sent_after_the_reply(backend, temporary):
+    late = [(r.key, r.at, arrived) for r in temporary for arrived in backend.arrivals(r.key) if arrived > r.at]
+    assert not late, f"lookups sent after Postfix got its temporary reply: {late[:5]}"
+
+
+def test_a_slow_first_key_holds_none_of_the_lookups_behind_it(tmp_path):
+    """One proven connection (a warm-up client), the slow key on it, then lookups from other clients while
+    it is in flight: queued behind it, they are sent again elsewhere and answered before it is; it gets
+    its own value within its request-timeout (3000 ms), and pipelining turns off with its WARNING line."""
+    with started(HostileBackend(SLOW)) as backend:
+        with serving(tmp_path, backend.url) as (serve, ports):
+            for mode in (TCP, SOCKETMAP):
+                backend.slow_seen.clear()
+                slow_key, behind = f"slow-{mode}", [f"behind-{mode}-{n}" for n in range(8)]
+                warm = Client(mode, ports[mode])
+                got = {}
+                try:
+                    for key in (f"warm-{mode}-1", f"warm-{mode}-2"):
+                        assert judge(mode, key, warm.ask(key)) == "value"
+                    threads = [threading.Thread(target=ask_one, args=(mode, ports[mode], slow_key, got))]
+                    threads[0].start()
+                    assert backend.slow_seen.wait(10), "the slow key never reached the backend"
+                    threads += [threading.Thread(target=ask_one, args=(mode, ports[mode], key, got))
+                                for key in behind]
+                    for thread in threads[1:]:
+                        thread.start()
+                    for thread in threads:
+                        thread.join(30)
+                finally:
+                    warm.close()
+                assert got[slow_key][0] == "value", got[slow_key]
+                slow_done = backend.slow_answered[slow_key]
+                for key in behind:
+                    assert got[key][0] == "value", (key, got[key])
+                    assert got[key][1] < slow_done, f"{key} waited for the slow key"
+                resent = [key for key in behind if len(backend.arrivals(key)) == 2]
+                assert resent, "no lookup was queued behind the slow key: the test proves nothing"
+                assert all(len(backend.arrivals(key)) <= 2 for key in behind)
+            lines = off_lines(serve, backend.url.rsplit(":", 1)[1])
+    assert {endpoint for endpoint, _ in lines} == {"tcp", "socketmap"}, lines
+    assert all("an answer took over 0.3 s" in reason for _, reason in lines), lines
+
+
+def ask_one(mode, port, key, got):
+    client = Client(mode, port)
+    try:
+        reply = client.ask(key)
+        got[key] = (judge(mode, key, reply), time.monotonic(), reply)
+    finally:
+        client.close()
+
+
+def test_nothing_is_sent_for_a_lookup_after_postfix_got_its_temporary_reply(tmp_path):
+    """Slow keys past a short request-timeout (500 ms: the stall time is 0.05 s) among quick ones: each
+    slow key gets a temporary error, and the backend never reads a lookup after its client had the
+    temporary reply; the quick ones queued behind a slow key get their values."""
+    clients, requests = 16, 6
+    keys = {n: [f"slow-c{n}-{i}" if i % 3 == 0 else f"c{n}-{i}" for i in range(requests)] for n in range(clients)}
+    with started(HostileBackend(SLOW)) as backend:
+        with serving(tmp_path, backend.url, request_timeout=500) as (serve, ports):
+            replies, extras = traffic(ports, clients, requests, 0, extra_keys=keys)
+    outcomes = check_replies(replies, extras, clients=clients, requests=requests, policy_clients=0)
+    temporary = [r for r in replies if r.outcome == "temporary"]
+    assert {r.key for r in temporary} >= {k for ks in keys.values() for k in ks if k.startswith("slow")}, outcomes
+    assert_nothing_sent_after_the_reply(backend, temporary)
+    assert outcomes["value"] > 0 and backend.batches() > 0, (outcomes, backend.batches())
+
+
+# --- the config ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["policy", "dovecot-sasl"])
+def test_pipelining_is_refused_where_a_request_must_never_be_sent_twice(mode, write_config):
+    path = write_config([{"name": "p", "mode": mode, "target": "http://127.0.0.1:9/x", "pipelining": True,
+                          "bind-port": 10025}])
+    for command in ("check", "serve"):
+        proc = subprocess.run(pfrest_cmd(command, "-c", path), capture_output=True, text=True, timeout=30,
+                              env=pfrest_env(), cwd=ROOT)
+        assert proc.returncode == 78 and "pipelining" in proc.stderr, (command, proc.returncode, proc.stderr)
