@@ -26,6 +26,7 @@ SLOW_SECONDS = 1.5          # how long a key starting "slow" takes, on its conne
 HEAD_END = b"\r\n\r\n"
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.I)
 REQUEST_ID = re.compile(rb"\r\nx-request-id:\s*([^\r\n]*)", re.I)
+REASONS = {200: b"OK", 404: b"Not Found", 500: b"Internal Server Error"}
 INTERIMS = (b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
 
 HONEST, OUT_OF_ORDER, CLOSE_MID, SLOW, INTERIM, COPY, FIRST_OF_READ, NO_ECHO, ECHO_ONCE = (
@@ -49,11 +50,13 @@ def answer_for(request: Seen, echo: bool) -> bytes:
         status, kind, body = 200, b"text/plain", b"OK policy-" + request.key.encode()
     elif request.key.startswith("missing"):
         status, kind, body = 404, b"text/plain", b""
+    elif request.key.startswith("error"):   # a backend's own failure, on a connection it keeps alive
+        status, kind, body = 500, b"text/plain", b"failed"
     else:
         status, kind, body = 200, b"application/json", json.dumps(["value-of-" + request.key]).encode()
     echoed = b"X-Request-Id: %s\r\n" % request.request_id if echo and request.request_id else b""
     return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
-        status, b"OK" if status == 200 else b"Not Found", kind, len(body), echoed, body)
+        status, REASONS[status], kind, len(body), echoed, body)
 
 
 def parse(buffer: bytes):
@@ -86,6 +89,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server, number):
         self.server, self.number = server, number
         self.buffer, self.queue, self.answered = b"", asyncio.Queue(), 0
+        self.out = []   # the answers of a batch, written at once as a server with output buffering does
         self.waiting = 0
         self.transport = None
 
@@ -128,7 +132,7 @@ class _Connection(asyncio.Protocol):
         echo = self.server.echoes(self.answered) if echo is None else echo
         if not echo and self.server.behaviour == ECHO_ONCE:
             self.server.victims.add(request.key)   # pfrest may take it for a stray answer
-        self.transport.write(answer_for(request, echo))
+        self.out.append(answer_for(request, echo))
         self.answered += 1
         self.waiting -= 1
 
@@ -144,21 +148,30 @@ class _Connection(asyncio.Protocol):
                     server.victims.add(batch[0].key)   # the answer read as its own is another's
                     for request in reversed(batch):
                         self._write(request)
+                    self._flush()
                     continue
                 self._write(batch[0])
                 if server.behaviour == CLOSE_MID:
+                    self._flush()
                     self.transport.close()
                     return
-                self.transport.write(answer_for(batch[0], True))   # the copy: read as the next one's answer
+                self.out.append(answer_for(batch[0], True))   # the copy: read as the next one's answer
                 server.victims.add(batch[1].key)
                 batch = batch[1:]
             for request in batch:
                 if server.behaviour == SLOW and request.key.startswith("slow"):
+                    self._flush()
                     await asyncio.sleep(SLOW_SECONDS)
                     server.slow_answered[request.key] = time.monotonic()
                 if server.behaviour == INTERIM and self.answered % 2 == 0:
-                    self.transport.write(INTERIMS[self.answered // 2 % 2])
+                    self.out.append(INTERIMS[self.answered // 2 % 2])
                 self._write(request)
+            self._flush()
+
+    def _flush(self):
+        if self.out:
+            self.transport.write(b"".join(self.out))
+            self.out = []
 
 
 class HostileBackend:

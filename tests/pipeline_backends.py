@@ -317,25 +317,29 @@ class Client:
         self.sock.close()
 
 
-def keys_for(client: int, requests: int, prefix=""):
-    """Distinct keys, one in ten of them missing."""
-    return [f"{'missing-' if i % 10 == 9 else ''}{prefix}c{client}-{i}" for i in range(requests)]
+def keys_for(client: int, requests: int, prefix="", errors=False):
+    """Distinct keys, one in ten of them missing; with ``errors``, one in ten that the backend fails
+    (hostile_backends: 500)."""
+    return [f"{'missing-' if i % 10 == 9 else 'error-' if errors and i % 10 == 4 else ''}{prefix}c{client}-{i}"
+            for i in range(requests)]
 
 
-def traffic(ports, clients=32, requests=40, policy_clients=4, expected_policy=None, extra_keys=None):
+def traffic(ports, clients=32, requests=40, policy_clients=4, expected_policy=None, extra_keys=None,
+            errors=False):
     """``clients`` lookup clients (tcp and socketmap in turn) and ``policy_clients`` policy clients, each
     asking its own keys one after another, all at once; every Reply, and the bytes that came beyond them.
     The first tcp and socketmap clients ask WARM_UP keys before the others start: the pipeline of each
     endpoint has a proven connection when the load comes, so that lookups are pipelined from the start.
-    ``extra_keys``: {client number: keys} asked by that client instead of its own."""
+    ``extra_keys``: {client number: keys} asked by that client instead of its own; ``errors``: some
+    lookup keys are ones the backend fails (keys_for)."""
     replies, extras, lock = [], [], threading.Lock()
     start = threading.Barrier(clients + policy_clients)
 
     def run(number, mode):
         client = Client(mode, ports[mode])
         try:
-            keys = (extra_keys or {}).get(number) or keys_for(number, requests,
-                                                              "p" if mode == POLICY else "")
+            keys = (extra_keys or {}).get(number) or keys_for(number, requests, "p" if mode == POLICY else "",
+                                                              errors and mode != POLICY)
             for n, key in enumerate(keys):
                 if n == (WARM_UP if number < 2 else 0):   # the first clients prove a connection first
                     start.wait(30)

@@ -108,7 +108,11 @@ class _Answers(ResponseReader):
         stop = super()._fail(kind, detail)
         if not self._broken:
             self._broken = True
-            self._owner.broken(self.result, self._armed and self.started)
+            # once the owner ended (an answer it closes after: a 500, Connection: close, the head of a
+            # stalled connection), the bytes still in this read are the answers of the requests it sent
+            # again: not stray, and no reason to turn pipelining off
+            if not self._owner.done:
+                self._owner.broken(self.result, self._armed and self.started)
         return stop
 
 
