@@ -1,15 +1,19 @@
 """Hostile HTTP/1.1 lookup backends for the pipelining tests: raw asyncio servers that read pipelined
 requests and answer them wrongly in one chosen way (out of order, a close mid-pipeline, a slow key, 1xx
-interim answers, a copy of an answer, only the first request of a read, no X-Request-Id echo).
+interim answers, a copy of an answer, only the first request of a read, no X-Request-Id echo).  Some keys
+tell any of them what to do: "missing..." 404, "error..." 500; with SLOW, "slow..." takes SLOW_SECONDS
+and "late-copy..." has its answer sent once more LATE_COPY seconds later.
 
 Each is a real server on 127.0.0.1, a port of the kernel's choosing, TCP_NODELAY, on its own event loop
 in a thread of the test process.  It answers like the other lookup backends of tests/pipeline_backends.py
 (GET /lookup?key=K: 200 ["value-of-K"], 404 for a key starting "missing"; /policy: OK policy-RECIPIENT,
 the recipient from the form body, whatever the method: pfrest's policy requests are GET by default)
-and records every request: its connection, key, X-Request-Id, whether it is a policy request, the time it was read and how many
-requests of its connection were waiting with it.  The hostility acts only on a *batch*: two requests or
-more read and not yet answered on one connection, which only pipelining makes; one request at a time is
-always answered right (so a temporary error the clients get is one the design accounts for).
+and records every request: its connection, key, X-Request-Id, whether it is a policy request, the time
+it was read and how many requests of its connection were waiting with it.  The hostility acts on a
+*batch*: two requests or more read and not yet answered on one connection, which only pipelining makes;
+one request at a time is answered right (so a temporary error the clients get is one the design accounts
+for), but by ECHO_ONCE (no echo after a connection's first answer) and FIRST_OF_READ (a read's first).
+A batch's answers go out in one write, as a server buffering its output sends them.
 """
 
 import asyncio
@@ -23,6 +27,7 @@ from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 SLOW_SECONDS = 1.5          # how long a key starting "slow" takes, on its connection (which waits with it)
+LATE_COPY = 0.05            # seconds after its answer that a key starting "late-copy" has it sent again
 HEAD_END = b"\r\n\r\n"
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.I)
 REQUEST_ID = re.compile(rb"\r\nx-request-id:\s*([^\r\n]*)", re.I)
@@ -166,6 +171,9 @@ class _Connection(asyncio.Protocol):
                 if server.behaviour == INTERIM and self.answered % 2 == 0:
                     self.out.append(INTERIMS[self.answered // 2 % 2])
                 self._write(request)
+                if server.behaviour == SLOW and request.key.startswith("late-copy"):   # on an idle connection
+                    copy = answer_for(request, True)
+                    asyncio.get_running_loop().call_later(LATE_COPY, self.transport.write, copy)
             self._flush()
 
     def _flush(self):

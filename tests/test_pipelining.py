@@ -177,38 +177,64 @@ def test_a_slow_first_key_holds_none_of_the_lookups_behind_it(tmp_path):
     with started(HostileBackend(SLOW)) as backend:
         with serving(tmp_path, backend.url) as (serve, ports):
             for mode in (TCP, SOCKETMAP):
-                backend.slow_seen.clear()
-                slow_key, behind = f"slow-{mode}", [f"behind-{mode}-{n}" for n in range(8)]
-                warm = Client(mode, ports[mode])
-                got = {}
-                try:
-                    for key in (f"warm-{mode}-1", f"warm-{mode}-2"):
-                        assert judge(mode, key, warm.ask(key)) == "value"
-                    threads = [threading.Thread(target=ask_one, args=(mode, ports[mode], slow_key, got))]
-                    threads[0].start()
-                    assert backend.slow_seen.wait(10), "the slow key never reached the backend"
-                    threads += [threading.Thread(target=ask_one, args=(mode, ports[mode], key, got))
-                                for key in behind]
-                    for thread in threads[1:]:
-                        thread.start()
-                    for thread in threads:
-                        thread.join(30)
-                finally:
-                    warm.close()
-                assert got[slow_key][0] == "value", got[slow_key]
-                slow_done = backend.slow_answered[slow_key]
-                for key in behind:
-                    assert got[key][0] == "value", (key, got[key])
-                    assert got[key][1] < slow_done, f"{key} waited for the slow key"
-                resent = [key for key in behind if len(backend.arrivals(key)) == 2]
-                assert resent, "no lookup was queued behind the slow key: the test proves nothing"
-                assert all(len(backend.arrivals(key)) <= 2 for key in behind)
+                slow_head(backend, mode, ports[mode], [f"behind-{mode}-{n}" for n in range(8)])
             lines = off_lines(serve, backend.url.rsplit(":", 1)[1])
             log = serve.log()
     assert {endpoint for endpoint, _ in lines} == {"tcp", "socketmap"}, lines
     assert all("an answer took over 0.3 s" in reason for _, reason in lines), lines
     # the answers after the slow one, to the requests sent again, are no stray answers
     assert STRAY_LINE not in log, [line for line in log.splitlines() if STRAY_LINE in line]
+
+
+def test_a_slow_first_key_holds_none_behind_it_when_pipelining_turned_off_meanwhile(tmp_path):
+    """As above, with the slow key's connection full (15 behind it) and a lookup beyond them on a
+    connection of its own, proven, whose answer then comes twice: pipelining turns off for the target
+    (a stray answer) before the slow key's stall time (0.9 s at a request-timeout of 9000 ms); the
+    lookups behind the slow key are sent again at their stall time all the same."""
+    with started(HostileBackend(SLOW)) as backend:
+        with serving(tmp_path, backend.url, request_timeout=9000) as (serve, ports):
+            port = ports[TCP]
+
+            def meanwhile():
+                mark = serve.mark()
+                got = {}
+                ask_one(TCP, port, "late-copy-1", got)
+                assert got["late-copy-1"][0] == "value", got
+                serve.wait_log(r"pipelining off for 60 s \(bytes after the ", since=mark)
+            slow_head(backend, TCP, port, [f"behind-{n}" for n in range(15)], meanwhile)
+
+
+def slow_head(backend, mode, port, behind, meanwhile=None):
+    """The slow key on the one proven connection, the ``behind`` keys queued behind it, then
+    ``meanwhile()``: each key behind is answered with its value before the slow one is, which gets its
+    own value."""
+    backend.slow_seen.clear()
+    slow_key, got = f"slow-{mode}", {}
+    warm = Client(mode, port)
+    try:
+        for key in (f"warm-{mode}-1", f"warm-{mode}-2"):
+            assert judge(mode, key, warm.ask(key)) == "value"
+        threads = [threading.Thread(target=ask_one, args=(mode, port, slow_key, got))]
+        threads[0].start()
+        assert backend.slow_seen.wait(10), "the slow key never reached the backend"
+        threads += [threading.Thread(target=ask_one, args=(mode, port, key, got)) for key in behind]
+        for thread in threads[1:]:
+            thread.start()
+        if meanwhile is not None:
+            wait_until(lambda: all(backend.arrivals(key) for key in behind), "the keys behind to arrive")
+            meanwhile()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        warm.close()
+    assert got[slow_key][0] == "value", got[slow_key]
+    slow_done = backend.slow_answered[slow_key]
+    for key in behind:
+        assert got[key][0] == "value", (key, got[key])
+        assert got[key][1] < slow_done, f"{key} waited for the slow key"
+    resent = [key for key in behind if len(backend.arrivals(key)) == 2]
+    assert resent, "no lookup was queued behind the slow key: the test proves nothing"
+    assert all(len(backend.arrivals(key)) <= 2 for key in behind)
 
 
 def ask_one(mode, port, key, got):
@@ -218,6 +244,13 @@ def ask_one(mode, port, key, got):
         got[key] = (judge(mode, key, reply), time.monotonic(), reply)
     finally:
         client.close()
+
+
+def wait_until(condition, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited in vain for {what}"
+        time.sleep(0.005)
 
 
 def test_nothing_is_sent_for_a_lookup_after_postfix_got_its_temporary_reply(tmp_path):

@@ -121,7 +121,7 @@ class Pipelined:
     flight on it, in order, and those to be written at the end of this turn of the loop.  ``done``
     turns True once it ended (the Connection then forgets it)."""
     __slots__ = ("conn", "done", "keep_alive", "closing", "idle_since", "_pipe", "_loop", "_answers",
-                 "_flight", "_out", "_head_since", "_timer", "_answered")
+                 "_flight", "_out", "_head_since", "_timer", "_answered", "_stalled")
 
     def __init__(self, pipe, conn, loop, now: float):
         self.conn, self._pipe, self._loop = conn, pipe, loop
@@ -133,6 +133,7 @@ class Pipelined:
         self._head_since = now   # when the oldest request in flight began to wait for its answer
         self._timer = None       # the stall check, while requests are in flight
         self._answered = 0       # answers since the connection was last idle
+        self._stalled = False    # its head passed the stall time: those behind it were sent again
         conn.carry(self)
 
     def room(self) -> bool:
@@ -232,13 +233,13 @@ class Pipelined:
         if self.done or not flight:
             return
         now, stall = self._loop.time(), self._pipe.stall
-        if not self.closing:
+        if not self._stalled:   # (closing already, when pipelining turned off: those behind are sent all the same)
             due = self._head_since + stall
             if now < due:
                 self._timer = self._loop.call_at(due, self._check_stall)
                 return
             behind = [r for r in list(flight)[1:] if not r.future.done()]
-            self.closing = True
+            self.closing = self._stalled = True
             self._pipe.forget(self)
             _resend(behind)
             if behind:
