@@ -41,7 +41,7 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-    keepalive_requests 1000000;
+    keepalive_requests {keepalive_requests};
     server {{
         listen 127.0.0.1:{port};
         location /lookup {{
@@ -122,12 +122,13 @@ class Nginx(Program):
 
     expected_policy = b"OK policy-any"
 
-    def __init__(self, tmp, echo=True):
+    def __init__(self, tmp, echo=True, keepalive_requests=1000000):
         need_binary("nginx")
         self.tmp, port = tmp, free_port()
         tmp.mkdir(parents=True, exist_ok=True)
         conf = tmp / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, echo=NGINX_ECHO if echo else ""))
+        conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, echo=NGINX_ECHO if echo else "",
+                                          keepalive_requests=keepalive_requests))
         super().__init__([need_binary("nginx"), "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)],
                          f"http://127.0.0.1:{port}")
         _wait_listening(port, self.proc, "nginx")

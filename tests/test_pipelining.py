@@ -88,6 +88,9 @@ def off_lines(serve, port):
 REAL = {
     "nginx": lambda tmp, go: Nginx(tmp / "nginx"),
     "nginx-no-echo": lambda tmp, go: Nginx(tmp / "nginx", echo=False),
+    # nginx closes a connection after its keepalive_requests (Connection: close on the last answer),
+    # dropping the requests pipelined behind it: they are sent again
+    "nginx-keepalive-20": lambda tmp, go: Nginx(tmp / "nginx", keepalive_requests=20),
     "go": lambda tmp, go: GoServer(go()),
     "go-no-echo": lambda tmp, go: GoServer(go(), echo=False),
     "uvicorn": lambda tmp, go: Uvicorn(),
@@ -108,10 +111,10 @@ def test_the_backends_people_run_give_every_lookup_its_own_answer(name, tmp_path
         outcomes = check_replies(replies, extras, backend.policy_ids())
         # an honest backend: no temporary error at all, and pipelining never turned off
         assert outcomes["temporary"] == 0, (outcomes, [r for r in replies if r.outcome == "temporary"][:5])
-        assert "pipelining off" not in log, log[-3000:]
+        assert "pipelining off" not in log and STRAY_LINE not in log, log[-3000:]
         assert outcomes["notfound"] == (CLIENTS * REQUESTS) // 10
         pipelined = backend.pipelined()
-    if name == "nginx":
+    if name.startswith("nginx") and name != "nginx-no-echo":
         assert pipelined > 0, "nginx's access log has no pipelined request ($pipe p)"
     elif name == "nginx-no-echo":
         assert pipelined == 0, "pfrest pipelined to a backend that does not echo X-Request-Id"
@@ -172,8 +175,9 @@ def assert_nothing_sent_after_the_reply(backend, temporary):
 
 def test_a_slow_first_key_holds_none_of_the_lookups_behind_it(tmp_path):
     """One proven connection (a warm-up client), the slow key on it, then lookups from other clients while
-    it is in flight: queued behind it, they are sent again elsewhere and answered before it is; it gets
-    its own value within its request-timeout (3000 ms), and pipelining turns off with its WARNING line."""
+    it is in flight: queued behind it, they are sent again elsewhere at the stall time (0.3 s at a
+    request-timeout of 3000 ms) and answered before it is; it gets its own value within its
+    request-timeout, and pipelining turns off with its WARNING line."""
     with started(HostileBackend(SLOW)) as backend:
         with serving(tmp_path, backend.url) as (serve, ports):
             for mode in (TCP, SOCKETMAP):
