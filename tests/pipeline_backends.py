@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -61,43 +62,42 @@ http {{
 NGINX_ECHO = "add_header X-Request-Id $http_x_request_id always;"
 
 
-def _wait_listening(port, proc, what):
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not start (exit status {proc.poll()})")
-            time.sleep(0.02)
-
-
-def _wait_answering(url, proc, what):
-    """Until a lookup is answered: a server importing its app would otherwise hold pfrest's first requests
-    in the listening socket's backlog past their request-timeout."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/lookup?key=ready", timeout=START_TIMEOUT) as answer:
-                answer.read()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not answer (exit status {proc.poll()})")
-            time.sleep(0.05)
-
-
 class Program:
     """A backend process; ``url``, ``stop()``, and what it tells of its requests where it can
-    (``pipelined()``, ``policy_ids()``: None where it cannot)."""
+    (``pipelined()``, ``policy_ids()``: None where it cannot).  What it prints goes to a file (a pipe
+    nobody reads would block it once full)."""
 
     expected_policy = None   # the policy action the backend answers, when it does not name the recipient
 
     def __init__(self, command, url, env=None, pass_fds=(), cwd=None):
-        self.url = url
+        self.url, self.printed = url, tempfile.TemporaryFile()
         self.proc = subprocess.Popen(command, env=env, pass_fds=pass_fds, cwd=cwd, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                     stdout=self.printed, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        self.printed.seek(0)
+        return self.printed.read().decode("utf-8", "replace")
+
+    def wait_until(self, ready, what):
+        """Until ``ready()`` is true (it may raise OSError: not yet); fails if the process ends first."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                if ready():
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{what} (exit status {self.proc.poll()}): {self.output()[-2000:]}")
+            time.sleep(0.02)
+
+    def wait_answering(self, what):
+        """Until a lookup is answered: a server still importing its app would otherwise hold pfrest's
+        first requests in the listening socket's backlog past their request-timeout."""
+        def answered():
+            with urllib.request.urlopen(self.url + "/lookup?key=ready", timeout=START_TIMEOUT) as answer:
+                return answer.read() is not None
+        self.wait_until(answered, f"{what} did not answer")
 
     def stop(self):
         if self.proc.poll() is None:
@@ -107,7 +107,7 @@ class Program:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        self.proc.stdout.close()
+        self.printed.close()
 
     def pipelined(self):
         return None
@@ -131,7 +131,7 @@ class Nginx(Program):
                                           keepalive_requests=keepalive_requests))
         super().__init__([need_binary("nginx"), "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)],
                          f"http://127.0.0.1:{port}")
-        _wait_listening(port, self.proc, "nginx")
+        self.wait_answering("nginx")
 
     def _log(self):
         path = self.tmp / "access.log"
@@ -144,20 +144,14 @@ class Nginx(Program):
     def policy_ids(self):
         return Counter(fields[2] for fields in self._log() if fields[0] == "/policy")
 
-    def stop(self):
-        super().stop()
-        # nginx writes its access log as each request ends; the counts are read after the stop
-
 
 class GoServer(Program):
     """tests/backends/lookup.go, built once per session (go_binary)."""
 
     def __init__(self, binary, echo=True):
         super().__init__([binary, f"-echo={'true' if echo else 'false'}"], "")
-        line = self.proc.stdout.readline().decode()
-        match = re.match(r"listening on (\S+)", line)
-        assert match, f"the Go backend said {line!r}"
-        self.url = f"http://{match.group(1)}"
+        self.wait_until(lambda: re.match(r"listening on (\S+)\n", self.output()), "the Go backend did not start")
+        self.url = "http://" + re.match(r"listening on (\S+)", self.output()).group(1)
 
 
 def build_go(tmp):
@@ -184,7 +178,7 @@ class _Listening(Program):
         super().__init__([sys.executable, "-m", *[a.format(fd=self.sock.fileno()) for a in argv]],
                          f"http://127.0.0.1:{self.sock.getsockname()[1]}", env=env,
                          pass_fds=(self.sock.fileno(),), cwd=APPS)
-        _wait_answering(self.url, self.proc, argv[0])
+        self.wait_answering(argv[0])
 
     def stop(self):
         super().stop()
