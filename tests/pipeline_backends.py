@@ -11,6 +11,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from typing import NamedTuple
 from backends.pyapps import answer
 from conftest import Backend, need_binary
 from hostile import netstring, policy_request
-from postfix_instance import free_port
+from postfix_instance import certificate, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 APPS = os.path.join(HERE, "backends")
@@ -44,7 +45,7 @@ http {{
     scgi_temp_path {tmp}/scgi;
     keepalive_requests {keepalive_requests};
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{tls};
         location /lookup {{
             default_type application/json;
             {echo}
@@ -68,6 +69,7 @@ class Program:
     nobody reads would block it once full)."""
 
     expected_policy = None   # the policy action the backend answers, when it does not name the recipient
+    endpoint_options = {}    # config keys the endpoints need to reach it
 
     def __init__(self, command, url, env=None, pass_fds=(), cwd=None):
         self.url, self.printed = url, tempfile.TemporaryFile()
@@ -91,11 +93,12 @@ class Program:
                 raise AssertionError(f"{what} (exit status {self.proc.poll()}): {self.output()[-2000:]}")
             time.sleep(0.02)
 
-    def wait_answering(self, what):
+    def wait_answering(self, what, context=None):
         """Until a lookup is answered: a server still importing its app would otherwise hold pfrest's
         first requests in the listening socket's backlog past their request-timeout."""
         def answered():
-            with urllib.request.urlopen(self.url + "/lookup?key=ready", timeout=START_TIMEOUT) as answer:
+            with urllib.request.urlopen(self.url + "/lookup?key=ready", timeout=START_TIMEOUT,
+                                        context=context) as answer:
                 return answer.read() is not None
         self.wait_until(answered, f"{what} did not answer")
 
@@ -118,20 +121,26 @@ class Program:
 
 class Nginx(Program):
     """nginx answering from its config alone (``return``); its access log's $pipe says which requests
-    came pipelined."""
+    came pipelined.  With ``tls``, over https with a certificate of its own (``endpoint_options``: the
+    endpoint's ``ca-file`` trusting it)."""
 
     expected_policy = b"OK policy-any"
 
-    def __init__(self, tmp, echo=True, keepalive_requests=1000000):
+    def __init__(self, tmp, echo=True, keepalive_requests=1000000, tls=False):
         need_binary("nginx")
         self.tmp, port = tmp, free_port()
         tmp.mkdir(parents=True, exist_ok=True)
-        conf = tmp / "nginx.conf"
+        conf, context, scheme = tmp / "nginx.conf", None, "http"
+        if tls:
+            cert, key = certificate(tmp)
+            tls = f" ssl;\n        ssl_certificate {cert};\n        ssl_certificate_key {key}"
+            context, scheme = ssl.create_default_context(cafile=str(cert)), "https"
+            self.endpoint_options = {"ca-file": str(cert)}
         conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, echo=NGINX_ECHO if echo else "",
-                                          keepalive_requests=keepalive_requests))
+                                          keepalive_requests=keepalive_requests, tls=tls or ""))
         super().__init__([need_binary("nginx"), "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)],
-                         f"http://127.0.0.1:{port}")
-        self.wait_answering("nginx")
+                         f"{scheme}://127.0.0.1:{port}")
+        self.wait_answering("nginx", context)
 
     def _log(self):
         path = self.tmp / "access.log"
@@ -203,7 +212,7 @@ class ProjectBackend:
     """conftest's Backend (pfrest.commands.minihttp, the project's test server), answering lookups; it
     records every request, so it tells the policy requests' ids."""
 
-    expected_policy = None
+    expected_policy, endpoint_options = None, {}
 
     def __init__(self, echo=True):
         self.backend = Backend()
@@ -359,15 +368,14 @@ def traffic(ports, clients=32, requests=40, policy_clients=4, expected_policy=No
 
 def serve_config(path, url, request_timeout=3000, pipelining=True, **extra):
     """A config with a tcp and a socketmap endpoint (``pipelining``) and a policy one beside them, on
-    free ports; (path, {mode: port})."""
+    free ports, all with the keys ``extra``; (path, {mode: port})."""
     ports = {TCP: free_port(), SOCKETMAP: free_port(), POLICY: free_port()}
-    endpoints = [dict({"name": "tcp", "mode": "tcp-lookup", "target": url + "/lookup", "pipelining": pipelining},
-                      **extra),
-                 dict({"name": "socketmap", "mode": "socketmap-lookup", "target": url + "/lookup",
-                       "pipelining": pipelining}, **extra),
+    endpoints = [{"name": "tcp", "mode": "tcp-lookup", "target": url + "/lookup", "pipelining": pipelining},
+                 {"name": "socketmap", "mode": "socketmap-lookup", "target": url + "/lookup",
+                  "pipelining": pipelining},
                  {"name": "policy", "mode": "policy", "target": url + "/policy"}]
     for endpoint, (mode, port) in zip(endpoints, ports.items()):
-        endpoint.update({"bind-port": port, "request-timeout": request_timeout})
+        endpoint.update(extra, **{"bind-port": port, "request-timeout": request_timeout})
     path.write_text(json.dumps({"endpoints": endpoints}))
     path.chmod(0o600)
     return str(path), ports

@@ -23,6 +23,7 @@ import pytest
 
 from conftest import need_binary, pfrest_cmd, pfrest_env, ROOT
 from hostile import ServeProcess
+from postfix_instance import free_port
 from hostile_backends import (CLOSE_MID, COPY, ECHO_ONCE, FIRST_OF_READ, HONEST, INTERIM, NO_ECHO, OUT_OF_ORDER,
                               SLOW, HostileBackend)
 from pipeline_backends import (POLICY, SOCKETMAP, TCP, Client, GoServer, Gunicorn, Nginx, ProjectBackend, Uvicorn,
@@ -93,6 +94,7 @@ REAL = {
     # nginx closes a connection after its keepalive_requests (Connection: close on the last answer),
     # dropping the requests pipelined behind it: they are sent again
     "nginx-keepalive-20": lambda tmp, go: Nginx(tmp / "nginx", keepalive_requests=20),
+    "nginx-tls": lambda tmp, go: Nginx(tmp / "nginx", tls=True),
     "go": lambda tmp, go: GoServer(go()),
     "go-no-echo": lambda tmp, go: GoServer(go(), echo=False),
     "uvicorn": lambda tmp, go: Uvicorn(),
@@ -103,14 +105,14 @@ REAL = {
 }
 
 
-SEEN_PIPELINED = {"nginx": True, "nginx-keepalive-20": True, "nginx-no-echo": False}
+SEEN_PIPELINED = {"nginx": True, "nginx-keepalive-20": True, "nginx-tls": True, "nginx-no-echo": False}
 
 
 @pytest.mark.parametrize("name", list(REAL))
 def test_the_backends_people_run_give_every_lookup_its_own_answer(name, tmp_path, request):
     make = REAL[name]
     with started(make(tmp_path, lambda: request.getfixturevalue("go_binary"))) as backend:
-        with serving(tmp_path, backend.url) as (serve, ports):
+        with serving(tmp_path, backend.url, **backend.endpoint_options) as (serve, ports):
             replies, extras = traffic(ports, CLIENTS, REQUESTS, POLICY_CLIENTS, backend.expected_policy)
             log = serve.log()
         outcomes = check_replies(replies, extras, backend.policy_ids())
@@ -283,8 +285,9 @@ def test_nothing_is_sent_for_a_lookup_after_postfix_got_its_temporary_reply(tmp_
 @pytest.mark.parametrize("mode", ["policy", "dovecot-sasl"])
 def test_pipelining_is_refused_where_a_request_must_never_be_sent_twice(mode, write_config):
     path = write_config([{"name": "p", "mode": mode, "target": "http://127.0.0.1:9/x", "pipelining": True,
-                          "bind-port": 10025}])
+                          "bind-port": free_port()}])
     for command in ("check", "serve"):
         proc = subprocess.run(pfrest_cmd(command, "-c", path), capture_output=True, text=True, timeout=30,
                               env=pfrest_env(), cwd=ROOT)
-        assert proc.returncode == 78 and "pipelining" in proc.stderr, (command, proc.returncode, proc.stderr)
+        assert proc.returncode == 78 and "endpoints[0] (p).pipelining" in proc.stderr, \
+            (command, proc.returncode, proc.stderr)
