@@ -1,6 +1,7 @@
 """Hostile HTTP/1.1 lookup backends for the pipelining tests: raw asyncio servers that read pipelined
 requests and answer them wrongly in one chosen way (out of order, a close mid-pipeline, a slow key, 1xx
-interim answers, a copy of an answer, only the first request of a read, no X-Request-Id echo).  Some keys
+interim answers, a copy of an answer, only the first request of a read, no X-Request-Id echo), or
+rightly but in a way that strains the reading of answers one after another (chunked and large).  Some keys
 tell any of them what to do: "missing..." 404, "error..." 500; with SLOW, "slow..." takes SLOW_SECONDS
 and "late-copy..." has its answer sent once more LATE_COPY seconds later.
 
@@ -34,10 +35,12 @@ REQUEST_ID = re.compile(rb"\r\nx-request-id:\s*([^\r\n]*)", re.I)
 REASONS = {200: b"OK", 404: b"Not Found", 500: b"Internal Server Error"}
 INTERIMS = (b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
 
-HONEST, OUT_OF_ORDER, CLOSE_MID, SLOW, INTERIM, COPY, FIRST_OF_READ, NO_ECHO, ECHO_ONCE = (
+PADDING = 200_000           # bytes of white space after a BULKY answer's JSON: it takes several reads
+
+HONEST, OUT_OF_ORDER, CLOSE_MID, SLOW, INTERIM, COPY, FIRST_OF_READ, NO_ECHO, ECHO_ONCE, BULKY = (
     "honest", "out-of-order", "close-mid-pipeline", "slow-first-key", "interim-1xx", "copy", "first-of-read",
-    "no-echo", "echo-once")
-BEHAVIOURS = (HONEST, OUT_OF_ORDER, CLOSE_MID, SLOW, INTERIM, COPY, FIRST_OF_READ, NO_ECHO, ECHO_ONCE)
+    "no-echo", "echo-once", "chunked-and-large")
+BEHAVIOURS = (HONEST, OUT_OF_ORDER, CLOSE_MID, SLOW, INTERIM, COPY, FIRST_OF_READ, NO_ECHO, ECHO_ONCE, BULKY)
 
 
 class Seen(NamedTuple):
@@ -49,8 +52,9 @@ class Seen(NamedTuple):
     waiting: int      # requests of its connection read and not yet answered, itself included
 
 
-def answer_for(request: Seen, echo: bool) -> bytes:
-    """The right answer to a request, as bytes."""
+def answer_for(request: Seen, echo: bool, bulky=None) -> bytes:
+    """The right answer to a request, as bytes; ``bulky``: "chunked" (in three chunks) or "large" (its
+    JSON padded with PADDING bytes of white space)."""
     if request.policy:
         status, kind, body = 200, b"text/plain", b"OK policy-" + request.key.encode()
     elif request.key.startswith("missing"):
@@ -60,6 +64,13 @@ def answer_for(request: Seen, echo: bool) -> bytes:
     else:
         status, kind, body = 200, b"application/json", json.dumps(["value-of-" + request.key]).encode()
     echoed = b"X-Request-Id: %s\r\n" % request.request_id if echo and request.request_id else b""
+    if bulky == "chunked":
+        thirds = (body[:len(body) // 3], body[len(body) // 3:len(body) * 2 // 3], body[len(body) * 2 // 3:])
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in thirds if part)
+        return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nTransfer-Encoding: chunked\r\n%s\r\n%s0\r\n\r\n" % (
+            status, REASONS[status], kind, echoed, chunks)
+    if bulky == "large" and status == 200:
+        body += b" " * PADDING
     return b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
         status, REASONS[status], kind, len(body), echoed, body)
 
@@ -137,7 +148,8 @@ class _Connection(asyncio.Protocol):
         echo = self.server.echoes(self.answered) if echo is None else echo
         if not echo and self.server.behaviour == ECHO_ONCE:
             self.server.victims.add(request.key)   # pfrest may take it for a stray answer
-        self.out.append(answer_for(request, echo))
+        bulky = ("chunked", "large")[self.answered % 2] if self.server.behaviour == BULKY else None
+        self.out.append(answer_for(request, echo, bulky))
         self.answered += 1
         self.waiting -= 1
 

@@ -21,13 +21,13 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import need_binary, pfrest_cmd, pfrest_env, ROOT
+from conftest import ROOT, need_binary, pfrest_cmd, pfrest_env
 from hostile import ServeProcess
-from postfix_instance import free_port
-from hostile_backends import (CLOSE_MID, COPY, ECHO_ONCE, FIRST_OF_READ, HONEST, INTERIM, NO_ECHO, OUT_OF_ORDER,
-                              SLOW, HostileBackend)
+from hostile_backends import (BULKY, CLOSE_MID, COPY, ECHO_ONCE, FIRST_OF_READ, HONEST, INTERIM, NO_ECHO,
+                              OUT_OF_ORDER, SLOW, HostileBackend)
 from pipeline_backends import (POLICY, SOCKETMAP, TCP, Client, GoServer, Gunicorn, Nginx, ProjectBackend, Uvicorn,
                                build_go, judge, serve_config, traffic)
+from postfix_instance import free_port
 
 CLIENTS = 32          # lookup clients at once, tcp and socketmap in turn
 REQUESTS = 20         # lookups (or policy requests) each client asks, one after another
@@ -135,6 +135,7 @@ def test_the_backends_people_run_give_every_lookup_its_own_answer(name, tmp_path
 HOSTILE = {
     HONEST: (False, True, False),
     INTERIM: (False, True, False),
+    BULKY: (False, True, False),
     OUT_OF_ORDER: (True, True, False),
     CLOSE_MID: (True, True, False),
     COPY: (True, True, True),
