@@ -1,6 +1,7 @@
 """Hostile HTTP/1.1 lookup backends for the pipelining tests: raw asyncio servers that read pipelined
 requests and answer them wrongly in one chosen way (out of order, a close mid-pipeline, a slow key, 1xx
-interim answers, a copy of an answer, only the first request of a read, no X-Request-Id echo), or
+interim answers, a copy of an answer, a malformed answer, only the first request of a read, no
+X-Request-Id echo), or
 rightly but in a way that strains the reading of answers one after another (chunked and large).  Some keys
 tell any of them what to do: "missing..." 404, "error..." 500; with SLOW, "slow..." takes SLOW_SECONDS
 and "late-copy..." has its answer sent once more LATE_COPY seconds later.
@@ -37,10 +38,13 @@ INTERIMS = (b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink
 
 PADDING = 200_000           # bytes of white space after a BULKY answer's JSON: it takes several reads
 
-HONEST, OUT_OF_ORDER, CLOSE_MID, SLOW, INTERIM, COPY, FIRST_OF_READ, NO_ECHO, ECHO_ONCE, BULKY = (
+MALFORMED_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n"
+
+HONEST, OUT_OF_ORDER, CLOSE_MID, SLOW, INTERIM, COPY, FIRST_OF_READ, NO_ECHO, ECHO_ONCE, BULKY, MALFORMED = (
     "honest", "out-of-order", "close-mid-pipeline", "slow-first-key", "interim-1xx", "copy", "first-of-read",
-    "no-echo", "echo-once", "chunked-and-large")
-BEHAVIOURS = (HONEST, OUT_OF_ORDER, CLOSE_MID, SLOW, INTERIM, COPY, FIRST_OF_READ, NO_ECHO, ECHO_ONCE, BULKY)
+    "no-echo", "echo-once", "chunked-and-large", "malformed")
+BEHAVIOURS = (HONEST, OUT_OF_ORDER, CLOSE_MID, SLOW, INTERIM, COPY, FIRST_OF_READ, NO_ECHO, ECHO_ONCE, BULKY,
+              MALFORMED)
 
 
 class Seen(NamedTuple):
@@ -159,7 +163,7 @@ class _Connection(asyncio.Protocol):
             batch = [await self.queue.get()]
             while not self.queue.empty():
                 batch.append(self.queue.get_nowait())
-            if len(batch) > 1 and server.behaviour in (OUT_OF_ORDER, CLOSE_MID, COPY):
+            if len(batch) > 1 and server.behaviour in (OUT_OF_ORDER, CLOSE_MID, COPY, MALFORMED):
                 server.hostile_events.add(self.number)
                 if server.behaviour == OUT_OF_ORDER:
                     server.victims.add(batch[0].key)   # the answer read as its own is another's
@@ -172,7 +176,8 @@ class _Connection(asyncio.Protocol):
                     self._flush()
                     self.transport.close()
                     return
-                self.out.append(answer_for(batch[0], True))   # the copy: read as the next one's answer
+                # the copy, or a malformed answer: read as the next one's answer
+                self.out.append(answer_for(batch[0], True) if server.behaviour == COPY else MALFORMED_ANSWER)
                 server.victims.add(batch[1].key)
                 batch = batch[1:]
             for request in batch:
