@@ -126,7 +126,8 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data):
         now = time.monotonic()
         self.buffer += data
-        first = True
+        first, read = True, []
+        self.server.reads.append(read)
         while True:
             parsed = parse(self.buffer)
             if parsed is None:
@@ -138,6 +139,7 @@ class _Connection(asyncio.Protocol):
             seen = Seen(self.number, is_policy(target), key_of(target, body), match.group(1) if match else b"",
                         now, self.waiting + ignored)   # an ignored request waits with the others, forever
             self.server.seen.append(seen)
+            read.append(seen.key)
             if seen.key.startswith("slow"):
                 self.server.slow_seen.set()
             if ignored:
@@ -205,13 +207,14 @@ class HostileBackend:
     ``seen``: every request read (Seen); ``hostile_events``: the connections it misbehaved on;
     ``ignored``: the requests FIRST_OF_READ dropped; ``slow_answered``: key -> when a slow key's answer
     was written; ``victims``: the keys whose answer it spoilt (a request pfrest may have to answer with a
-    temporary error, by the design); ``slow_seen``: set when a slow key came."""
+    temporary error, by the design); ``slow_seen``: set when a slow key came; ``reads``: the keys of the
+    requests completed by each read, in order."""
 
     def __init__(self, behaviour):
         assert behaviour in BEHAVIOURS, behaviour
         self.behaviour = behaviour
         self.seen, self.ignored, self.hostile_events, self.slow_answered = [], [], set(), {}
-        self.victims, self.slow_seen = set(), threading.Event()
+        self.victims, self.slow_seen, self.reads = set(), threading.Event(), []
         self.transports, self.connections = set(), 0
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()

@@ -12,6 +12,7 @@ temporary error only where the design gives one (a request whose own answer the 
 Nothing of a lookup reaches the backend after Postfix got its temporary reply.
 """
 
+import asyncio
 import re
 import subprocess
 import threading
@@ -299,3 +300,51 @@ def test_pipelining_is_refused_where_a_request_must_never_be_sent_twice(mode, wr
                               env=pfrest_env(), cwd=ROOT)
         assert proc.returncode == 78 and "endpoints[0] (p).pipelining" in proc.stderr, \
             (command, proc.returncode, proc.stderr)
+
+
+# --- a caller that stops waiting ---------------------------------------------------------------------------
+
+def test_a_lookup_whose_caller_stopped_waiting_is_never_written_or_its_answer_dropped():
+    """The event-loop client itself (pfrest.backend.Client, pipelining on): lookups started in one turn
+    of the loop go out in one write; a lookup cancelled in the turn it was started (Postfix gone, or its
+    deadline) is never written to the backend; one cancelled once written has its answer read and
+    dropped, and the next lookup on that connection gets its own."""
+    from pfrest import config
+    from pfrest.backend import Client as BackendClient, new_request_id
+    from pfrest.protocol import verdict
+
+    async def ask(client, key):
+        result = await client.lookup((("key", key.encode()),), new_request_id())
+        found = verdict.lookup(result)
+        return found.value.decode() if found.kind == verdict.FOUND else found.kind
+
+    async def cancel(task):
+        task.cancel()
+
+    async def main(backend):
+        client = BackendClient(config.Endpoint(name="t", mode="tcp-lookup", target=backend.url + "/lookup",
+                                               request_timeout=3000, pipelining=True), "test")
+        try:
+            assert await ask(client, "warm") == "value-of-warm"   # a proven connection: the pipeline's
+            together = [asyncio.ensure_future(ask(client, key)) for key in ("x", "y", "z")]
+            assert await asyncio.gather(*together) == ["value-of-x", "value-of-y", "value-of-z"]
+            # started in one turn (one write): the canceller runs after both sent, before the write
+            first, never = asyncio.ensure_future(ask(client, "first")), asyncio.ensure_future(ask(client, "never"))
+            await asyncio.gather(cancel(never), return_exceptions=True)
+            assert await first == "value-of-first"
+            assert never.cancelled()
+            # cancelled once written: its answer comes and is dropped
+            dropped = asyncio.ensure_future(ask(client, "dropped"))
+            while not backend.arrivals("dropped"):
+                await asyncio.sleep(0.001)
+            dropped.cancel()
+            assert await ask(client, "next") == "value-of-next"
+        finally:
+            client.close()
+
+    with started(HostileBackend(HONEST)) as backend:
+        asyncio.run(main(backend))
+    assert not backend.arrivals("never"), "a lookup was written after its caller stopped waiting"
+    assert ["x", "y", "z"] in backend.reads, f"not in one write: {backend.reads}"
+    connections = {s.connection for s in backend.seen}
+    assert len(connections) == 1, f"the pipeline's connection was not kept: {backend.seen}"
