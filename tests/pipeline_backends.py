@@ -376,6 +376,7 @@ def serve_config(path, url, request_timeout=3000, pipelining=True, **extra):
                  {"name": "policy", "mode": "policy", "target": url + "/policy"}]
     for endpoint, (mode, port) in zip(endpoints, ports.items()):
         endpoint.update(extra, **{"bind-port": port, "request-timeout": request_timeout})
-    path.write_text(json.dumps({"endpoints": endpoints}))
+    # its own control socket: the default one in /run belongs to the machine's pfrest
+    path.write_text(json.dumps({"endpoints": endpoints, "control-socket": str(path.parent / "control.sock")}))
     path.chmod(0o600)
     return str(path), ports
