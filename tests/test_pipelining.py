@@ -286,7 +286,9 @@ def test_nothing_is_sent_for_a_lookup_after_postfix_got_its_temporary_reply(tmp_
     temporary = [r for r in replies if r.outcome == "temporary"]
     assert {r.key for r in temporary} >= {k for ks in keys.values() for k in ks if k.startswith("slow")}, outcomes
     assert_nothing_sent_after_the_reply(backend, temporary)
-    assert outcomes["value"] > 0 and backend.batches() > 0, (outcomes, backend.batches())
+    quick = [r for r in replies if not r.key.startswith("slow")]
+    assert {r.outcome for r in quick} == {"value"}, (outcomes, [r for r in quick if r.outcome != "value"][:5])
+    assert backend.batches() > 0, "pfrest never pipelined to it: the test proves nothing"
 
 
 # --- the config ------------------------------------------------------------------------------------------
