@@ -56,6 +56,7 @@ from pfrest.backend.connect import open_connection
 from pfrest.backend.deadline import Deadline, Deadlines, uncancel
 from pfrest.backend.errors import Failed, failure_for
 from pfrest.backend.observer import NOBODY
+from pfrest.backend.pipeline import Pipeline
 from pfrest.backend.pool import Pool
 from pfrest.backend.request import Template
 from pfrest.backend.response import ResponseReader
@@ -98,7 +99,7 @@ class _Cutoff:
 class _Target(Backoff):
     """One URL of the endpoint's ``target`` list: its route, request template, idle connections and
     health (Backoff: up, or down until ``down_until``)."""
-    __slots__ = ("url", "route", "template", "where", "pool", "on_stray")
+    __slots__ = ("url", "route", "template", "where", "pool", "on_stray", "pipeline")
 
     def __init__(self, url: str, endpoint, user_agent: str):
         super().__init__(BACKOFF_FIRST, BACKOFF_MAX)
@@ -129,6 +130,7 @@ class Client:
         self._targets = tuple(_Target(url, endpoint, user_agent) for url in endpoint.targets)
         for target in self._targets:
             target.on_stray = partial(self._stray, target, "bytes came on an idle connection")
+            target.pipeline = self._pipeline(target)
         self._loop = None
         self._deadlines = Deadlines(self._timeout)
         self._first_cutoffs = Deadlines(self._timeout * ATTEMPT_SHARE)
@@ -145,6 +147,8 @@ class Client:
         """Idempotent: idle connections close now, busy ones when their exchange ends."""
         for target in self._targets:
             target.pool.close()
+            if target.pipeline is not None:
+                target.pipeline.close()
 
     async def _call(self, idempotent: bool, items, request_id: str):
         loop = asyncio.get_running_loop()
@@ -258,25 +262,36 @@ class Client:
         started = loop.time()
         try:
             build = target.template.lookup if idempotent else target.template.policy
-            request, conn = build(items, request_id, auth), target.pool.take(started, look=not idempotent)
-            while True:
-                fresh = conn is None
-                if fresh:
-                    conn = await open_connection(loop, target.route, self._files, self._user_agent)
-                    conn.on_stray = target.on_stray
-                if cutoff is not None and not idempotent:
-                    cutoff.disarm()   # once written, a policy request waits out the rest of the deadline
-                reader = ResponseReader(request_id.encode("ascii"), self._require_id)
-                try:
-                    await conn.exchange(request, reader)
-                except BaseException:   # cancelled: the deadline, a cutoff, or the caller
-                    conn.abort()
-                    raise
-                ended = loop.time()
-                self._release(target.pool, conn, reader, ended)
-                if fresh or not (idempotent and reader.unanswered):
-                    break
-                conn = None   # a reused connection the backend had closed: once more on a new one
+            request, echo = build(items, request_id, auth), request_id.encode("ascii")
+            pipeline = target.pipeline if idempotent else None
+            answer = None if pipeline is None else pipeline.send(loop, request, echo)
+            if answer is not None:   # on a pipeline (a cancellation: it drops the answer, or never writes it)
+                result = await answer   # None: not answered there, and sent on its own below
+            if answer is None or result is None:
+                conn = target.pool.take(started, look=not idempotent)
+                while True:
+                    fresh = conn is None
+                    if fresh:
+                        conn = await open_connection(loop, target.route, self._files, self._user_agent)
+                        conn.on_stray = target.on_stray
+                    if cutoff is not None and not idempotent:
+                        cutoff.disarm()   # once written, a policy request waits out the rest of the deadline
+                    reader = ResponseReader(echo, self._require_id)
+                    try:
+                        await conn.exchange(request, reader)
+                    except BaseException:   # cancelled: the deadline, a cutoff, or the caller
+                        conn.abort()
+                        raise
+                    self._release(loop, target, conn, reader)
+                    if fresh or not (idempotent and reader.unanswered):
+                        break
+                    conn = None   # a reused connection the backend had closed: once more on a new one
+                result = reader.result
+                held = fresh or not reader.unanswered   # a reused connection closed while idle: no sign
+            else:
+                held = True
+            move_on = idempotent and held and result.__class__ is Failure and result.kind in DOWN_KINDS
+            ended = loop.time()
         except asyncio.CancelledError:
             result = self._cut_off(loop, target, deadline, cutoff, started)
             if result is None:
@@ -284,10 +299,6 @@ class Client:
             move_on, held, ended = True, True, loop.time()
         except Exception as exc:   # raised before any byte of the request was written
             result, move_on, held, ended = failure_for(exc, target.where), True, True, loop.time()
-        else:
-            result = reader.result
-            held = fresh or not reader.unanswered   # a reused connection closed while idle: no sign
-            move_on = idempotent and held and result.__class__ is Failure and result.kind in DOWN_KINDS
         finally:
             if cutoff is not None:
                 cutoff.disarm()
@@ -348,17 +359,34 @@ class Client:
             closed = target.pool.closed
             target.pool = Pool()
             target.pool.closed = closed
+            target.pipeline = self._pipeline(target)
+            if closed and target.pipeline is not None:
+                target.pipeline.close()
         self._loop = loop
         self._deadlines = Deadlines(self._timeout)
         self._first_cutoffs = Deadlines(self._timeout * ATTEMPT_SHARE)
 
+    def _pipeline(self, target):
+        """The target's Pipeline with ``pipelining``, else None."""
+        if not self.endpoint.pipelining:
+            return None
+        where = f"endpoint={self.endpoint.name} backend {target.where}"
+        return Pipeline(self._timeout, partial(_pipelining_off, where), target.on_stray)
+
     @staticmethod
-    def _release(pool, conn, reader, now: float):
+    def _release(loop, target, conn, reader):
         if reader.keep_alive and reader.result.status in REUSABLE_STATUSES:
+            now = loop.time()
             conn.echoes = reader.echoed
-            pool.put(conn, now)
+            pipeline = target.pipeline
+            if pipeline is None or not reader.echoed or not pipeline.adopt(conn, loop, now):
+                target.pool.put(conn, now)
         else:
             conn.abort()
+
+
+def _pipelining_off(where: str, reason: str, seconds: float):
+    log.warning("%s: pipelining off for %g s (%s)", where, seconds, reason)
 
 
 class _Unusable:

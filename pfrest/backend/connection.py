@@ -4,7 +4,8 @@ An exchange writes one request and waits for the reader it was given (response.R
 the proxy's CONNECT reply) to be done; ``data_received`` feeds the reader, EOF and connection loss end
 it.  Between exchanges the connection is idle, and anything arriving then (bytes, EOF) makes it dead:
 a well-behaved backend says nothing unasked, and stale bytes must never be read as the next answer.
-Bytes that came unasked (a backend answering twice) are told to ``on_stray``, once.
+Bytes that came unasked (a backend answering twice) are told to ``on_stray``, once.  A connection that
+carries pipelined lookups (pipeline.py) has one reader for the rest of its life instead (``carry``).
 """
 
 import asyncio
@@ -38,6 +39,11 @@ class Connection(asyncio.Protocol):
             return self._settle()
         self.transport.write(request)
         return self._done
+
+    def carry(self, reader):
+        """From now on ``reader`` reads everything that comes, and ``exchange`` is not used: it writes its
+        requests itself (a pipeline)."""
+        self._reader, self._done = reader, None
 
     def quiet(self) -> bool:
         """Nothing waits to be read on the socket (one poll, no wait): it can carry a request.  When
@@ -74,7 +80,7 @@ class Connection(asyncio.Protocol):
 
     def _settle(self):
         done, self._reader, self._done = self._done, None, None
-        if not done.done():
+        if done is not None and not done.done():
             done.set_result(None)
         return done
 

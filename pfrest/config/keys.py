@@ -350,6 +350,7 @@ ENDPOINT_KEYS = {
     "cache-timeout": ("cache_timeout", _cache_timeout_ms, LOOKUPS),
     "cache-read-url": ("cache_read_url", _cache_url, LOOKUPS),
     "require-request-id": ("require_request_id", _boolean, None),
+    "pipelining": ("pipelining", _boolean, LOOKUPS),
     "mechanisms": ("mechanisms", _mechanisms, (SASL,)),
     "oauth2": ("oauth2", _oauth2, None),
 }

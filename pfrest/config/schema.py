@@ -134,6 +134,7 @@ class Endpoint:
     cache_local_ttl: float = DEFAULT_CACHE_LOCAL_TTL
     cache_timeout: int = DEFAULT_CACHE_TIMEOUT_MS
     require_request_id: bool = False
+    pipelining: bool = False
     cache_read_url: Optional[str] = field(default=None, repr=False)   # a replica for reads; a password too
     mechanisms: Tuple[str, ...] = MECHANISMS
     oauth2: Optional[OAuth2] = field(default=None, repr=False)
