@@ -10,7 +10,6 @@ and stops these programs as it does ``pfrest serve``.
 
 import json
 import os
-import re
 import sys
 
 # The keys of an endpoint in the original program's config; a connector that takes it may know no other
@@ -18,6 +17,8 @@ ORIGINAL_KEYS = ("name", "mode", "target", "bind-address", "bind-port", "auth-to
 COMPARED_MODES = ("tcp", "socketmap")   # the policy protocol: the Rust connector closes after each reply
 FLOOR_PROCESSES = (1, 2)
 CONNECTOR_READY = 3.0   # seconds for a compared connector to listen (a compiled one takes milliseconds)
+DIRECT_LABEL = "direct HTTP lookup uniform"   # pfrest-bench's backend-only row of lookups
+LABEL_WIDTH = 34
 FLOOR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "benchfloor.py")
 
 
@@ -29,9 +30,10 @@ def floor_label(processes):
     return "floor tcp uniform" + (f" x{processes}" if processes > 1 else "")
 
 
-def serve_label(mode, workers, first):
-    """The closed-loop uniform row of ``serve``; a second --workers value gets its own rows."""
-    return f"serve {mode} uniform" + ("" if first else f" w{workers}")
+def serve_label(mode, workers, first, pipelined=False):
+    """The closed-loop uniform row of ``serve``; a second --workers value gets its own rows, and so does
+    --pipelining."""
+    return f"serve {mode} uniform" + ("" if first else f" w{workers}") + (" pipelined" if pipelined else "")
 
 
 def connector_config(bench_config, name, workdir):
@@ -58,22 +60,26 @@ def floor_command(port, backend_port, workdir, processes):
 
 
 def print_ratios(figures, compared, out=sys.stdout):
-    """pfrest's closed-loop uniform rows against the compared connector's and the floor's, per mode."""
-    by_label = {f.label: f for f in figures}
-    references = [compared_label(mode) for mode in COMPARED_MODES if compared] + \
-        [floor_label(n) for n in FLOOR_PROCESSES]
+    """pfrest's closed-loop uniform rows against the compared connector's (all of them, per mode) and the
+    floor's (the rows with as many workers as the floor has processes), and each of these against the
+    backend alone: lookups/s ratio and CPU-per-lookup ratio."""
+    references = [f for f in figures if f.tags.get("kind") in ("compared", "floor") and f.median("rate")]
+    direct = next((f for f in figures if f.label == DIRECT_LABEL and f.median("rate")), None)
     lines = []
-    for reference in references:
-        ref = by_label.get(reference)
-        mode = reference.split()[1]
-        pattern = re.compile(rf"serve {mode} uniform( w\d+)?$")
+    for ref in references:
+        if direct:
+            lines.append(f"  {ref.label:<{LABEL_WIDTH}} {ref.median('rate'):7.0f}/s, p50 {ref.median('p50'):6.2f} ms: "
+                         f"{ref.median('rate') / direct.median('rate'):.1%} of the backend's rate alone")
         for f in figures:
-            if not ref or not pattern.match(f.label) or not f.median("rate") or not ref.median("rate"):
+            tags = f.tags
+            if tags.get("kind") != "serve" or tags["mode"] != ref.tags["mode"] or not f.median("rate") or \
+                    (ref.tags["kind"] == "floor" and tags["workers"] != ref.tags["workers"]):
                 continue
             cpu, ref_cpu = f.median("cpu_per_1000"), ref.median("cpu_per_1000")
-            lines.append(f"  {f.label:<24} {f.median('rate') / ref.median('rate'):5.2f}x the lookups/s of "
-                         f"{reference:<24} CPU per lookup {cpu * 1000:6.1f} us, "
-                         + (f"{cpu / ref_cpu:5.2f}x its {ref_cpu * 1000:6.1f} us" if ref_cpu else "its: -"))
+            lines.append(f"    {f.label:<{LABEL_WIDTH - 2}} {f.median('rate') / ref.median('rate'):5.2f}x its "
+                         f"lookups/s ({f.median('rate'):7.0f}/s), CPU per lookup "
+                         + (f"{cpu / ref_cpu:5.2f}x its ({cpu * 1000:6.1f} us, it {ref_cpu * 1000:6.1f} us)"
+                            if cpu and ref_cpu else "-"))
     if lines:
         print("\npfrest against " + (f"the compared connector ({compared}) and " if compared else "")
               + "the floor (same clients, same keys, closed loop):", file=out)
