@@ -28,6 +28,8 @@ def test_bench_prints_figures():
     assert re.search(r"serve tcp skewed cache .* -?\d+\.\d% +-?\d+\.\d% +0\n", text), text
     assert "--workers 2" in text
     assert re.search(r"pfrest handle under socat, connect.first reply:\s+\d+\.\d ms", text), text
+    assert re.search(r"a handle's private memory \(RssAnon\) after its first reply, .*python.*: \d+\.\d\d MiB "
+                     r"\(least of 5; reply 200\)", text), text
 
 
 def test_bench_fleet_mode_prints_figures():
