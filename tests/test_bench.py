@@ -1,6 +1,8 @@
 """bin/pfrest-bench runs end to end in a tiny configuration and prints its figures.  No timing is
 asserted: the figures depend on the machine."""
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -26,6 +28,8 @@ def test_bench_prints_figures():
     assert re.search(r"serve tcp skewed cache .* -?\d+\.\d% +-?\d+\.\d% +0\n", text), text
     assert "--workers 2" in text
     assert re.search(r"pfrest handle under socat, connect.first reply:\s+\d+\.\d ms", text), text
+    assert re.search(r"a handle's private memory \(RssAnon\) after its first reply, .*python.*: \d+\.\d\d MiB "
+                     r"\(least of 5; reply 200\)", text), text
 
 
 def test_bench_fleet_mode_prints_figures():
@@ -69,6 +73,56 @@ def test_bench_measures_logins():
     assert re.search(r"direct HTTP auth" + number * 5, text), text
     assert re.search(r"auth +through pfrest: +\d+/s, .* straight to the backend: +\d+/s", text), text
     assert "serve auth skewed" not in text   # logins are never cached
+
+
+SHORT = ["--backend", "python", "--clients", "2", "--client-processes", "1", "--duration", "0.3", "--runs", "1",
+         "--modes", "tcp", "--workloads", "uniform", "--paced-lookups", "0", "--spawn-runs", "0"]
+
+
+def test_bench_floor_pipelining_and_workers_rows():
+    """--floor (1 and 2 processes), --pipelining and two --workers values: their rows in the one table, each
+    with a positive rate and CPU and no bad reply, and pfrest's ratios to the floor with as many processes."""
+    out = subprocess.run([sys.executable, f"{ROOT}/bin/pfrest-bench", *SHORT, "--workers", "2,1", "--pipelining",
+                          "--floor"], capture_output=True, text=True, timeout=120, env=pfrest_env(), cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout.split("medians of 1 run(s)")[1]
+    for label in ("serve tcp uniform", "serve tcp uniform pipelined", "serve tcp uniform w1",
+                  "serve tcp uniform w1 pipelined", "floor tcp uniform", "floor tcp uniform x2"):
+        row = re.search(r"\n" + re.escape(label) + r" +(\d+) +(\d+\.\d+)(?: +\d+\.\d+){3} +(\d+\.\d+) .* 0\n",
+                        text)
+        assert row and int(row[1]) > 0 and float(row[3]) > 0, (label, text)
+    ratios = text.split("the floor (same clients, same keys, closed loop):")[1]
+    assert re.search(r"floor tcp uniform +\d+/s, p50 +\d+\.\d+ ms: \d+\.\d% of the backend's rate alone\n"
+                     r" +serve tcp uniform w1 +\d+\.\d\dx its lookups/s .*\n"
+                     r" +serve tcp uniform w1 pipelined +\d+\.\d\dx its lookups/s .*\n"
+                     r" +floor tcp uniform x2 .*\n +serve tcp uniform +\d+\.\d\dx its", ratios), ratios
+    assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_bench_compare_with_gives_the_original_config_and_stops_the_connector(tmp_path):
+    """--compare-with: a program that is not executable is refused; one that is gets a config of the
+    original program's keys for the endpoint and port measured, and is stopped when the bench ends, here
+    because it never listens (a real process: a shell that records its config and pid, then sleeps)."""
+    bench = [sys.executable, f"{ROOT}/bin/pfrest-bench", *SHORT, "--workers", "1", "--no-direct"]
+    out = subprocess.run(bench + ["--compare-with", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                         env=pfrest_env(), cwd=ROOT)
+    assert out.returncode == 2 and "--compare-with " + str(tmp_path) + ": not an executable file" in out.stderr
+    connector = tmp_path / "connector"
+    connector.write_text(f'#!/bin/sh\ncp "$1" {tmp_path}/config.json\necho $$ > {tmp_path}/pid\nexec sleep 60\n')
+    connector.chmod(0o755)
+    out = subprocess.run(bench + ["--compare-with", str(connector)], capture_output=True, text=True, timeout=60,
+                         env=pfrest_env(), cwd=ROOT)
+    assert out.returncode == 1, out.stdout + out.stderr
+    failed = re.search(r"pfrest-bench: \S+/connector: nothing listens on 127\.0\.0\.1:(\d+) after 3\.0 s", out.stderr)
+    assert failed, out.stderr
+    assert re.search(r"\nserve tcp uniform +[1-9]", out.stdout), out.stdout   # pfrest was measured before it
+    config = json.loads((tmp_path / "config.json").read_text())
+    endpoint, = config["endpoints"]
+    assert set(endpoint) == {"name", "mode", "target", "bind-address", "bind-port", "auth-token", "request-timeout"}
+    assert (endpoint["mode"], endpoint["bind-port"]) == ("tcp-lookup", int(failed[1]))
+    assert endpoint["target"].startswith("http://127.0.0.1:") and endpoint["target"].endswith("/lookup")
+    pid = int((tmp_path / "pid").read_text())
+    assert not os.path.exists(f"/proc/{pid}"), "the compared connector was left running"
 
 
 def test_bench_steps_prints_a_figure_per_step():

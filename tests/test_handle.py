@@ -232,3 +232,30 @@ def test_nothing_but_replies_on_stdout_and_stderr_whatever_breaks(backend, write
         proc = subprocess.run(pfrest_cmd("handle", *args), input=b"get k\n", capture_output=True,
                               timeout=30, env=pfrest_env(), cwd=ROOT)
         assert (proc.stdout, proc.stderr, proc.returncode) == (replies, b"", status), args
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_openssl_is_loaded_only_by_a_handle_that_may_need_it(backend, write_config, tmp_path, scheme):
+    """A handle of plain http URLs never maps OpenSSL (its private memory, issue 22); one with an https
+    target has it: the same config but for the scheme (the https target is refused, a temporary error)."""
+    import subprocess
+    from conftest import pfrest_cmd, pfrest_env, ROOT
+    backend.answers["k"] = (200, ["v"])
+    url = backend.url if scheme == "http" else backend.url.replace("http://", "https://")
+    path = write_config([endpoint(backend, "tcp-lookup", target=url + "/lookup", **{"request-timeout": 2000})])
+    ours, theirs = socket.socketpair()
+    with ours:
+        proc = subprocess.Popen(pfrest_cmd("handle", "-c", path, "--log-file", str(tmp_path / "log"), "ep"),
+                                stdin=theirs, stdout=theirs, stderr=subprocess.DEVNULL, env=pfrest_env(), cwd=ROOT)
+        theirs.close()
+        try:
+            ours.settimeout(30)
+            ours.sendall(b"get k\n")
+            reply = ours.recv(4096)
+            maps = open(f"/proc/{proc.pid}/maps").read()
+        finally:
+            ours.shutdown(socket.SHUT_WR)
+            proc.wait(timeout=30)
+    mapped = re.search(r"/_ssl\.|/libssl\.", maps) is not None
+    assert (reply, mapped) == ((b"200 v\n", False) if scheme == "http" else (reply, True)), (reply, mapped)
+    assert scheme == "http" or reply.startswith(b"400 ")

@@ -371,7 +371,7 @@ class Client:
         if not self.endpoint.pipelining:
             return None
         where = f"endpoint={self.endpoint.name} backend {target.where}"
-        return Pipeline(self._timeout, partial(_pipelining_off, where), target.on_stray)
+        return Pipeline(self._timeout, partial(log.warning, "%s: pipelining off for %g s (%s)", where), target.on_stray)
 
     @staticmethod
     def _release(loop, target, conn, reader):
@@ -383,10 +383,6 @@ class Client:
                 target.pool.put(conn, now)
         else:
             conn.abort()
-
-
-def _pipelining_off(where: str, reason: str, seconds: float):
-    log.warning("%s: pipelining off for %g s (%s)", where, seconds, reason)
 
 
 class _Unusable:

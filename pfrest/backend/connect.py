@@ -16,7 +16,7 @@ from pfrest.backend import tls
 from pfrest.backend.connection import Connection
 from pfrest.backend.errors import Failed
 from pfrest.backend.request import connect_request
-from pfrest.backend.tunnel import TunnelReply
+from pfrest.backend.response import TunnelReply
 
 ATTEMPT_DELAY = 0.25   # seconds; RFC 8305's recommended Connection Attempt Delay
 

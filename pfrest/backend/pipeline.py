@@ -331,7 +331,7 @@ class Pipeline:
         self.off_until = now + PIPELINE_OFF
         self._let_go()
         if was_on:
-            self._warn(reason, PIPELINE_OFF)
+            self._warn(PIPELINE_OFF, reason)
 
     def on_stray(self):
         self._stray()

@@ -1,4 +1,5 @@
-"""Reads one HTTP/1.1 response from bytes fed to it, after any interim 1xx ones.  Sans-I/O.
+"""Reads one HTTP/1.1 response from bytes fed to it, after any interim 1xx ones; and a proxy's reply to
+CONNECT (TunnelReply).  Sans-I/O.
 
 httptools (llhttp) does the framing; this reader adds pfrest's rules on top:
 - 1xx interim responses (RFC 9110 15.2: 100, 102, 103, ...) are read past wherever the bytes are
@@ -18,6 +19,9 @@ httptools (llhttp) does the framing; this reader adds pfrest's rules on top:
   messages are skipped by the parser (RFC 9112 2.2).
 
 Only APIs that httptools 0.1.1 already had are used (Debian 12's).
+
+A proxy's reply to CONNECT is a status line and headers, bounded in size; 200 opens the tunnel.  The TLS
+server behind it says nothing before our ClientHello, so any byte after the header block is a failure.
 """
 
 import re
@@ -31,6 +35,7 @@ MAX_BODY = 1 << 20   # bytes; more than any Postfix reply can carry, even JSON-e
 MAX_HEAD = 1 << 16   # bytes of status lines and headers (interim responses included) before the body
 MAX_FIELDS = 256     # header and trailer fields of a response, interim ones included
 MAX_FRAMING = 1 << 16   # bytes after the final head that are not body: chunk lines, extensions, trailers
+MAX_CONNECT_REPLY = 16384   # bytes of a proxy's status line and headers to CONNECT; proxies send a few hundred
 NO_BODY_STATUSES = (204, 304)
 _KEPT = frozenset((b"content-length", b"transfer-encoding", b"content-encoding", b"cache-control",
                    b"location", b"x-request-id", b"content-type", b"www-authenticate"))
@@ -275,3 +280,43 @@ class ResponseReader:
                                      bearer_challenge=self._challenge,
                                      stale_while_revalidate=stale_while_revalidate(text) if text else None)
         self.done, self.keep_alive = True, keep_alive and not self._until_eof
+
+
+class TunnelReply:
+    """``done`` once the reply is read; ``result`` is then None (tunnel open) or a Failure."""
+    __slots__ = ("done", "result", "_head")
+    keep_alive = True   # as connection.py asks of a reader: the connection goes on, to the TLS handshake
+
+    def __init__(self):
+        self.done, self.result, self._head = False, None, b""
+
+    def feed(self, data: bytes):
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > MAX_CONNECT_REPLY:
+                self._end(Failure("protocol", "proxy reply to CONNECT too long"))
+        elif end + 4 < len(self._head):
+            self._end(Failure("protocol", "bytes after the proxy's reply to CONNECT"))
+        else:
+            self._end(_status_failure(self._head.split(b"\r\n", 1)[0]))
+
+    def eof(self):
+        self._end(Failure("reset", "proxy closed the connection before answering CONNECT"))
+
+    def abort(self, failure: Failure):
+        self._end(failure)
+
+    def _end(self, failure):
+        if not self.done:
+            self.done, self.result = True, failure
+
+
+def _status_failure(line: bytes):
+    """None for ``HTTP/1.x 200 ...``, else the Failure to report."""
+    parts = line.split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        return Failure("protocol", "proxy reply to CONNECT is not HTTP")
+    if parts[1] != b"200":
+        return Failure("refused", f"proxy answered CONNECT with HTTP {parts[1].decode()}")
+    return None
