@@ -366,10 +366,10 @@ def traffic(ports, clients=32, requests=40, policy_clients=4, expected_policy=No
     return replies, extras
 
 
-def serve_config(path, url, request_timeout=3000, pipelining=True, **extra):
+def serve_config(path, url, request_timeout=3000, pipelining=True, ports=None, **extra):
     """A config with a tcp and a socketmap endpoint (``pipelining``) and a policy one beside them, on
-    free ports, all with the keys ``extra``; (path, {mode: port})."""
-    ports = {TCP: free_port(), SOCKETMAP: free_port(), POLICY: free_port()}
+    free ports (or ``ports``), all with the keys ``extra``; (path, {mode: port})."""
+    ports = ports or {TCP: free_port(), SOCKETMAP: free_port(), POLICY: free_port()}
     endpoints = [{"name": "tcp", "mode": "tcp-lookup", "target": url + "/lookup", "pipelining": pipelining},
                  {"name": "socketmap", "mode": "socketmap-lookup", "target": url + "/lookup",
                   "pipelining": pipelining},

@@ -14,6 +14,7 @@ Nothing of a lookup reaches the backend after Postfix got its temporary reply.
 
 import asyncio
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -35,6 +36,7 @@ CLIENTS = 32          # lookup clients at once, tcp and socketmap in turn
 REQUESTS = 20         # lookups (or policy requests) each client asks, one after another
 POLICY_CLIENTS = 4
 OFF_LINE = r"endpoint=(tcp|socketmap) backend 127\.0\.0\.1:{port}: pipelining off for 60 s \(([^\n]*)\)"
+RELOAD_EVERY = 100     # requests the backend reads between two reloads
 STRAY_LINE = "bytes came on an idle connection"   # client.py's report of an answer no request asked for
 
 
@@ -302,6 +304,32 @@ def test_pipelining_is_refused_where_a_request_must_never_be_sent_twice(mode, wr
                               env=pfrest_env(), cwd=ROOT)
         assert proc.returncode == 78 and "endpoints[0] (p).pipelining" in proc.stderr, \
             (command, proc.returncode, proc.stderr)
+
+
+def test_reloads_under_load_cost_no_lookup(tmp_path):
+    """`pfrest serve` reloaded three times (SIGHUP, another request-timeout each time: new clients, the old
+    ones closed with pipelined lookups in flight) while the clients ask: every lookup its own value."""
+    with started(HostileBackend(HONEST)) as backend:
+        with serving(tmp_path, backend.url) as (serve, ports):
+            done = []
+            load = threading.Thread(target=lambda: done.append(traffic(ports, CLIENTS, REQUESTS * 2,
+                                                                       POLICY_CLIENTS)))
+            load.start()
+            try:
+                for n, timeout in enumerate((3001, 3002, 3003), 1):
+                    wait_until(lambda: len(backend.seen) > RELOAD_EVERY * n, "lookups to flow")
+                    mark = serve.mark()
+                    serve_config(tmp_path / "pfrest.json", backend.url, request_timeout=timeout, ports=ports)
+                    serve.proc.send_signal(signal.SIGHUP)
+                    serve.wait_log(r"reloaded ", since=mark)
+            finally:
+                load.join(120)
+            log = serve.log()
+    replies, extras = done[0]
+    outcomes = check_replies(replies, extras, backend.policy_ids(), requests=REQUESTS * 2)
+    assert outcomes["temporary"] == 0, [r for r in replies if r.outcome == "temporary"][:5]
+    assert "pipelining off" not in log and STRAY_LINE not in log, log[-3000:]
+    assert backend.batches() > 0, "pfrest never pipelined to it: the test proves nothing"
 
 
 # --- a caller that stops waiting ---------------------------------------------------------------------------
