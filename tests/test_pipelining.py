@@ -56,10 +56,10 @@ def started(backend):
 
 
 @contextmanager
-def serving(tmp_path, url, **options):
-    """`pfrest serve` with pipelining on its lookup endpoints, toward ``url``; (process, {mode: port})."""
+def serving(tmp_path, url, args=(), **options):
+    """`pfrest serve ARGS` with pipelining on its lookup endpoints, toward ``url``; (process, {mode: port})."""
     config, ports = serve_config(tmp_path / "pfrest.json", url, **options)
-    serve = ServeProcess(config, str(tmp_path / "serve.log"))
+    serve = ServeProcess(config, str(tmp_path / "serve.log"), args=args)
     try:
         yield serve, ports
     finally:
@@ -306,11 +306,13 @@ def test_pipelining_is_refused_where_a_request_must_never_be_sent_twice(mode, wr
             (command, proc.returncode, proc.stderr)
 
 
-def test_reloads_under_load_cost_no_lookup(tmp_path):
-    """`pfrest serve` reloaded three times (SIGHUP, another request-timeout each time: new clients, the old
-    ones closed with pipelined lookups in flight) while the clients ask: every lookup its own value."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reloads_under_load_cost_no_lookup(tmp_path, workers):
+    """`pfrest serve` (and `serve --workers 2`, a pipeline in each) reloaded three times (SIGHUP, another
+    request-timeout each time: new clients, the old ones closed with pipelined lookups in flight) while
+    the clients ask: every lookup its own value."""
     with started(HostileBackend(HONEST)) as backend:
-        with serving(tmp_path, backend.url) as (serve, ports):
+        with serving(tmp_path, backend.url, args=("--workers", str(workers))) as (serve, ports):
             done = []
             load = threading.Thread(target=lambda: done.append(traffic(ports, CLIENTS, REQUESTS * 2,
                                                                        POLICY_CLIENTS)))
