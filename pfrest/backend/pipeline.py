@@ -108,10 +108,10 @@ class _Answers(ResponseReader):
         stop = super()._fail(kind, detail)
         if not self._broken:
             self._broken = True
-            # once the owner ended (an answer it closes after: a 500, Connection: close, the head of a
-            # stalled connection), the bytes still in this read are the answers of the requests it sent
-            # again: not stray, and no reason to turn pipelining off
-            if not self._owner.done:
+            # once the owner ended with requests written on it (after an answer it closes after: a 500,
+            # Connection: close, the head of a stalled connection), the bytes still in this read are
+            # their answers: not stray, and no reason to turn pipelining off
+            if not self._owner.abandoned:
                 self._owner.broken(self.result, self._armed and self.started)
         return stop
 
@@ -120,13 +120,13 @@ class Pipelined:
     """The reader of one proven connection for as long as it lives (Connection.carry): the requests in
     flight on it, in order, and those to be written at the end of this turn of the loop.  ``done``
     turns True once it ended (the Connection then forgets it)."""
-    __slots__ = ("conn", "done", "keep_alive", "closing", "idle_since", "_pipe", "_loop", "_answers",
-                 "_flight", "_out", "_head_since", "_timer", "_answered", "_stalled")
+    __slots__ = ("conn", "done", "keep_alive", "closing", "idle_since", "abandoned", "_pipe", "_loop",
+                 "_answers", "_flight", "_out", "_head_since", "_timer", "_answered", "_stalled")
 
     def __init__(self, pipe, conn, loop, now: float):
         self.conn, self._pipe, self._loop = conn, pipe, loop
         self.done, self.keep_alive, self.closing = False, True, False
-        self.idle_since = now
+        self.idle_since, self.abandoned = now, False   # abandoned: ended with requests written on it
         self._answers = _Answers(self)
         self._flight = deque()   # written, their answers awaited, oldest first
         self._out = []           # to be written in this turn's one write
@@ -261,7 +261,7 @@ class Pipelined:
         self._pipe.forget(self)
         self.conn.abort()
         flight, out = self._flight, self._out
-        self._flight, self._out = deque(), []
+        self._flight, self._out, self.abandoned = deque(), [], bool(flight)
         _resend(flight)
         _resend(out)
 
