@@ -1,10 +1,10 @@
-"""The lookup backends people run, started for the pipelining tests: nginx, a Go net/http server, uvicorn,
-gunicorn's sync worker (which closes after each answer: it does not pipeline) and the project's own test
-backend; and the Postfix-style clients that load `pfrest serve` and judge every reply.
+"""The lookup backends people run, started for the pipelining tests: nginx (also over TLS), a Go net/http
+server, uvicorn, gunicorn's sync worker (which closes after each answer: it does not pipeline) and the
+project's own test backend; and the Postfix-style clients that load `pfrest serve` and judge every reply.
 
 Every backend answers GET /lookup?key=K with 200 ["value-of-K"] (404 for a key starting "missing") and
-/policy (any method) with a policy action, and echoes X-Request-Id unless started with ``echo=False``.  Each is a
-real process (or server) on 127.0.0.1; ``stop()`` ends it.
+/policy (any method) with a policy action, and echoes X-Request-Id unless started with ``echo=False``.
+Each is a real process (or server) on 127.0.0.1; ``stop()`` ends it.
 """
 
 import json
