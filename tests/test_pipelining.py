@@ -35,6 +35,9 @@ from postfix_instance import free_port
 CLIENTS = 32          # lookup clients at once, tcp and socketmap in turn
 REQUESTS = 20         # lookups (or policy requests) each client asks, one after another
 POLICY_CLIENTS = 4
+# request-timeout under load: its stall time (0.9 s) is past what a busy machine makes an honest backend
+# wait (the hostile ones share the test process, and its GIL, with the 36 clients)
+LOAD_TIMEOUT = 9000
 OFF_LINE = r"endpoint=(tcp|socketmap) backend 127\.0\.0\.1:{port}: pipelining off for 60 s \(([^\n]*)\)"
 RELOAD_EVERY = 100     # requests the backend reads between two reloads
 STRAY_LINE = "bytes came on an idle connection"   # client.py's report of an answer no request asked for
@@ -116,7 +119,8 @@ SEEN_PIPELINED = {"nginx": True, "nginx-keepalive-20": True, "nginx-tls": True, 
 def test_the_backends_people_run_give_every_lookup_its_own_answer(name, tmp_path, request):
     make = REAL[name]
     with started(make(tmp_path, lambda: request.getfixturevalue("go_binary"))) as backend:
-        with serving(tmp_path, backend.url, **backend.endpoint_options) as (serve, ports):
+        options = dict(backend.endpoint_options, request_timeout=LOAD_TIMEOUT)
+        with serving(tmp_path, backend.url, **options) as (serve, ports):
             replies, extras = traffic(ports, CLIENTS, REQUESTS, POLICY_CLIENTS, backend.expected_policy)
             log = serve.log()
         outcomes = check_replies(replies, extras, backend.policy_ids())
@@ -162,7 +166,7 @@ def test_a_hostile_backend_never_makes_a_wrong_answer(behaviour, tmp_path):
     batch are the requests sent again, not stray ones."""
     turns_off, pipelined, strays = HOSTILE[behaviour]
     with started(HostileBackend(behaviour)) as backend:
-        with serving(tmp_path, backend.url) as (serve, ports):
+        with serving(tmp_path, backend.url, request_timeout=LOAD_TIMEOUT) as (serve, ports):
             replies, extras = traffic(ports, CLIENTS, REQUESTS, POLICY_CLIENTS, errors=True)
             lines = off_lines(serve, backend.url.rsplit(":", 1)[1])
             log = serve.log()
@@ -312,7 +316,8 @@ def test_reloads_under_load_cost_no_lookup(tmp_path, workers):
     request-timeout each time: new clients, the old ones closed with pipelined lookups in flight) while
     the clients ask: every lookup its own value."""
     with started(HostileBackend(HONEST)) as backend:
-        with serving(tmp_path, backend.url, args=("--workers", str(workers))) as (serve, ports):
+        with serving(tmp_path, backend.url, request_timeout=LOAD_TIMEOUT, args=("--workers", str(workers))) \
+                as (serve, ports):
             done = []
             load = threading.Thread(target=lambda: done.append(traffic(ports, CLIENTS, REQUESTS * 2,
                                                                        POLICY_CLIENTS)))
