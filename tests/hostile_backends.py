@@ -4,7 +4,8 @@ interim answers, a copy of an answer, a malformed answer, only the first request
 X-Request-Id echo), or
 rightly but in a way that strains the reading of answers one after another (chunked and large).  Some keys
 tell any of them what to do: "missing..." 404, "error..." 500; with SLOW, "slow..." takes SLOW_SECONDS
-and "late-copy..." has its answer sent once more LATE_COPY seconds later.
+("slow-copy..." then comes with a copy of its answer) and "late-copy..." has its answer sent once more
+LATE_COPY seconds later.
 
 Each is a real server on 127.0.0.1, a port of the kernel's choosing, TCP_NODELAY, on its own event loop
 in a thread of the test process.  It answers like the other lookup backends of tests/pipeline_backends.py
@@ -190,6 +191,8 @@ class _Connection(asyncio.Protocol):
                 if server.behaviour == INTERIM and self.answered % 2 == 0:
                     self.out.append(INTERIMS[self.answered // 2 % 2])
                 self._write(request)
+                if server.behaviour == SLOW and request.key.startswith("slow-copy"):   # in the answer's write
+                    self.out.append(answer_for(request, True))
                 if server.behaviour == SLOW and request.key.startswith("late-copy"):   # on an idle connection
                     copy = answer_for(request, True)
                     asyncio.get_running_loop().call_later(LATE_COPY, self.transport.write, copy)

@@ -13,6 +13,7 @@ Nothing of a lookup reaches the backend after Postfix got its temporary reply.
 """
 
 import asyncio
+import logging
 import re
 import signal
 import subprocess
@@ -28,6 +29,9 @@ from conftest import ROOT, need_binary, pfrest_cmd, pfrest_env
 from hostile import ServeProcess
 from hostile_backends import (BULKY, CLOSE_MID, COPY, ECHO_ONCE, FIRST_OF_READ, HONEST, INTERIM, MALFORMED,
                               NO_ECHO, OUT_OF_ORDER, SLOW, HostileBackend)
+from pfrest import config
+from pfrest.backend import Client as BackendClient, new_request_id
+from pfrest.protocol import verdict
 from pipeline_backends import (POLICY, SOCKETMAP, TCP, Client, GoServer, Gunicorn, Nginx, ProjectBackend, Uvicorn,
                                build_go, judge, serve_config, traffic)
 from postfix_instance import free_port
@@ -341,26 +345,28 @@ def test_reloads_under_load_cost_no_lookup(tmp_path, workers):
 
 # --- a caller that stops waiting ---------------------------------------------------------------------------
 
+def pipelined_client(url):
+    """The event-loop client itself (pfrest.backend.Client) of a tcp endpoint with pipelining."""
+    return BackendClient(config.Endpoint(name="t", mode="tcp-lookup", target=url + "/lookup",
+                                         request_timeout=3000, pipelining=True), "test")
+
+
+async def ask(client, key):
+    """The value Postfix would get, or the verdict's kind."""
+    found = verdict.lookup(await client.lookup((("key", key.encode()),), new_request_id()))
+    return found.value.decode() if found.kind == verdict.FOUND else found.kind
+
+
 def test_a_lookup_whose_caller_stopped_waiting_is_never_written_or_its_answer_dropped():
-    """The event-loop client itself (pfrest.backend.Client, pipelining on): lookups started in one turn
-    of the loop go out in one write; a lookup cancelled in the turn it was started (Postfix gone, or its
-    deadline) is never written to the backend; one cancelled once written has its answer read and
-    dropped, and the next lookup on that connection gets its own."""
-    from pfrest import config
-    from pfrest.backend import Client as BackendClient, new_request_id
-    from pfrest.protocol import verdict
-
-    async def ask(client, key):
-        result = await client.lookup((("key", key.encode()),), new_request_id())
-        found = verdict.lookup(result)
-        return found.value.decode() if found.kind == verdict.FOUND else found.kind
-
+    """The event-loop client: lookups started in one turn of the loop go out in one write; a lookup
+    cancelled in the turn it was started (Postfix gone, or its deadline) is never written to the backend;
+    one cancelled once written has its answer read and dropped, and the next lookup on that connection
+    gets its own."""
     async def cancel(task):
         task.cancel()
 
     async def main(backend):
-        client = BackendClient(config.Endpoint(name="t", mode="tcp-lookup", target=backend.url + "/lookup",
-                                               request_timeout=3000, pipelining=True), "test")
+        client = pipelined_client(backend.url)
         try:
             assert await ask(client, "warm") == "value-of-warm"   # a proven connection: the pipeline's
             together = [asyncio.ensure_future(ask(client, key)) for key in ("x", "y", "z")]
@@ -385,3 +391,21 @@ def test_a_lookup_whose_caller_stopped_waiting_is_never_written_or_its_answer_dr
     assert ["x", "y", "z"] in backend.reads, f"not in one write: {backend.reads}"
     connections = {s.connection for s in backend.seen}
     assert len(connections) == 1, f"the pipeline's connection was not kept: {backend.seen}"
+
+
+def test_a_copy_after_the_last_answer_of_a_stalled_connection_is_told(caplog):
+    """A slow key alone on the pipeline's connection: past the stall time that connection takes no more,
+    and it ends with the slow answer; a copy of that answer in the same write is an answer no request
+    asked for, told as one (its WARNING line, the stray count) and pipelining turns off.  The slow key
+    gets its own value."""
+    async def main(backend):
+        client = pipelined_client(backend.url)
+        try:
+            assert await ask(client, "warm") == "value-of-warm"
+            assert await ask(client, "slow-copy-1") == "value-of-slow-copy-1"
+        finally:
+            client.close()
+
+    with started(HostileBackend(SLOW)) as backend, caplog.at_level(logging.WARNING, logger="pfrest"):
+        asyncio.run(main(backend))
+    assert STRAY_LINE in caplog.text and "pipelining off for 60 s (bytes after the" in caplog.text, caplog.text
