@@ -7,8 +7,8 @@ pfrest-bench; everything it starts on loopback is stopped when each scenario end
   every reply checked); the primary is killed (SIGKILL): how long until the sentinels name the replica,
   how long until a key fetched on one host is answered by another without a backend request, the
   lookups' latency meanwhile, wrong and unanswered replies;
-- refresh ahead: N hosts sharing one store, a backend taking BACKEND_DELAY per answer, HOT keys with a
-  cache-ttl of REFRESH_TTL, asked by every client all the time; without, then with
+- refresh ahead: N hosts sharing one store, a backend taking BACKEND_DELAY per answer, HOT keys (or
+  --refresh-keys) with a cache-ttl of REFRESH_TTL, asked by every client all the time; without, then with
   cache-stale-while-revalidate: the latency of the lookups after warm-up, how many waited for the
   backend, and the backend's requests per key per lifetime for the whole fleet.
 """
@@ -29,7 +29,7 @@ SERVICE = "bench"
 DOWN_AFTER_MS = 1000
 BACKEND_DELAY = 0.2     # seconds per answer of the refresh-ahead backend
 REFRESH_TTL = 2.0       # cache-ttl of the refresh-ahead hosts
-HOT = 20                # hot keys of the refresh-ahead load
+HOT = 20                # hot keys of the refresh-ahead load (default): the warm-up fetches them one by one
 WAITED = 0.1            # seconds: a lookup slower than this waited for the backend (BACKEND_DELAY)
 READY = 15.0            # seconds for a program to listen, the sentinels to settle, a failover to happen
 
@@ -273,7 +273,7 @@ def failover(pfrest, binary, workdir, count, workers, clients, out=sys.stdout):
         backend.stop()
 
 
-def refresh_ahead(pfrest, binary, workdir, count, workers, clients, duration, out=sys.stdout):
+def refresh_ahead(pfrest, binary, workdir, count, workers, clients, duration, hot=HOT, out=sys.stdout):
     for window in (0, 60):
         programs, backend = Programs(), KeyedBackend(BACKEND_DELAY)
         try:
@@ -283,18 +283,18 @@ def refresh_ahead(pfrest, binary, workdir, count, workers, clients, duration, ou
                 "cache-timeout": 50, **({"cache-stale-while-revalidate": window} if window else {})})
             for port in ports:   # warm-up: every host holds every hot key
                 with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                    for k in range(HOT):
+                    for k in range(hot):
                         lookup(sock, f"hot{k}")
             warm, started = backend.asked(), time.monotonic()
-            load = Clients(ports, clients, lambda i, n: f"hot{(i + n) % HOT}")
+            load = Clients(ports, clients, lambda i, n: f"hot{(i + n) % hot}")
             time.sleep(duration)
             load.end()
             seconds = time.monotonic() - started
             after = load.between(started)
             waited = sum(s > WAITED for s in after)
-            per_key = (backend.asked() - warm) / HOT / (seconds / REFRESH_TTL)
+            per_key = (backend.asked() - warm) / hot / (seconds / REFRESH_TTL)
             label = f"stale-while-revalidate {window} s" if window else "no refresh ahead"
-            print(f"refresh ahead, {label}: {count} hosts, backend {BACKEND_DELAY * 1000:.0f} ms, {HOT} hot keys, "
+            print(f"refresh ahead, {label}: {count} hosts, backend {BACKEND_DELAY * 1000:.0f} ms, {hot} hot keys, "
                   f"cache-ttl {REFRESH_TTL:g} s, {clients} clients, {seconds:.0f} s: {len(after)} lookups, p50 "
                   f"{_ms(after, 0.5):.2f} ms, p99 {_ms(after, 0.99):.2f} ms, max {_ms(after, 1.0):.1f} ms, "
                   f"{waited} waited for the backend; backend requests per key per lifetime for the fleet "

@@ -13,6 +13,9 @@ from conftest import need_binary
 from postfix_instance import free_port, stop_process
 
 READY_TIMEOUT = 10.0
+# a primary starts a replica's first sync at once: by default it waits 5 s for other replicas to share
+# the transfer, and every test with a replica waited for it
+SYNC_DELAY_S = 0
 
 
 def binaries():
@@ -62,7 +65,8 @@ class RedisServer:
 
     def command(self):
         args = [self.binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.directory,
-                "--logfile", os.path.join(self.directory, "redis.log")]
+                "--logfile", os.path.join(self.directory, "redis.log"),
+                "--repl-diskless-sync-delay", str(SYNC_DELAY_S)]
         if self.path:
             args += ["--port", "0", "--unixsocket", self.path, "--unixsocketperm", "700"]
         elif self.pki:

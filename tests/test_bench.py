@@ -13,8 +13,8 @@ from conftest import ROOT, need_binary, pfrest_env
 def test_bench_prints_figures():
     need_binary("socat")
     out = subprocess.run([sys.executable, f"{ROOT}/bin/pfrest-bench", "--backend", "python", "--clients", "2",
-                          "--client-processes", "1", "--duration", "0.5", "--runs", "1", "--modes", "tcp",
-                          "--paced-lookups", "200", "--cache-warmup", "0.3", "--spawn-runs", "1",
+                          "--client-processes", "1", "--duration", "0.3", "--runs", "1", "--modes", "tcp",
+                          "--paced-lookups", "200", "--cache-warmup", "0.2", "--spawn-runs", "1",
                           "--workers", "2", "--idle", "20"],
                          capture_output=True, text=True, timeout=120, env=pfrest_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -36,7 +36,7 @@ def test_bench_fleet_mode_prints_figures():
     need_binary("redis-server")
     out = subprocess.run([sys.executable, f"{ROOT}/bin/pfrest-bench", "--fleet", "2", "--backend", "python",
                           "--clients", "4", "--client-processes", "1", "--duration", "0.3", "--runs", "1",
-                          "--cache-warmup", "0.2"],
+                          "--cache-warmup", "0.2", "--refresh-keys", "4"],
                          capture_output=True, text=True, timeout=240, env=pfrest_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout.split("medians of 1 run(s)")[1]
@@ -52,8 +52,10 @@ def test_bench_fleet_mode_prints_figures():
     assert re.search(r"failover \(2 hosts, .*: the replica promoted \d+\.\d s after the primary's SIGKILL, the hosts "
                      r"sharing again after \d+\.\d s; .* wrong 0, unanswered 0 \(of \d+\)", text), text
     for label in ("no refresh ahead", "stale-while-revalidate 60 s"):
-        assert re.search(rf"refresh ahead, {label}: .* \d+ waited for the backend; backend requests per key per "
-                         r"lifetime for the fleet \d+\.\d\d; wrong 0, unanswered 0", text), text
+        # --refresh-keys 4: the warm-up fetches 4 keys one by one (200 ms each), not the default 20
+        assert re.search(rf"refresh ahead, {label}: 2 hosts, backend 200 ms, 4 hot keys, .* \d+ waited for the "
+                         r"backend; backend requests per key per lifetime for the fleet \d+\.\d\d; wrong 0, "
+                         r"unanswered 0", text), text
     assert "Traceback" not in out.stderr, out.stderr
 
 
@@ -61,7 +63,7 @@ def test_bench_measures_logins():
     """--modes auth: dovecot-sasl logins (AUTH PLAIN with an initial response over smtpd-like persistent
     connections), paced too, and the same logins straight to the backend for the ratio; none fails."""
     out = subprocess.run([sys.executable, f"{ROOT}/bin/pfrest-bench", "--backend", "python", "--clients", "2",
-                          "--client-processes", "1", "--duration", "0.5", "--runs", "1", "--modes", "auth",
+                          "--client-processes", "1", "--duration", "0.3", "--runs", "1", "--modes", "auth",
                           "--workloads", "uniform", "--paced-policy", "100", "--spawn-runs", "0", "--workers", "1"],
                          capture_output=True, text=True, timeout=120, env=pfrest_env(), cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr

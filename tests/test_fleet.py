@@ -158,6 +158,15 @@ class Load:
             thread.join(10)
 
 
+def states(proc):
+    return re.findall(r"shared cache \S+ (skipped|answers again)", proc.log)
+
+
+def answering(*procs):
+    """Whether every process that skipped the store has said it answers again, a line for each skip."""
+    return all(states(proc).count("skipped") == states(proc).count("answers again") for proc in procs)
+
+
 def test_a_store_stopped_killed_and_restarted_under_load(fleet, backend, redis):
     (a_port, _, a_log, _), (b_port, _, b_log, _) = fleet
     load = Load((a_port, b_port))
@@ -167,25 +176,22 @@ def test_a_store_stopped_killed_and_restarted_under_load(fleet, backend, redis):
         paused = time.monotonic()
         time.sleep(0.8)
         redis.resume()
-        time.sleep(1.6)               # the back-off (1 s) runs out, a probe finds it again
+        until(lambda: answering(a_log, b_log), "the store answers again")  # a probe after the back-off (1 s)
         redis.kill()                  # SIGKILL: connections reset, then refused
         killed = time.monotonic()
         time.sleep(0.6)
         redis.start()                 # empty: nothing persists
-        time.sleep(1.6)
+        until(lambda: answering(a_log, b_log), "the restarted store answers")
     finally:
         load.end()
     assert load.count > 300 and load.wrong == [] and load.unanswered == 0, (load.count, load.wrong[:5])
     during = [seconds for started, seconds in load.latencies if paused <= started < killed + 0.6]
     assert max(during) < TIMEOUT_MS / 1000 + 0.2, sorted(during)[-5:]   # measured: 56-67 ms at most
     for proc in (a_log, b_log):
-        states = re.findall(r"shared cache \S+ (skipped|answers again)", proc.log)
-        assert states and states.count("skipped") == states.count("answers again"), \
-            [line for line in proc.log.splitlines() if "shared cache" in line]
+        assert states(proc) and answering(proc), [line for line in proc.log.splitlines() if "shared cache" in line]
         assert PASSWORD not in proc.log
     # one line per change of state: in the single process, they alternate
-    assert re.findall(r"shared cache \S+ (skipped|answers again)", a_log.log) == \
-        ["skipped", "answers again"] * (len(re.findall("skipped", a_log.log)))
+    assert states(a_log) == ["skipped", "answers again"] * (len(re.findall("skipped", a_log.log)))
     # and the store is shared again
     backend.requests.clear()
     with connect(("127.0.0.1", a_port)) as a, connect(("127.0.0.1", b_port)) as b:

@@ -1,6 +1,6 @@
 """The metrics address and the control socket of a real `pfrest serve` against hostile clients, in a single
 process and in the arbiter of `--workers 2` (which serves both there): a finished request keeps nothing
-(300 requests with 1 MiB bodies), slow-drip clients cannot lock `/healthz` and `/metrics` out, and 10 s
+(300 requests with 1 MiB bodies), slow-drip clients cannot lock `/healthz` and `/metrics` out, and 4 s
 of each server's worst input (huge heads, endless header fields, endless chunked bodies, chunk extensions
 and trailers, slow drip, many connections) keep the serving process's memory under a named bound, and
 it answers as before."""
@@ -25,7 +25,9 @@ MAX_KEPT_KIB = 48 * 1024       # RSS after the 300 requests over RSS before (it 
 SLOW_CLIENTS = 40              # slow-drip clients at once: more than httpd.MAX_CLIENTS
 DRIP_INTERVAL = 0.2            # seconds between two bytes of a slow-drip client
 ANSWER_WITHIN = 10.0           # seconds a health check may take while the slow clients drip (it hung)
-ATTACK_SECONDS = 10.0          # of each server's worst input
+# of each server's worst input: the peak is reached within 2.5-4.5 s (over 97% of a 10 s run's), and
+# 4 s are some 5,000 exchanges of 1-4 MiB each, so that keeping even 10 KiB of each passes the bound
+ATTACK_SECONDS = 4.0
 # peak RSS over RSS before the attack: the control socket may hold a 1 MiB body per connection
 # (httpd.MAX_CLIENTS, 32), the metrics address none; both read at most 64 KiB at once
 MAX_GROWTH_KIB = 48 * 1024
@@ -235,7 +237,7 @@ def attack(address, inputs, seconds):
 
 
 @pytest.mark.parametrize("server", ["metrics-address", "control-socket"])
-def test_worst_input_for_ten_seconds_stays_within_bounds(serve, server):
+def test_sustained_worst_input_stays_within_bounds(serve, server):
     proc, metrics, control = serve
     address, path, column = (metrics, b"/metrics", 1) if server == "metrics-address" else \
         (control, b"/cache/t", 2)
