@@ -125,3 +125,24 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
             stop_process(self.proc)
+
+
+STREAM_PROBE = "pfrest-test:streaming"
+STREAM_WAIT_S = 0.5
+
+
+def streams_to(primary, replica) -> bool:
+    """Whether a write to the primary reaches the replica now.  The replica's role says "connected" once
+    it has loaded its first sync, but after a diskless one the primary holds the writes back until the
+    replica's first REPLCONF ACK, up to a second later: a test writing at once would read a miss."""
+    token = os.urandom(8).hex()
+    primary.client().set(STREAM_PROBE, token)
+    deadline = time.monotonic() + STREAM_WAIT_S
+    try:
+        while time.monotonic() < deadline:
+            if replica.client().get(STREAM_PROBE) == token.encode():
+                return True
+            time.sleep(0.01)
+        return False
+    finally:
+        primary.client().delete(STREAM_PROBE)

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from postfix_instance import free_port
-from redis_server import RedisServer, binaries
+from redis_server import RedisServer, binaries, streams_to
 from test_fleet import until
 from test_sentinel import backend  # noqa: F401 (a fixture: every key's answer is val-KEY)
 from test_serve import connect, served, tcp_get  # noqa: F401 (served is a fixture)
@@ -39,7 +39,8 @@ class Pair:
         self.linked()
 
     def linked(self):
-        until(lambda: self.replica.client().role()[3] == b"connected", "the replica follows its primary")
+        until(lambda: self.replica.client().role()[3] == b"connected" and streams_to(self.primary, self.replica),
+              "the replica follows its primary")
 
     def calls(self, server, command):
         return server.client().info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
