@@ -26,10 +26,8 @@ answer has response.py's limits.
 
 from collections import deque
 
-from httptools import HttpParserError, HttpParserUpgrade
-
 from pfrest.backend.pool import IDLE_REUSE_LIMIT
-from pfrest.backend.response import MAX_FRAMING, MAX_HEAD, ResponseReader
+from pfrest.backend.response import ResponseReader
 from pfrest.protocol.verdict import Failure, HttpResult
 
 PIPELINE_DEPTH = 16     # requests in flight on one connection at most
@@ -51,12 +49,11 @@ class _Answers(ResponseReader):
     """ResponseReader's rules for each answer of a stream, one after the other with one parser, each
     required to echo its request's X-Request-Id.  The owner (Pipelined) hears of each answer
     (``answered``) and of the end (``broken``: a Failure, and whether an answer was expected)."""
-    __slots__ = ("_owner", "_base", "_horizon", "_armed", "_broken")
+    __slots__ = ("_owner", "_armed", "_broken")
 
     def __init__(self, owner):
         super().__init__(None, True)
         self._owner = owner
-        self._base = self._horizon = 0   # the bounds count the bytes of a message from _base on
         self._armed = self._broken = False
         self.done = True   # until armed: nothing is expected, and a byte is stray
 
@@ -70,23 +67,8 @@ class _Answers(ResponseReader):
         self._new_message()
 
     def feed(self, data: bytes):
-        parser = self._parser
-        if parser is None or self._broken:
-            return
-        self._horizon = self._fed + len(data)
-        try:
-            parser.feed_data(data)
-        except (HttpParserError, HttpParserUpgrade) as exc:
-            self._fail("stray", f"bytes after the answers: {exc}") if self.done \
-                else self._fail("protocol", f"malformed response: {exc}")
-        self._fed = self._horizon
-        if not self.done:
-            fed = self._fed - self._base
-            if not self._head_done:
-                if fed > MAX_HEAD:
-                    self._fail("too-large", f"response head over {MAX_HEAD} bytes")
-            elif fed - self._size > MAX_HEAD + MAX_FRAMING:
-                self._fail("too-large", f"over {MAX_FRAMING} bytes of chunk framing and trailers")
+        if self._parser is not None and not self._broken:
+            self._parse(self._parser, data)
 
     def on_message_begin(self):
         self.started = True
@@ -94,18 +76,18 @@ class _Answers(ResponseReader):
 
     def _check_request_id(self):
         if self._echo != self._request_id:
-            raise self._fail("stray", "pipelined answer with the X-Request-Id of another request"
-                             if self._echo is not None else "pipelined answer without X-Request-Id")
+            raise self.fail("stray", "pipelined answer with the X-Request-Id of another request"
+                            if self._echo is not None else "pipelined answer without X-Request-Id")
         self.echoed = True
 
-    def _finish(self, keep_alive: bool):
-        super()._finish(keep_alive)
+    def finish(self, keep_alive: bool):
+        super().finish(keep_alive)
         if self.result.__class__ is HttpResult:
             self._armed = False
             self._owner.answered(self.result, self.keep_alive)   # arms the next answer, if one is awaited
 
-    def _fail(self, kind: str, detail: str):
-        stop = super()._fail(kind, detail)
+    def fail(self, kind: str, detail: str):
+        stop = super().fail(kind, detail)
         if not self._broken:
             self._broken = True
             # once the owner ended with requests written on it (after an answer it closes after: a 500,

@@ -94,14 +94,16 @@ class ResponseReader:
     request's X-Request-Id (bytes), that an echoed one must be; ``require``: an answer must echo it.
     ``echoed`` tells that the answer did."""
     __slots__ = ("done", "result", "keep_alive", "started", "echoed", "_request_id", "_require", "_fed",
-                 "_fields", "_head_done", "_parser", "_status", "_length", "_transfer", "_encoding",
+                 "_base", "_horizon", "_fields", "_head_done", "_parser", "_status", "_length", "_transfer", "_encoding",
                  "_cache_control", "_location", "_echo", "_until_eof", "_size", "_chunks", "_inflater",
                  "_inflated", "_type", "_challenge")
 
     def __init__(self, request_id: bytes = None, require: bool = False):
         self.done, self.result, self.keep_alive, self.started = False, None, False, False
         self.echoed, self._request_id, self._require = False, request_id, require
-        self._fed = 0           # bytes fed in all
+        # bytes fed in all; where this message began (a stream of answers, pipeline.py, starts the next
+        # one at _horizon); and with the read being parsed
+        self._fed = self._base = self._horizon = 0
         self._fields = 0        # header and trailer fields seen
         self._head_done = False  # the final head is complete: MAX_FRAMING counts from then on
         self._parser = HttpResponseParser(self)
@@ -116,25 +118,32 @@ class ResponseReader:
         self.started = True
         parser = self._parser
         if parser is None:   # fed after it was done
-            self._fail("stray", "bytes after the response")
+            self.fail("stray", "bytes after the response")
             return
+        self._parse(parser, data)
+        if self.done:
+            # the parser refers to this reader (its callbacks): a cycle that kept the body until a GC ran
+            self._parser = None
+
+    def _parse(self, parser, data: bytes):
+        """``data`` through the parser, and the bounds of the message's head and framing, counted from
+        ``_base`` (0 but for a stream of answers: where the current one began)."""
+        self._horizon = self._fed + len(data)
         try:
             parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as exc:
             if self.done:   # bytes no request asked for
-                self._fail("stray", f"bytes after the response: {exc}")
+                self.fail("stray", f"bytes after the response: {exc}")
             else:
-                self._fail("protocol", f"malformed response: {exc}")
-        self._fed += len(data)
+                self.fail("protocol", f"malformed response: {exc}")
+        self._fed = self._horizon
         if not self.done:
+            fed = self._fed - self._base
             if not self._head_done:   # everything fed so far was head
-                if self._fed > MAX_HEAD:
-                    self._fail("too-large", f"response head over {MAX_HEAD} bytes")
-            elif self._fed - self._size > MAX_HEAD + MAX_FRAMING:   # fed, less the body: head and framing
-                self._fail("too-large", f"over {MAX_FRAMING} bytes of chunk framing and trailers")
-        if self.done:
-            # the parser refers to this reader (its callbacks): a cycle that kept the body until a GC ran
-            self._parser = None
+                if fed > MAX_HEAD:
+                    self.fail("too-large", f"response head over {MAX_HEAD} bytes")
+            elif fed - self._size > MAX_HEAD + MAX_FRAMING:   # fed, less the body: head and framing
+                self.fail("too-large", f"over {MAX_FRAMING} bytes of chunk framing and trailers")
 
     def eof(self):
         """The peer closed the connection: the end of an EOF-delimited body, or a failure."""
@@ -142,18 +151,21 @@ class ResponseReader:
         if self.done:
             return
         if self._until_eof:
-            self._finish(False)
+            self.finish(False)
         else:
-            self._fail("reset", "connection closed before the response was complete" if self.started
+            self.fail("reset", "connection closed before the response was complete" if self.started
                        else "connection closed without an answer")
 
     def abort(self, failure: Failure):
         """The connection broke (reset, TLS error): whatever was read is incomplete."""
         self._parser = None
         if not self.done:
-            self._fail(*failure)
+            self.fail(*failure)
 
-    def _fail(self, kind: str, detail: str) -> _Stop:
+    def fail(self, kind: str, detail: str) -> _Stop:
+        """The answer is a failure (the first one counts); raised from a parser callback, the _Stop ends
+        the parse.  ``fail`` and ``finish`` are how a reader ends: a reader of several answers in a row
+        (pipeline.py) extends them."""
         if not isinstance(self.result, Failure):  # the first failure is the one to report
             self.result = Failure(kind, detail)
         self.done, self.keep_alive = True, False
@@ -163,7 +175,7 @@ class ResponseReader:
 
     def on_message_begin(self):
         if self.done:
-            raise self._fail("stray", "bytes after the response: another response")
+            raise self.fail("stray", "bytes after the response: another response")
         if self._status is not None:   # an interim response came first: forget its headers
             self._new_message()
 
@@ -176,7 +188,7 @@ class ResponseReader:
     def on_header(self, name: bytes, value: bytes):
         self._fields += 1
         if self._fields > MAX_FIELDS:
-            raise self._fail("too-large", f"over {MAX_FIELDS} header fields")
+            raise self.fail("too-large", f"over {MAX_FIELDS} header fields")
         name = name.lower()
         if name not in _KEPT:
             return
@@ -210,23 +222,23 @@ class ResponseReader:
     def on_body(self, data: bytes):
         self._size += len(data)
         if self._size > MAX_BODY:
-            raise self._fail("too-large", f"body over {MAX_BODY} bytes")
+            raise self.fail("too-large", f"body over {MAX_BODY} bytes")
         if self._inflater is not None:
             data = self._inflate(data)
         self._chunks.append(data)   # MAX_BODY bytes in all, checked above
 
     def on_message_complete(self):
         if self._status >= 200:
-            self._finish(self._parser.should_keep_alive())
+            self.finish(self._parser.should_keep_alive())
         # an interim response ends here; the next message begins with on_message_begin
 
     # --- rules ----------------------------------------------------------------------------------
 
     def _check_interim(self, status: int):
         if status == 101:
-            raise self._fail("protocol", "101 Switching Protocols, but no upgrade was asked for")
+            raise self.fail("protocol", "101 Switching Protocols, but no upgrade was asked for")
         if self._length or self._transfer is not None:
-            raise self._fail("protocol", f"interim response {status} with content")
+            raise self.fail("protocol", f"interim response {status} with content")
 
     def _check_request_id(self):
         """An answer echoing another request's id is a copy of an earlier answer: HTTP/1.1 cannot tell
@@ -234,21 +246,21 @@ class ResponseReader:
         echo = self._echo
         if echo is None:
             if self._require and self._request_id is not None:
-                raise self._fail("stray", "answer without X-Request-Id (require-request-id)")
+                raise self.fail("stray", "answer without X-Request-Id (require-request-id)")
         elif echo == self._request_id:
             self.echoed = True
         elif self._request_id is not None:
-            raise self._fail("stray", "answer with the X-Request-Id of another request")
+            raise self.fail("stray", "answer with the X-Request-Id of another request")
 
     def _check_framing(self, status: int):
         if self._transfer is not None and self._transfer.strip().lower() != b"chunked":
-            raise self._fail("protocol", "Transfer-Encoding other than chunked: %r" % self._transfer)
+            raise self.fail("protocol", "Transfer-Encoding other than chunked: %r" % self._transfer)
         if self._length is not None and self._length > MAX_BODY:
-            raise self._fail("too-large", f"Content-Length {self._length}")
+            raise self.fail("too-large", f"Content-Length {self._length}")
         if self._encoding is not None:
             self._inflater = inflater(self._encoding)
             if self._inflater is False:
-                raise self._fail("protocol", "unsupported Content-Encoding: %r" % self._encoding)
+                raise self.fail("protocol", "unsupported Content-Encoding: %r" % self._encoding)
         self._until_eof = self._length is None and self._transfer is None \
             and status not in NO_BODY_STATUSES
 
@@ -257,15 +269,16 @@ class ResponseReader:
         try:
             data = self._inflater.decompress(data, MAX_BODY + 1 - self._inflated)
         except zlib.error as exc:
-            raise self._fail("protocol", f"body does not inflate: {exc}") from None
+            raise self.fail("protocol", f"body does not inflate: {exc}") from None
         self._inflated += len(data)
         if self._inflated > MAX_BODY or self._inflater.unconsumed_tail:
-            raise self._fail("too-large", f"inflated body over {MAX_BODY} bytes")
+            raise self.fail("too-large", f"inflated body over {MAX_BODY} bytes")
         return data
 
-    def _finish(self, keep_alive: bool):
+    def finish(self, keep_alive: bool):
+        """The final answer is complete: its HttpResult."""
         if self._inflater is not None and not self._inflater.eof:
-            self._fail("protocol", "compressed body is truncated")
+            self.fail("protocol", "compressed body is truncated")
             return
         cache_control, location, body = self._cache_control, self._location, b"".join(self._chunks)
         if location is not None:
